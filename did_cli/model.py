@@ -1,0 +1,316 @@
+"""The BD3-LM denoiser: a DiT over token ids that returns raw logits, computed exactly as BD3-LM does.
+
+Design choices, each for compatibility or speed:
+
+* Module and parameter names are BD3-LM's (`backbone.blocks.0.attn_qkv.weight`, ...), including the
+  `sampling_eps_min/max` buffers, so a released `model.safetensors` loads strictly with no key surgery and a `did`
+  checkpoint loads back into BD3-LM's own class.
+* Pre-LN blocks with weight-only LayerNorm computed in fp32, fused qkv without bias, rotary embeddings (rotate-half,
+  base 10000) on q and k only, GELU(tanh) MLP, adaLN shift/scale/gate from `silu(sigma_map(sigma))`. Released
+  models are time-independent, so sigma is always zero; the adaLN weights still act through the constant vector.
+* Every path (block-causal denoising at any block size, the 2L training form, KV-cached decoding) goes through one
+  block implementation; they differ only in positions, mask and cache, which are arguments.
+* Logits are raw (BD3-LM's backbone output, before SUBS). Callers that need logits at a few positions pass
+  `select`, because the vocabulary projection dominates the cost of a small-block or single-token call.
+
+Shapes use B batch, n new tokens, L length, V vocab, H heads, D model width, Dh head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from did_cli.attention import attend, block_causal_mask, block_diffusion_mask
+from did_cli.config import ModelConfig
+from did_cli.kv_cache import KVCache
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm in fp32 (BD3-LM computes it outside autocast for stability)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight.float()
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, rotate-half form; `inv_freq` is a saved buffer as in BD3-LM's state dict."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin tables [n, Dh] (fp32) for integer `positions` [n]."""
+        freqs = torch.outer(positions.float(), self.inv_freq.float())
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding to x [B, H, n, Dh] in fp32 and return it in x's dtype."""
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal(256) embedding of sigma followed by a two-layer MLP (BD3-LM's `sigma_map`)."""
+
+    def __init__(self, cond_dim: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma[:, None].float() * freqs[None]
+        embedding = torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+        weight = self.mlp[0].weight
+        return self.mlp(embedding.to(weight.dtype))
+
+
+class EmbeddingLayer(nn.Module):
+    """Untied token embedding stored as a raw parameter named `embedding`, as in BD3-LM."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding[tokens]
+
+
+class DDiTBlock(nn.Module):
+    """One pre-LN transformer block with adaLN modulation."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, hidden = config.hidden_dim, config.mlp_ratio * config.hidden_dim
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * dim)
+        # adaLN-zero (DiT): every block starts as the identity, as BD3-LM initialises it.
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """x [B, n, D] → [B, n, D]; with a cache, the new keys/values are written after its prefix."""
+        batch, n, dim = x.shape
+        dtype = x.dtype
+        modulation = self.adaLN_modulation(cond)[:, None].float()
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=2)
+
+        h = _modulate(self.norm1(x), shift_msa, scale_msa).to(dtype)
+        qkv = self.attn_qkv(h).view(batch, n, 3, self.n_heads, dim // self.n_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # each [B, H, n, Dh]
+        cos, sin = rotary
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))
+            q = q.to(k.dtype)
+        attn = attend(q, k, v, mask).transpose(1, 2).reshape(batch, n, dim).to(dtype)
+        x = (x + gate_msa * F.dropout(self.attn_out(attn), self.dropout, self.training)).to(dtype)
+
+        h = _modulate(self.norm2(x), shift_mlp, scale_mlp).to(dtype)
+        return (x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)).to(dtype)
+
+
+class DDitFinalLayer(nn.Module):
+    """adaLN-modulated final norm and the vocabulary projection (with bias, untied)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_final = LayerNorm(config.hidden_dim)
+        self.linear = nn.Linear(config.hidden_dim, config.vocab_size)
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_dim)
+        for p in (self.linear.weight, self.linear.bias, self.adaLN_modulation.weight, self.adaLN_modulation.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x [..., D] with cond [1, C] (shared by all rows) → logits [..., V]."""
+        shift, scale = self.adaLN_modulation(cond).float().chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale).to(x.dtype))
+
+
+class DITBackbone(nn.Module):
+    """Embedding, sigma conditioning, rotary tables, blocks and output layer (BD3-LM's `backbone`)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.vocab_embed = EmbeddingLayer(config.hidden_dim, config.vocab_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.rotary_emb = Rotary(config.head_dim)
+        self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.n_blocks))
+        self.output_layer = DDitFinalLayer(config)
+
+
+class BD3LM(nn.Module):
+    """The BD3-LM denoiser.
+
+    Call it as `model(input_ids, block_size=B)` for block-causal denoising logits; `forward_train` is the
+    x_t ⊕ x_0 training form; `forward(..., cache=...)` and `extend_cache` are incremental decoding.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = DITBackbone(config)
+        # Metadata buffers kept for a strict 1:1 state dict with BD3-LM checkpoints; sampling never reads them.
+        self.register_buffer("sampling_eps_min", torch.tensor(config.sampling_eps_min))
+        self.register_buffer("sampling_eps_max", torch.tensor(config.sampling_eps_max))
+
+    @property
+    def mask_id(self) -> int:
+        """The [MASK] token id."""
+        return int(self.config.mask_id)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.backbone.vocab_embed.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights (the residual stream's dtype outside autocast)."""
+        return self.backbone.vocab_embed.embedding.dtype
+
+    def _condition(self) -> torch.Tensor:
+        """The adaLN conditioning vector [1, C]: time-independent, so sigma is zero for every sample."""
+        sigma = torch.zeros(1, device=self.device)
+        return F.silu(self.backbone.sigma_map(sigma))
+
+    def _run_blocks(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = self._condition()
+        rotary = self.backbone.rotary_emb(positions)
+        x = self.backbone.vocab_embed(tokens)
+        for layer, block in enumerate(self.backbone.blocks):
+            x = block(x, cond, rotary, mask, cache, layer)
+        return x, cond
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        block_size: int | None = None,
+        *,
+        cache: KVCache | None = None,
+        commit: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states [B, n, D] and the conditioning vector, before the output layer.
+
+        Args:
+            input_ids: [B, n] token ids (masked positions hold `mask_id`).
+            block_size: B; None or any size covering all positions means one bidirectional block.
+            cache: optional KV cache; the tokens then sit at positions `cache.length..cache.length+n-1` and see the
+                whole cached prefix.
+            commit: with a cache, keep the new keys/values as part of the prefix.
+        """
+        n = input_ids.shape[1]
+        offset = cache.length if cache is not None else 0
+        size = block_size if block_size is not None else offset + n
+        positions = torch.arange(offset, offset + n, device=input_ids.device)
+        mask = block_causal_mask(n, size, offset=offset, device=input_ids.device)
+        hidden, cond = self._run_blocks(input_ids, positions, mask, cache)
+        if cache is not None and commit:
+            cache.commit(n)
+        return hidden, cond
+
+    def logits(self, hidden: torch.Tensor, cond: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits from hidden states, for all positions ([B, n, V]) or the `select`ed ones ([N, V], row-major)."""
+        if select is not None:
+            hidden = hidden[select]
+        return self.backbone.output_layer(hidden, cond)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        block_size: int | None = None,
+        *,
+        cache: KVCache | None = None,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Block-causal denoising logits (BD3-LM's sample-mode forward, before the SUBS parameterisation).
+
+        Args:
+            input_ids: [B, n] token ids.
+            block_size: B; None or any B >= the sequence means fully bidirectional (MDLM).
+            cache: optional KV cache with the clean prefix; the call does not commit to it.
+            select: optional bool [B, n]; if given only those positions get logits.
+
+        Returns:
+            [B, n, V] raw logits, or [N, V] for the selected positions in row-major order.
+        """
+        hidden, cond = self.hidden_states(input_ids, block_size, cache=cache)
+        return self.logits(hidden, cond, select)
+
+    def extend_cache(self, input_ids: torch.Tensor, cache: KVCache, block_size: int) -> None:
+        """Append clean tokens [B, n] to the cache (block-causal among themselves); no output layer is run."""
+        self.hidden_states(input_ids, block_size, cache=cache, commit=True)
+
+    def forward_train(self, noisy: torch.Tensor, clean: torch.Tensor, block_size: int) -> torch.Tensor:
+        """The training form: x_t ⊕ x_0 in one pass with the block-diffusion mask; returns logits of the x_t half.
+
+        Both halves use rotary positions 0..L-1. With one block (block_size >= L) the x_t half attends to nothing in
+        x_0, so only the x_t half is run: the result is identical and half the cost.
+
+        Args:
+            noisy: [B, L] x_t (masked positions hold `mask_id`).
+            clean: [B, L] x_0.
+            block_size: B.
+
+        Returns:
+            [B, L, V] raw logits for x_t.
+        """
+        length = noisy.shape[1]
+        if block_size >= length:
+            return self(noisy, block_size=None)
+        positions = torch.arange(length, device=noisy.device).repeat(2)
+        mask = block_diffusion_mask(length, block_size, noisy.device)
+        hidden, cond = self._run_blocks(torch.cat((noisy, clean), dim=1), positions, mask, None)
+        return self.logits(hidden[:, :length], cond)
+
+    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device (dtype: the model's, or e.g. fp32 for exactness checks)."""
+        return KVCache(
+            num_layers=self.config.n_blocks,
+            batch_size=batch_size,
+            num_heads=self.config.n_heads,
+            head_dim=self.config.head_dim,
+            max_length=max_length or self.config.model_length,
+            dtype=dtype or self.dtype,
+            device=self.device,
+        )

@@ -1,0 +1,103 @@
+"""Stage k > 1: remask the least trusted gamma fraction of generated tokens and denoise them with block size B2.
+
+With B2 = L (the default) the whole sequence is one bidirectional block: no KV cache, every call sees every kept
+token. With B2 < L blocks are refined left to right, block-causally, with the KV cache over refined blocks, so the
+paper's B2 sweep can be run. Only remasked positions can change; kept tokens keep their confidence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from did_cli.config import RefineSettings, check_block_size
+from did_cli.model import BD3LM
+from did_cli.sampling.denoise import CallCallback, denoise
+from did_cli.sampling.primitives import draw_uniforms
+from did_cli.sampling.remask import STRATEGIES, select_lowest
+
+
+@dataclass
+class RefineResult:
+    """A refined batch.
+
+    Attributes:
+        tokens: [B, L] int64.
+        confidence: [B, L] float32; new values at re-committed positions, previous values elsewhere.
+        remasked: [B, L] bool, the positions that were remasked (the only ones that may differ from the input).
+        nfes: per-sample model calls (the post-hoc scoring pass counts as one).
+        model_calls: batched denoiser calls, scoring pass included.
+        cache_calls: KV-cache append calls.
+        seconds: wall-clock for the batch.
+    """
+
+    tokens: torch.Tensor
+    confidence: torch.Tensor
+    remasked: torch.Tensor
+    nfes: list[int]
+    model_calls: int
+    cache_calls: int
+    seconds: float
+
+
+@torch.inference_mode()
+def refine(
+    model: BD3LM,
+    tokens: torch.Tensor,
+    confidence: torch.Tensor,
+    prompt_lengths: list[int],
+    sample_ids: list[int],
+    stage: int,
+    settings: RefineSettings,
+    seed: int,
+    on_call: CallCallback | None = None,
+) -> RefineResult:
+    """Refine one batch.
+
+    Args:
+        model: the denoiser (the same mix-scale model that drafted).
+        tokens: [B, L] int64 draft tokens.
+        confidence: [B, L] float32 confidences from earlier stages.
+        prompt_lengths: per sample, positions never remasked.
+        sample_ids: global sample ids; randomness depends only on (seed, id, stage).
+        stage: this stage's index (1 for the first refinement).
+        settings: gamma, B2, remask strategy, unmasking.
+        seed: the run's seed.
+        on_call: optional progress callback.
+
+    Returns:
+        A RefineResult.
+    """
+    start = time.perf_counter()
+    batch, length = tokens.shape
+    block_size = settings.block_size or length
+    check_block_size(block_size, length)
+    device = tokens.device
+    lengths = torch.tensor(prompt_lengths, device=device)
+    eligible = torch.arange(length, device=device)[None, :] >= lengths[:, None]
+    uniforms = draw_uniforms(seed, sample_ids, stage, length, 3, device)
+    scores = STRATEGIES[settings.remask](tokens, confidence, uniforms[..., 2], model, block_size)
+    remasked = select_lowest(scores, eligible, settings.gamma)
+    result = denoise(
+        model,
+        tokens,
+        remasked,
+        uniforms[..., :2],
+        confidence,
+        block_size=block_size,
+        settings=settings.unmasking,
+        kv_cache=settings.kv_cache,
+        on_call=on_call,
+    )
+    scoring_calls = 1 if settings.remask == "posthoc" else 0
+    return RefineResult(
+        tokens=result.tokens,
+        confidence=result.confidence,
+        remasked=remasked,
+        nfes=(result.nfes + scoring_calls).tolist(),
+        model_calls=result.model_calls + scoring_calls,
+        cache_calls=result.cache_calls,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,104 @@
+"""An independent, literal re-implementation of BD3-LM's forward pass, used only as a test oracle.
+
+It follows the upstream computation step by step (per-half qkv, rotate-half rotary on q and k with v untouched,
+explicit softmax attention, adaLN with shift/scale/gate, weight-only fp32 LayerNorm) and reads the upstream state
+dict key names directly, so a key mapping bug or a numerical shortcut in did's model cannot hide behind shared code.
+Masks are built with Python loops from the written definitions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_block_causal(n: int, block_size: int) -> torch.Tensor:
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for q in range(n):
+        for k in range(n):
+            mask[q, k] = (k // block_size) <= (q // block_size)
+    return mask
+
+
+def naive_block_diffusion(length: int, block_size: int) -> torch.Tensor:
+    size = 2 * length
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for q in range(size):
+        for k in range(size):
+            q_clean, k_clean = q >= length, k >= length
+            qb, kb = (q % length) // block_size, (k % length) // block_size
+            diagonal = qb == kb and q_clean == k_clean
+            offset_causal = qb > kb and not q_clean and k_clean
+            causal = qb >= kb and q_clean and k_clean
+            mask[q, k] = diagonal or offset_causal or causal
+    return mask
+
+
+def _layer_norm(x, weight):
+    return F.layer_norm(x.float(), [x.shape[-1]]) * weight[None, None, :]
+
+
+def _rotary(positions, head_dim):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.einsum("i,j->ij", positions.float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference_logits(state, n_heads, tokens, positions, mask):
+    """BD3-LM logits for `tokens` [B, n] at rotary `positions` [n] with a bool `mask` [n, n] (True = attend)."""
+    s = {k.removeprefix("backbone."): v.float() for k, v in state.items()}
+    x = s["vocab_embed.embedding"][tokens]
+    batch, n, dim = x.shape
+    head_dim = dim // n_heads
+    # sigma_map(0): sinusoidal embedding of zero is [1]*128 ++ [0]*128.
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = torch.zeros(batch)[:, None] * freqs[None]
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    h = F.linear(t_freq, s["sigma_map.mlp.0.weight"], s["sigma_map.mlp.0.bias"])
+    h = F.linear(F.silu(h), s["sigma_map.mlp.2.weight"], s["sigma_map.mlp.2.bias"])
+    c = F.silu(h)
+    cos, sin = _rotary(positions, head_dim)
+    num_blocks = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
+    for i in range(num_blocks):
+        p = f"blocks.{i}."
+        mod = F.linear(c, s[p + "adaLN_modulation.weight"], s[p + "adaLN_modulation.bias"])[:, None]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=2)
+        x_skip = x
+        h = _layer_norm(x, s[p + "norm1.weight"]) * (1 + scale_msa) + shift_msa
+        qkv = F.linear(h, s[p + "attn_qkv.weight"]).view(batch, n, 3, n_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, n, H, Dh]
+        q = q * cos[None, :, None] + _rotate_half(q) * sin[None, :, None]
+        k = k * cos[None, :, None] + _rotate_half(k) * sin[None, :, None]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        scores = scores.masked_fill(~mask[None, None], float("-inf"))
+        attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(batch, n, dim)
+        x = x_skip + gate_msa * F.linear(attn, s[p + "attn_out.weight"])
+        h = _layer_norm(x, s[p + "norm2.weight"]) * (1 + scale_mlp) + shift_mlp
+        h = F.linear(h, s[p + "mlp.0.weight"], s[p + "mlp.0.bias"])
+        h = F.linear(F.gelu(h, approximate="tanh"), s[p + "mlp.2.weight"], s[p + "mlp.2.bias"])
+        x = x + gate_mlp * h
+    mod = F.linear(c, s["output_layer.adaLN_modulation.weight"], s["output_layer.adaLN_modulation.bias"])[:, None]
+    shift, scale = mod.chunk(2, dim=2)
+    h = _layer_norm(x, s["output_layer.norm_final.weight"]) * (1 + scale) + shift
+    return F.linear(h, s["output_layer.linear.weight"], s["output_layer.linear.bias"])
+
+
+def reference_sample_mode(state, n_heads, tokens, block_size):
+    n = tokens.shape[1]
+    return reference_logits(state, n_heads, tokens, torch.arange(n), naive_block_causal(n, block_size))
+
+
+def reference_train_mode(state, n_heads, noisy, clean, block_size):
+    length = noisy.shape[1]
+    positions = torch.cat([torch.arange(length), torch.arange(length)])
+    tokens = torch.cat([noisy, clean], dim=1)
+    return reference_logits(state, n_heads, tokens, positions, naive_block_diffusion(length, block_size))[:, :length]

@@ -1,0 +1,68 @@
+import torch
+
+from did_cli.sampling.primitives import draw_uniforms, sample_from_logits, sample_seed
+
+
+def test_sample_seed_separates_ids_seeds_and_stages():
+    seeds = {sample_seed(s, i, k) for s in range(3) for i in range(50) for k in range(3)}
+    assert len(seeds) == 450
+    assert sample_seed(1, 2, 0) == sample_seed(1, 2, 0)
+
+
+def test_uniforms_of_a_sample_do_not_depend_on_the_batch():
+    together = draw_uniforms(0, [4, 7, 9], 1, 10, 2, torch.device("cpu"))
+    alone = draw_uniforms(0, [7], 1, 10, 2, torch.device("cpu"))
+    assert torch.equal(together[1], alone[0])
+    assert together.dtype == torch.float64
+
+
+def test_nucleus_keeps_tokens_while_cumulative_mass_is_within_top_p():
+    # probs 0.5, 0.3, 0.15, 0.05: cumsum 0.5, 0.8, 0.95, 1.0 -> top_p 0.9 keeps the first two (BD3-LM's rule)
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3, 0.0]])
+    logits = probs.clamp_min(1e-30).log()
+    seen = set()
+    for u in torch.linspace(0, 0.999, 200, dtype=torch.float64):
+        token, _ = sample_from_logits(logits, u[None], mask_id=4, top_p=0.9)
+        seen.add(int(token))
+    assert seen == {1, 3}
+
+
+def test_top_one_is_always_kept():
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
+    token, conf = sample_from_logits(logits, torch.tensor([0.99], dtype=torch.float64), mask_id=3, top_p=0.01)
+    assert int(token) == 0
+    assert abs(float(conf) - torch.softmax(torch.tensor([5.0, 0.0, 0.0]), 0)[0].item()) < 1e-6
+
+
+def test_mask_token_is_never_drawn_and_confidence_is_the_raw_probability():
+    logits = torch.tensor([[0.0, 1.0, 20.0]])  # the mask (id 2) would dominate if it were not removed
+    tokens, conf = sample_from_logits(logits.repeat(100, 1), torch.rand(100, dtype=torch.float64), mask_id=2)
+    assert (tokens != 2).all()
+    raw = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    for t, c in zip(tokens, conf):
+        assert abs(float(c) - float(raw[t])) < 1e-6
+
+
+def test_confidence_is_recorded_before_nucleus_renormalisation():
+    probs = torch.tensor([[0.6, 0.3, 0.1, 0.0]])
+    tokens, conf = sample_from_logits(probs.clamp_min(1e-30).log(), torch.tensor([0.0], dtype=torch.float64),
+                                      mask_id=3, top_p=0.7)
+    assert int(tokens) == 0 and abs(float(conf) - 0.6) < 1e-6  # renormalised it would read 1.0
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    n = 40000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens, _ = sample_from_logits(probs.clamp_min(1e-30).log().repeat(n, 1), u, mask_id=4)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    torch.testing.assert_close(freq[:4], probs[:4].double(), atol=0.01, rtol=0)
+
+
+def test_temperature_sharpens_sampling_but_not_recorded_confidence():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -9.0]]).repeat(2000, 1)
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cold, conf = sample_from_logits(logits, u, mask_id=3, temperature=0.1)
+    assert (cold == 0).float().mean() > 0.99
+    raw0 = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)[0]
+    assert abs(float(conf[cold == 0][0]) - float(raw0)) < 1e-6
