@@ -240,7 +240,7 @@ def load_tokenizer(model: BD3LM | str, override: str | None = None) -> Any:
     The tokenizer must leave the model's [MASK] id unused: BD3-LM's own helper adds a '[PAD]' token at id 50257,
     the mask id, which corrupts any padded input; that is refused here.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if override is not None:
         name = override
@@ -252,7 +252,12 @@ def load_tokenizer(model: BD3LM | str, override: str | None = None) -> Any:
         name = model.config.tokenizer or BD3LM_TOKENIZER
     folder = resolve(name, what="tokenizer") if name in EMBEDDED or Path(name).expanduser().exists() else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder else name)
+        if folder is not None and (folder / "tokenizer.json").exists():
+            # Loading through AutoTokenizer would read the folder's config.json (model_type bd3lm, unknown to
+            # transformers) and warn; a tokenizer.json is all a fast tokenizer needs.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder else name)
     except OSError as exc:
         if "offline" in str(exc).lower() or "cannot find the requested files" in str(exc).lower():
             raise ModelLoadError(

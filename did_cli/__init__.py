@@ -1,0 +1,29 @@
+"""did: Diffusion in Diffusion for BD3-LM block diffusion language models.
+
+Draft with a small block size and a KV cache while recording each token's snapshot confidence, then remask the
+least confident tokens and re-denoise them with a global block (arXiv 2601.13599).
+"""
+
+from did_cli.api import draft, generate, refine
+from did_cli.checkpoints import load_model, load_tokenizer, save_model
+from did_cli.config import DraftSettings, ModelConfig, RefineSettings, UnmaskingSettings
+from did_cli.errors import DidError
+from did_cli.model import BD3LM
+from did_cli.records import Record, read_records
+
+__all__ = [
+    "BD3LM",
+    "DidError",
+    "DraftSettings",
+    "ModelConfig",
+    "Record",
+    "RefineSettings",
+    "UnmaskingSettings",
+    "draft",
+    "generate",
+    "load_model",
+    "load_tokenizer",
+    "read_records",
+    "refine",
+    "save_model",
+]

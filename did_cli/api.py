@@ -1,0 +1,263 @@
+"""The Python API behind every command: values in, records or result dataclasses out.
+
+`did draft --block-size 4` is `api.draft(model, tokenizer, DraftSettings(length, block_size=4), ...)`; the CLI only
+parses options, calls one function here and writes what it yields. Functions yield records one at a time so callers
+can stream them to disk as each batch finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model
+from did_cli.config import DraftSettings, RefineSettings
+from did_cli.errors import InputError, UsageError
+from did_cli.model import BD3LM
+from did_cli.provenance import device_info, model_info, tokenizer_info, versions
+from did_cli.records import Record
+from did_cli.sampling.draft import draft as draft_batch
+from did_cli.sampling.refine import refine as refine_batch
+
+__all__ = ["Progress", "draft", "refine", "generate", "load_model", "load_tokenizer", "save_model"]
+
+
+@dataclass
+class Progress:
+    """A progress report: which stage, how many samples are finished, and token counts for the current batch."""
+
+    stage: str
+    samples_done: int
+    samples_total: int | None
+    tokens_done: int = 0
+    tokens_total: int = 0
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def _round7(values: list[float]) -> list[float]:
+    # Records store confidences to float32 precision; rounding here too makes `generate` rank exactly what a
+    # `draft | refine` pipe would read back, so both paths give identical samples.
+    return [float(f"{v:.7g}") for v in values]
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str] | None) -> list[tuple[str | None, list[int]]]:
+    """(prompt text, ids) pairs: BOS followed by the prompt's tokens; unconditional is BOS alone, as in BD3-LM."""
+    bos = bos_token_id(tokenizer)
+    if not prompts:
+        return [(None, [bos])]
+    encoded = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        encoded.append((text, [bos, *ids]))
+    return encoded
+
+
+def draft(
+    model: BD3LM,
+    tokenizer: Any,
+    settings: DraftSettings,
+    *,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 1,
+    prompts: list[str] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> Iterator[Record]:
+    """Draft `num_samples` samples per prompt (or unconditionally), yielding each record when its batch finishes.
+
+    Sample ids run from 0 in order (prompt by prompt); sample `id` depends only on (seed, id), so any batch size
+    gives the same samples.
+    """
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    jobs = [(i, text, ids) for i, (text, ids) in enumerate(
+        item for item in encode_prompts(tokenizer, prompts) for _ in range(num_samples))]
+    provenance = _provenance(model, tokenizer)
+    stage_settings = {"kind": "draft", "block_size": settings.block_size, "kv_cache": settings.kv_cache,
+                      **dataclasses.asdict(settings.unmasking), "seed": seed}
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        on_call = _call_progress(on_progress, "draft", start, len(jobs))
+        result = draft_batch(model, [ids for _, _, ids in batch], [i for i, _, _ in batch], settings, seed, on_call)
+        tokens, confidence = result.tokens.tolist(), result.confidence.tolist()
+        for row, (sample_id, text, _) in enumerate(batch):
+            prompt_len = result.prompt_lengths[row]
+            stage = {**stage_settings, "nfes": result.nfes[row], "model_calls": result.model_calls,
+                     "cache_calls": result.cache_calls, "batch_size": len(batch),
+                     "seconds": result.seconds / len(batch)}
+            yield Record(
+                id=sample_id,
+                seed=seed,
+                tokens=tokens[row],
+                confidence=_round7(confidence[row]),
+                prompt_len=prompt_len,
+                prompt=text,
+                text=tokenizer.decode(tokens[row][prompt_len:]),
+                draft_tokens=tokens[row],
+                stages=[stage],
+                **provenance,
+            )
+        if on_progress is not None:
+            on_progress(Progress("draft", start + len(batch), len(jobs)))
+
+
+def refine(
+    model: BD3LM,
+    tokenizer: Any,
+    records: Iterable[Record],
+    settings: RefineSettings,
+    *,
+    seed: int = 0,
+    batch_size: int = 1,
+    force: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> Iterator[Record]:
+    """Refine records (from `draft` or an earlier `refine`), yielding refined records in input order.
+
+    Records are batched in arrival order; a change of sequence length starts a new batch. Each record's stage
+    index (its number of earlier stages) selects fresh random streams, so chained refinements never reuse them.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    done = 0
+    for batch in _batches(records, batch_size):
+        for record in batch:
+            check_record(record, model, tokenizer, force)
+        yield from _refine_batch(model, tokenizer, batch, settings, seed, on_progress, done)
+        done += len(batch)
+        if on_progress is not None:
+            on_progress(Progress("refine", done, None))
+
+
+def _refine_batch(
+    model: BD3LM,
+    tokenizer: Any,
+    batch: list[Record],
+    settings: RefineSettings,
+    seed: int,
+    on_progress: ProgressFn | None,
+    done: int,
+) -> Iterator[Record]:
+    device = model.device
+    tokens = torch.tensor([r.tokens for r in batch], dtype=torch.long, device=device)
+    confidence = torch.tensor([r.confidence for r in batch], dtype=torch.float32, device=device)
+    stages = {len(r.stages) for r in batch}
+    # Records at different stage depths are refined one by one so each keeps its own stage index.
+    if len(stages) > 1:
+        for record in batch:
+            yield from _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done)
+        return
+    stage_index = stages.pop()
+    result = refine_batch(
+        model,
+        tokens,
+        confidence,
+        [r.prompt_len for r in batch],
+        [r.id for r in batch],
+        stage_index,
+        settings,
+        seed,
+        _call_progress(on_progress, "refine", done, None),
+    )
+    new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
+    length = tokens.shape[1]
+    for row, record in enumerate(batch):
+        stage = {"kind": "refine", "block_size": settings.block_size or length, "gamma": settings.gamma,
+                 "remask": settings.remask, "kv_cache": settings.kv_cache,
+                 **dataclasses.asdict(settings.unmasking), "seed": seed,
+                 "remasked": result.remasked[row].nonzero().flatten().tolist(), "nfes": result.nfes[row],
+                 "model_calls": result.model_calls, "cache_calls": result.cache_calls, "batch_size": len(batch),
+                 "seconds": result.seconds / len(batch)}
+        yield dataclasses.replace(
+            record,
+            tokens=new_tokens[row],
+            confidence=_round7(new_confidence[row]),
+            text=tokenizer.decode(new_tokens[row][record.prompt_len :]),
+            draft_tokens=record.draft_tokens or record.tokens,
+            stages=[*record.stages, stage],
+            versions=versions(),
+        )
+
+
+def generate(
+    model: BD3LM,
+    tokenizer: Any,
+    draft_settings: DraftSettings,
+    refine_settings: list[RefineSettings],
+    *,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 1,
+    prompts: list[str] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> Iterator[Record]:
+    """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write."""
+    drafts = draft(model, tokenizer, draft_settings, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                   prompts=prompts, on_progress=on_progress)
+    for batch in _batches(drafts, batch_size):
+        records: Iterable[Record] = batch
+        for settings in refine_settings:
+            records = list(refine(model, tokenizer, records, settings, seed=seed, batch_size=batch_size))
+        yield from records
+
+
+def check_record(record: Record, model: BD3LM, tokenizer: Any, force: bool = False) -> None:
+    """Refuse a record this model cannot continue: another model or vocabulary (unless forced), bad ids or length."""
+    where = f"record {record.id}"
+    ours = model_info(model).get("sha256")
+    theirs = (record.model or {}).get("sha256")
+    if not force and ours and theirs and ours != theirs:
+        raise InputError(
+            f"{where} was made by model {record.model.get('name')} ({theirs[:12]}), not {model_info(model)['name']} "
+            f"({ours[:12]}); pass --force to refine it anyway"
+        )
+    vocab = (record.tokenizer or {}).get("vocab_size")
+    if not force and vocab is not None and vocab != len(tokenizer):
+        raise InputError(f"{where} used a tokenizer of {vocab} tokens, this one has {len(tokenizer)}; pass --force")
+    if len(record.tokens) > model.config.model_length:
+        raise InputError(f"{where} has {len(record.tokens)} tokens, more than the model's {model.config.model_length}")
+    if any(t >= len(tokenizer) or t == model.mask_id for t in record.tokens):
+        raise InputError(f"{where} holds token ids outside the tokenizer's vocabulary (or [MASK])")
+
+
+def _batches(records: Iterable[Record], batch_size: int) -> Iterator[list[Record]]:
+    # A full batch is yielded at once, without waiting for the next record, so a pipe streams sample by sample.
+    batch: list[Record] = []
+    for record in records:
+        if batch and len(record.tokens) != len(batch[0].tokens):
+            yield batch
+            batch = []
+        batch.append(record)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _provenance(model: BD3LM, tokenizer: Any) -> dict[str, Any]:
+    return {
+        "model": model_info(model),
+        "tokenizer": tokenizer_info(tokenizer),
+        "versions": versions(),
+        "device": device_info(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def _call_progress(on_progress: ProgressFn | None, stage: str, done: int, total: int | None):
+    if on_progress is None:
+        return None
+
+    def on_call(tokens_done: int, tokens_total: int) -> None:
+        on_progress(Progress(stage, done, total, tokens_done, tokens_total))
+
+    return on_call

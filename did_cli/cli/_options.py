@@ -1,0 +1,35 @@
+"""Option types shared by several commands, so the same flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from did_cli.checkpoints import DEFAULT_MODEL
+
+Model = Annotated[
+    str, typer.Option("--model", "-m", help="Embedded name (did-tiny), checkpoint folder, or Hugging Face Hub id.")
+]
+Tokenizer = Annotated[
+    str | None, typer.Option("--tokenizer", help="Tokenizer id or folder (default: the checkpoint's, else gpt2).")
+]
+Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32 or bfloat16.")]
+Seed = Annotated[int, typer.Option("--seed", help="Sample i depends only on (seed, i).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here instead of stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus mass (BD3-LM's protocol uses 0.9).")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature for sampling.")]
+Order = Annotated[
+    str, typer.Option("--order", help="Unmasking order: first-hitting (one random position per call), steps, confidence.")
+]
+StepsPerBlock = Annotated[int | None, typer.Option("--steps-per-block", help="Fixed steps per block (implies --order steps).")]
+TokensPerCall = Annotated[int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM).")]
+NoKVCache = Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the prefix at every call (slow oracle).")]
+Force = Annotated[bool, typer.Option("--force", help="Refine records made with another model or tokenizer.")]
+
+DEFAULTS = {"model": DEFAULT_MODEL, "device": "auto", "dtype": "float32", "top_p": 0.9}

@@ -1,0 +1,57 @@
+"""`did refine`: remask the least trusted tokens of draft records and re-denoise them with a large block."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from did_cli import api
+from did_cli.cli import _options as o
+from did_cli.cli._errors import handle_errors
+from did_cli.cli._run import Reporter, load, unmasking, write_records
+from did_cli.config import RefineSettings
+from did_cli.records import read_records
+
+Input = Annotated[str, typer.Argument(help="Draft records (JSONL file), or - for stdin.")]
+Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tokens to remask, in [0, 1].")]
+BlockSize = Annotated[
+    int | None, typer.Option("--block-size", help="Refine block size B2 (default: the whole sequence, one block).")
+]
+Remask = Annotated[str, typer.Option("--remask", help="Which tokens to remask: snapshot, posthoc or random.")]
+
+
+@handle_errors
+def refine(
+    input: Input = "-",
+    model: o.Model = o.DEFAULTS["model"],
+    tokenizer: o.Tokenizer = None,
+    revision: o.Revision = None,
+    gamma: Gamma = 0.5,
+    block_size: BlockSize = None,
+    remask: Remask = "snapshot",
+    seed: o.Seed = 0,
+    batch_size: o.BatchSize = 1,
+    top_p: o.TopP = 0.9,
+    temperature: o.Temperature = 1.0,
+    order: o.Order = "first-hitting",
+    steps_per_block: o.StepsPerBlock = None,
+    tokens_per_call: o.TokensPerCall = 1,
+    no_kv_cache: o.NoKVCache = False,
+    force: o.Force = False,
+    out: o.Out = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "float32",
+    quiet: o.Quiet = False,
+) -> None:
+    """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
+    settings = RefineSettings(
+        gamma=gamma, block_size=block_size, remask=remask, kv_cache=not no_kv_cache,
+        unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
+    )
+    records = read_records(input)
+    loaded, tok = load(model, tokenizer, revision, device, dtype)
+    with Reporter(quiet, None) as reporter:
+        refined = api.refine(loaded, tok, records, settings, seed=seed, batch_size=batch_size, force=force,
+                             on_progress=reporter)
+        write_records(refined, out, reporter, new_stages=1)

@@ -1,0 +1,47 @@
+"""What produced an output: package versions, the model and tokenizer, the device, so every file is reproducible."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, or None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of did and of the libraries whose behaviour changes its numbers."""
+    return {
+        "did": package_version("did"),
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "python": platform.python_version(),
+    }
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """Name, weights hash and revision of a loaded model (see checkpoints.ModelSource)."""
+    source = getattr(model, "source", None)
+    if source is None:
+        return {"name": "<in-memory>", "sha256": None, "revision": None}
+    return {"name": source.name, "sha256": source.sha256, "revision": source.revision}
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    """Name and size of a tokenizer: enough to refuse records made with another vocabulary."""
+    return {"name": getattr(tokenizer, "name_or_path", None) or "<in-memory>", "vocab_size": len(tokenizer)}
+
+
+def device_info(device: torch.device) -> str:
+    """A readable device name (the GPU model on CUDA)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
