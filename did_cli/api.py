@@ -78,11 +78,18 @@ def draft(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    jobs = [(i, text, ids) for i, (text, ids) in enumerate(
-        item for item in encode_prompts(tokenizer, prompts) for _ in range(num_samples))]
+    jobs = [
+        (i, text, ids)
+        for i, (text, ids) in enumerate(item for item in encode_prompts(tokenizer, prompts) for _ in range(num_samples))
+    ]
     provenance = _provenance(model, tokenizer)
-    stage_settings = {"kind": "draft", "block_size": settings.block_size, "kv_cache": settings.kv_cache,
-                      **dataclasses.asdict(settings.unmasking), "seed": seed}
+    stage_settings = {
+        "kind": "draft",
+        "block_size": settings.block_size,
+        "kv_cache": settings.kv_cache,
+        **dataclasses.asdict(settings.unmasking),
+        "seed": seed,
+    }
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         on_call = _call_progress(on_progress, "draft", start, len(jobs))
@@ -90,9 +97,14 @@ def draft(
         tokens, confidence = result.tokens.tolist(), result.confidence.tolist()
         for row, (sample_id, text, _) in enumerate(batch):
             prompt_len = result.prompt_lengths[row]
-            stage = {**stage_settings, "nfes": result.nfes[row], "model_calls": result.model_calls,
-                     "cache_calls": result.cache_calls, "batch_size": len(batch),
-                     "seconds": result.seconds / len(batch)}
+            stage = {
+                **stage_settings,
+                "nfes": result.nfes[row],
+                "model_calls": result.model_calls,
+                "cache_calls": result.cache_calls,
+                "batch_size": len(batch),
+                "seconds": result.seconds / len(batch),
+            }
             yield Record(
                 id=sample_id,
                 seed=seed,
@@ -170,12 +182,21 @@ def _refine_batch(
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
     length = tokens.shape[1]
     for row, record in enumerate(batch):
-        stage = {"kind": "refine", "block_size": settings.block_size or length, "gamma": settings.gamma,
-                 "remask": settings.remask, "kv_cache": settings.kv_cache,
-                 **dataclasses.asdict(settings.unmasking), "seed": seed,
-                 "remasked": result.remasked[row].nonzero().flatten().tolist(), "nfes": result.nfes[row],
-                 "model_calls": result.model_calls, "cache_calls": result.cache_calls, "batch_size": len(batch),
-                 "seconds": result.seconds / len(batch)}
+        stage = {
+            "kind": "refine",
+            "block_size": settings.block_size or length,
+            "gamma": settings.gamma,
+            "remask": settings.remask,
+            "kv_cache": settings.kv_cache,
+            **dataclasses.asdict(settings.unmasking),
+            "seed": seed,
+            "remasked": result.remasked[row].nonzero().flatten().tolist(),
+            "nfes": result.nfes[row],
+            "model_calls": result.model_calls,
+            "cache_calls": result.cache_calls,
+            "batch_size": len(batch),
+            "seconds": result.seconds / len(batch),
+        }
         yield dataclasses.replace(
             record,
             tokens=new_tokens[row],
@@ -200,8 +221,16 @@ def generate(
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write."""
-    drafts = draft(model, tokenizer, draft_settings, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                   prompts=prompts, on_progress=on_progress)
+    drafts = draft(
+        model,
+        tokenizer,
+        draft_settings,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        prompts=prompts,
+        on_progress=on_progress,
+    )
     for batch in _batches(drafts, batch_size):
         records: Iterable[Record] = batch
         for settings in refine_settings:

@@ -132,7 +132,8 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise ModelLoadError(
-                f"{source}: weight {key} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[key].shape)}"
+                f"{source}: weight {key} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
 
@@ -157,8 +158,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
     return names[dtype]
@@ -213,8 +220,10 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-                 for k, v in model.state_dict().items()}
+        state = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in model.state_dict().items()
+        }
         save_file(state, str(staging / _WEIGHTS), metadata={"format": "pt"})
         body = model.config.to_json_dict()
         if tokenizer is not None:

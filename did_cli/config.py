@@ -207,3 +207,101 @@ def check_block_size(block_size: int, length: int) -> None:
         raise UsageError(f"block size must be positive, got {block_size}")
     if block_size < length and length % block_size:
         raise UsageError(f"block size {block_size} does not divide the length {length}")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """One `did finetune` run. Defaults reproduce the DiD paper's run from BD3-LM's block-1024 pretrain checkpoint.
+
+    Attributes:
+        out: run folder (checkpoints/, metrics.jsonl, final/).
+        model: checkpoint to start from (name, folder or Hub id); ignored when `init` is set.
+        init: a preset name (`tiny`, `small`) to build a fresh model instead.
+        init_overrides: shape fields overriding the preset (hidden_dim, n_blocks, n_heads, cond_dim, dropout).
+        tokenizer: tokenizer id or folder (default: the checkpoint's; required with `init` unless it is gpt2).
+        data: a Hugging Face dataset id or local .txt/.jsonl/.parquet files.
+        data_config: dataset configuration (Hub datasets).
+        data_split: dataset split (Hub datasets).
+        text_field: text column.
+        txt_documents: `lines` or `file` (how .txt files split into documents).
+        val_fraction: share of documents held out for validation (when `valid_data` is not given).
+        valid_data: a separate validation source (same forms as `data`); then nothing is held out of `data`.
+        mix: block-size mix, e.g. "4:0.9,1024:0.1" (a single "16:1" is plain BD3-LM training).
+        steps: optimizer steps in total (a resumed run continues to this number).
+        batch_size: global batch per optimizer step (all processes and accumulation steps together).
+        micro_batch_size: rows per forward pass per process.
+        lr: peak learning rate (AdamW, betas 0.9/0.999, no weight decay).
+        warmup: linear warmup steps; constant afterwards.
+        seq_len: sequence length L (default: the model's length).
+        save_every: checkpoint interval in steps.
+        keep_last: checkpoints kept.
+        resume: continue from the latest checkpoint in `out`.
+        seed: seeds initialisation, data order, block-size draws and noise.
+        clip: (eps_min, eps_max) interval for t.
+        resample: redraw blocks whose masked fraction is outside `clip` (BD3-LM's training.resample).
+        ema: EMA decay.
+        grad_clip: gradient-norm clip.
+        val_every: validation interval in steps (0 disables).
+        val_batches: validation batches (of micro_batch_size rows) per evaluation.
+        log_every: logging interval in steps.
+        mixed_precision: `auto` (bf16 where supported on GPU, else none), `no`, `bf16` or `fp16`.
+        cache_dir: where tokenised corpora are cached.
+        num_proc: processes for tokenisation.
+        report_to: accelerate trackers (e.g. tensorboard, wandb) besides metrics.jsonl.
+    """
+
+    out: str = "runs/did-finetune"
+    model: str = "kuleshov-group/bd3lm-owt-block_size1024-pretrain"
+    init: str | None = None
+    init_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    data: str = "openwebtext"
+    data_config: str | None = None
+    data_split: str = "train"
+    text_field: str = "text"
+    txt_documents: str = "lines"
+    val_fraction: float = 0.01
+    valid_data: str | None = None
+    mix: str = "4:0.9,1024:0.1"
+    steps: int = 40_000
+    batch_size: int = 512
+    micro_batch_size: int = 16
+    lr: float = 3e-4
+    warmup: int = 2500
+    seq_len: int | None = None
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: bool = False
+    seed: int = 0
+    clip: tuple[float, float] = (1e-3, 1.0)
+    resample: bool = True
+    ema: float = 0.9999
+    grad_clip: float = 1.0
+    val_every: int = 1000
+    val_batches: int = 8
+    log_every: int = 10
+    mixed_precision: str = "auto"
+    cache_dir: str | None = None
+    num_proc: int | None = None
+    report_to: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "save_every": self.save_every,
+            "keep_last": self.keep_last,
+            "log_every": self.log_every,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.lr <= 0 or self.warmup < 0 or self.val_every < 0 or self.grad_clip <= 0:
+            raise UsageError("--lr and --grad-clip must be positive, --warmup and --val-every non-negative")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise UsageError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.txt_documents not in ("lines", "file"):
+            raise UsageError(f"--txt-documents must be lines or file, got {self.txt_documents!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")

@@ -37,6 +37,7 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise x [..., D] of any dtype; the result is fp32."""
         return F.layer_norm(x.float(), (x.shape[-1],)) * self.weight.float()
 
 
@@ -76,6 +77,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Embed sigma [B] into the conditioning [B, C]."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
         args = sigma[:, None].float() * freqs[None]
@@ -93,6 +95,7 @@ class EmbeddingLayer(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, n] → embeddings [B, n, D]."""
         return self.embedding[tokens]
 
 
@@ -123,7 +126,7 @@ class DDiTBlock(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        """x [B, n, D] → [B, n, D]; with a cache, the new keys/values are written after its prefix."""
+        """Hidden states x [B, n, D] → [B, n, D]; with a cache, the new keys/values are written after its prefix."""
         batch, n, dim = x.shape
         dtype = x.dtype
         modulation = self.adaLN_modulation(cond)[:, None].float()
@@ -156,7 +159,7 @@ class DDitFinalLayer(nn.Module):
             nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [..., D] with cond [1, C] (shared by all rows) → logits [..., V]."""
+        """Hidden states [..., D] with cond [1, C] (shared by all rows) → logits [..., V]."""
         shift, scale = self.adaLN_modulation(cond).float().chunk(2, dim=-1)
         return self.linear(_modulate(self.norm_final(x), shift, scale).to(x.dtype))
 
@@ -281,7 +284,9 @@ class BD3LM(nn.Module):
         """Append clean tokens [B, n] to the cache (block-causal among themselves); no output layer is run."""
         self.hidden_states(input_ids, block_size, cache=cache, commit=True)
 
-    def forward_train(self, noisy: torch.Tensor, clean: torch.Tensor, block_size: int) -> torch.Tensor:
+    def forward_train(
+        self, noisy: torch.Tensor, clean: torch.Tensor, block_size: int, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The training form: x_t ⊕ x_0 in one pass with the block-diffusion mask; returns logits of the x_t half.
 
         Both halves use rotary positions 0..L-1. With one block (block_size >= L) the x_t half attends to nothing in
@@ -291,17 +296,18 @@ class BD3LM(nn.Module):
             noisy: [B, L] x_t (masked positions hold `mask_id`).
             clean: [B, L] x_0.
             block_size: B.
+            select: optional bool [B, L]; only those x_t positions get logits (the loss needs masked ones only).
 
         Returns:
-            [B, L, V] raw logits for x_t.
+            [B, L, V] raw logits for x_t, or [N, V] for the selected positions in row-major order.
         """
         length = noisy.shape[1]
         if block_size >= length:
-            return self(noisy, block_size=None)
+            return self(noisy, block_size=None, select=select)
         positions = torch.arange(length, device=noisy.device).repeat(2)
         mask = block_diffusion_mask(length, block_size, noisy.device)
         hidden, cond = self._run_blocks(torch.cat((noisy, clean), dim=1), positions, mask, None)
-        return self.logits(hidden[:, :length], cond)
+        return self.logits(hidden[:, :length], cond, select)
 
     def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache on this model's device (dtype: the model's, or e.g. fp32 for exactness checks)."""

@@ -11,8 +11,16 @@ def test_block_diffusion_mask_matches_naive_definition(length, block_size):
 
 
 def test_block_diffusion_mask_example_from_bd3lm_notes():
-    rows = ["11000000 00000000", "00110000 11000000", "00001100 11110000", "00000011 11111100",
-            "00000000 11000000", "00000000 11110000", "00000000 11111100", "00000000 11111111"]
+    rows = [
+        "11000000 00000000",
+        "00110000 11000000",
+        "00001100 11110000",
+        "00000011 11111100",
+        "00000000 11000000",
+        "00000000 11110000",
+        "00000000 11111100",
+        "00000000 11111111",
+    ]
     mask = block_diffusion_mask(8, 2)
     for i, row in enumerate(rows):
         expected = torch.tensor([c == "1" for c in row.replace(" ", "")])

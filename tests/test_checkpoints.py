@@ -56,10 +56,16 @@ def _upstream_state(seed=3):
     for i in range(blocks):
         p = f"backbone.blocks.{i}."
         shapes |= {
-            p + "norm1.weight": (d,), p + "attn_qkv.weight": (3 * d, d), p + "attn_out.weight": (d, d),
-            p + "norm2.weight": (d,), p + "mlp.0.weight": (4 * d, d), p + "mlp.0.bias": (4 * d,),
-            p + "mlp.2.weight": (d, 4 * d), p + "mlp.2.bias": (d,),
-            p + "adaLN_modulation.weight": (6 * d, c), p + "adaLN_modulation.bias": (6 * d,),
+            p + "norm1.weight": (d,),
+            p + "attn_qkv.weight": (3 * d, d),
+            p + "attn_out.weight": (d, d),
+            p + "norm2.weight": (d,),
+            p + "mlp.0.weight": (4 * d, d),
+            p + "mlp.0.bias": (4 * d,),
+            p + "mlp.2.weight": (d, 4 * d),
+            p + "mlp.2.bias": (d,),
+            p + "adaLN_modulation.weight": (6 * d, c),
+            p + "adaLN_modulation.bias": (6 * d,),
         }
     g = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import typer
 
 from did_cli.cli.draft import draft
+from did_cli.cli.eval_ppl import eval_ppl
+from did_cli.cli.finetune import finetune
 from did_cli.cli.generate import generate
 from did_cli.cli.refine import refine
+from did_cli.cli.show import show
 
 app = typer.Typer(
     name="did",
@@ -20,6 +23,11 @@ app.command("draft", help="Draft samples block by block with the KV cache, recor
 )
 app.command("refine", help="Remask the least confident tokens of drafts and re-denoise them globally (JSONL).")(refine)
 app.command("generate", help="Draft then refine in one process (same records as draft | refine).")(generate)
+app.command("finetune", help="Mix-scale block-diffusion fine-tuning on accelerate (block size drawn per step).")(
+    finetune
+)
+app.command("show", help="Show one sample as a confidence heat-map, marking what refinement changed.")(show)
+app.command("eval-ppl", help="Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol).")(eval_ppl)
 
 
 def main() -> None:

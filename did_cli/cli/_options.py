@@ -25,9 +25,12 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summa
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus mass (BD3-LM's protocol uses 0.9).")]
 Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature for sampling.")]
 Order = Annotated[
-    str, typer.Option("--order", help="Unmasking order: first-hitting (one random position per call), steps, confidence.")
+    str,
+    typer.Option("--order", help="Unmasking order: first-hitting (one random position per call), steps, confidence."),
 ]
-StepsPerBlock = Annotated[int | None, typer.Option("--steps-per-block", help="Fixed steps per block (implies --order steps).")]
+StepsPerBlock = Annotated[
+    int | None, typer.Option("--steps-per-block", help="Fixed steps per block (implies --order steps).")
+]
 TokensPerCall = Annotated[int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM).")]
 NoKVCache = Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the prefix at every call (slow oracle).")]
 Force = Annotated[bool, typer.Option("--force", help="Refine records made with another model or tokenizer.")]

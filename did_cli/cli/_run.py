@@ -47,8 +47,14 @@ class Reporter:
     def __enter__(self) -> Reporter:
         if self.enabled:
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-                TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), console=stderr, transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("samples"),
+                TextColumn("{task.fields[tokens]}"),
+                TimeElapsedColumn(),
+                console=stderr,
+                transient=True,
             )
             self._progress.start()
             self._task = self._progress.add_task("sampling", total=self._total, tokens="")
@@ -62,8 +68,13 @@ class Reporter:
         if self._progress is None:
             return
         tokens = f"batch tokens {event.tokens_done}/{event.tokens_total}" if event.tokens_total else ""
-        self._progress.update(self._task, completed=event.samples_done, description=event.stage, tokens=tokens,
-                              total=event.samples_total or self._total)
+        self._progress.update(
+            self._task,
+            completed=event.samples_done,
+            description=event.stage,
+            tokens=tokens,
+            total=event.samples_total or self._total,
+        )
 
     def summary(self, records: int, generated: int, nfes: int) -> None:
         """One line on stderr: samples, generated tokens, tokens/s (generated only), NFEs."""

@@ -15,7 +15,9 @@ from did_cli.config import DraftSettings
 from did_cli.errors import InputError, UsageError
 
 NumSamples = Annotated[int, typer.Option("--num-samples", "-n", help="Samples to draw (per prompt).")]
-Length = Annotated[int | None, typer.Option("--length", help="Sequence length incl. BOS/prompt (default: the model's).")]
+Length = Annotated[
+    int | None, typer.Option("--length", help="Sequence length incl. BOS/prompt (default: the model's).")
+]
 BlockSize = Annotated[int, typer.Option("--block-size", help="Draft block size B1; must divide the length.")]
 Prompt = Annotated[str | None, typer.Option("--prompt", help="Condition every sample on this text.")]
 PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="One prompt per line.")]
@@ -63,11 +65,21 @@ def draft(
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
     loaded, tok = load(model, tokenizer, revision, device, dtype)
     settings = DraftSettings(
-        length=length or loaded.config.model_length, block_size=block_size, kv_cache=not no_kv_cache,
+        length=length or loaded.config.model_length,
+        block_size=block_size,
+        kv_cache=not no_kv_cache,
         unmasking=sampling,
     )
     total = num_samples * (len(prompts) if prompts else 1)
     with Reporter(quiet, total) as reporter:
-        records = api.draft(loaded, tok, settings, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                            prompts=prompts, on_progress=reporter)
+        records = api.draft(
+            loaded,
+            tok,
+            settings,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            prompts=prompts,
+            on_progress=reporter,
+        )
         write_records(records, out, reporter, new_stages=1)

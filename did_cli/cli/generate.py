@@ -18,7 +18,9 @@ Stages = Annotated[
     str | None,
     typer.Option("--stages", help="Block sizes per stage, e.g. 4,1024 (draft B1, then each refine B2; default 4,L)."),
 ]
-BlockSize = Annotated[int | None, typer.Option("--block-size", help="Draft block size B1 (same as the first --stages).")]
+BlockSize = Annotated[
+    int | None, typer.Option("--block-size", help="Draft block size B1 (same as the first --stages).")
+]
 Gammas = Annotated[str, typer.Option("--gamma", help="Remask fraction per refine stage: one value or a list.")]
 Remask = Annotated[str, typer.Option("--remask", help="snapshot, posthoc or random.")]
 
@@ -86,12 +88,26 @@ def generate(
     gammas = parse_gammas(gamma, len(sizes) - 1)
     draft_settings = DraftSettings(length=length, block_size=sizes[0], kv_cache=not no_kv_cache, unmasking=sampling)
     refine_settings = [
-        RefineSettings(gamma=g, block_size=None if size >= length else size, remask=remask,
-                       kv_cache=not no_kv_cache, unmasking=sampling)
-        for size, g in zip(sizes[1:], gammas)
+        RefineSettings(
+            gamma=g,
+            block_size=None if size >= length else size,
+            remask=remask,
+            kv_cache=not no_kv_cache,
+            unmasking=sampling,
+        )
+        for size, g in zip(sizes[1:], gammas, strict=True)
     ]
     total = num_samples * (len(prompts) if prompts else 1)
     with Reporter(quiet, total) as reporter:
-        records = api.generate(loaded, tok, draft_settings, refine_settings, num_samples=num_samples, seed=seed,
-                               batch_size=batch_size, prompts=prompts, on_progress=reporter)
+        records = api.generate(
+            loaded,
+            tok,
+            draft_settings,
+            refine_settings,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            prompts=prompts,
+            on_progress=reporter,
+        )
         write_records(records, out, reporter, new_stages=len(sizes))

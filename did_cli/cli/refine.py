@@ -46,12 +46,16 @@ def refine(
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
     settings = RefineSettings(
-        gamma=gamma, block_size=block_size, remask=remask, kv_cache=not no_kv_cache,
+        gamma=gamma,
+        block_size=block_size,
+        remask=remask,
+        kv_cache=not no_kv_cache,
         unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
     )
     records = read_records(input)
     loaded, tok = load(model, tokenizer, revision, device, dtype)
     with Reporter(quiet, None) as reporter:
-        refined = api.refine(loaded, tok, records, settings, seed=seed, batch_size=batch_size, force=force,
-                             on_progress=reporter)
+        refined = api.refine(
+            loaded, tok, records, settings, seed=seed, batch_size=batch_size, force=force, on_progress=reporter
+        )
         write_records(refined, out, reporter, new_stages=1)

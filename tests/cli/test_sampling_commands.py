@@ -45,7 +45,9 @@ def test_batch_size_does_not_change_cli_samples(tiny_checkpoint):
 
 def test_no_kv_cache_flag_gives_the_same_tokens(tiny_checkpoint):
     cached = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "2", "--batch-size", "2"])
-    uncached = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "2", "--batch-size", "2", "--no-kv-cache"])
+    uncached = runner.invoke(
+        app, ["draft", "-m", str(tiny_checkpoint), "-n", "2", "--batch-size", "2", "--no-kv-cache"]
+    )
     assert [r["tokens"] for r in _lines(cached.stdout)] == [r["tokens"] for r in _lines(uncached.stdout)]
 
 
@@ -54,10 +56,10 @@ def test_refine_reads_a_file_and_only_changes_remasked_positions(tiny_checkpoint
     runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "2", "--out", str(drafts)])
     result = runner.invoke(app, ["refine", str(drafts), "-m", str(tiny_checkpoint), "--gamma", "0.25"])
     assert result.exit_code == 0, result.stderr
-    for before, after in zip(_lines(drafts.read_text()), _lines(result.stdout)):
+    for before, after in zip(_lines(drafts.read_text()), _lines(result.stdout), strict=True):
         stage = after["stages"][-1]
         assert stage["kind"] == "refine" and len(stage["remasked"]) == 8 and stage["gamma"] == 0.25
-        changed = {i for i, (a, b) in enumerate(zip(before["tokens"], after["tokens"])) if a != b}
+        changed = {i for i, (a, b) in enumerate(zip(before["tokens"], after["tokens"], strict=True)) if a != b}
         assert changed <= set(stage["remasked"])
         assert after["draft_tokens"] == before["tokens"]
 
@@ -71,7 +73,9 @@ def test_prompt_is_kept_at_the_start(tiny_checkpoint):
 
 def test_generate_equals_draft_piped_into_refine(tiny_checkpoint, tmp_path):
     model = str(tiny_checkpoint)
-    gen = runner.invoke(app, ["generate", "-m", model, "-n", "3", "--stages", "4,32", "--gamma", "0.5", "--batch-size", "2"])
+    gen = runner.invoke(
+        app, ["generate", "-m", model, "-n", "3", "--stages", "4,32", "--gamma", "0.5", "--batch-size", "2"]
+    )
     assert gen.exit_code == 0, gen.stderr
     drafts = tmp_path / "d.jsonl"
     runner.invoke(app, ["draft", "-m", model, "-n", "3", "--out", str(drafts)])
@@ -140,8 +144,14 @@ def test_draft_pipe_refine_pipe_refine_end_to_end_in_subprocesses(tiny_checkpoin
     model = ["-m", str(tiny_checkpoint)]
     draft = subprocess.Popen([*did, "draft", *model, "-n", "3"], stdout=subprocess.PIPE, env=env)
     first = subprocess.Popen([*did, "refine", *model], stdin=draft.stdout, stdout=subprocess.PIPE, env=env)
-    second = subprocess.run([*did, "refine", *model, "--remask", "random", "--gamma", "0.25"], stdin=first.stdout,
-                            capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run(
+        [*did, "refine", *model, "--remask", "random", "--gamma", "0.25"],
+        stdin=first.stdout,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert second.returncode == 0, second.stderr
     records = _lines(second.stdout)
     assert len(records) == 3
@@ -151,8 +161,13 @@ def test_draft_pipe_refine_pipe_refine_end_to_end_in_subprocesses(tiny_checkpoin
 
 def test_closed_pipe_exits_quietly(tiny_checkpoint):
     command = f"{sys.executable} -m did_cli draft -m {tiny_checkpoint} -n 200 | head -1"
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert len(result.stdout.splitlines()) == 1

@@ -39,14 +39,15 @@ def test_mask_token_is_never_drawn_and_confidence_is_the_raw_probability():
     tokens, conf = sample_from_logits(logits.repeat(100, 1), torch.rand(100, dtype=torch.float64), mask_id=2)
     assert (tokens != 2).all()
     raw = torch.softmax(torch.tensor([0.0, 1.0]), 0)
-    for t, c in zip(tokens, conf):
+    for t, c in zip(tokens, conf, strict=True):
         assert abs(float(c) - float(raw[t])) < 1e-6
 
 
 def test_confidence_is_recorded_before_nucleus_renormalisation():
     probs = torch.tensor([[0.6, 0.3, 0.1, 0.0]])
-    tokens, conf = sample_from_logits(probs.clamp_min(1e-30).log(), torch.tensor([0.0], dtype=torch.float64),
-                                      mask_id=3, top_p=0.7)
+    tokens, conf = sample_from_logits(
+        probs.clamp_min(1e-30).log(), torch.tensor([0.0], dtype=torch.float64), mask_id=3, top_p=0.7
+    )
     assert int(tokens) == 0 and abs(float(conf) - 0.6) < 1e-6  # renormalised it would read 1.0
 
 

@@ -17,8 +17,16 @@ def drafted(tiny_model):
 
 def _refine(model, d, ids=(0, 1, 2, 3), stage=1, **kw):
     rows = list(ids)
-    return refine(model, d.tokens[rows], d.confidence[rows], [d.prompt_lengths[i] for i in rows], list(ids), stage,
-                  RefineSettings(**kw), seed=1)
+    return refine(
+        model,
+        d.tokens[rows],
+        d.confidence[rows],
+        [d.prompt_lengths[i] for i in rows],
+        list(ids),
+        stage,
+        RefineSettings(**kw),
+        seed=1,
+    )
 
 
 @pytest.mark.parametrize("remask", ["snapshot", "posthoc", "random"])

@@ -4,8 +4,10 @@ import torch
 from did_cli.sampling.remask import remask_count, select_lowest
 
 
-@pytest.mark.parametrize("n,gamma,expected", [(10, 0.25, 3), (10, 0.35, 4), (4, 0.5, 2), (5, 0.5, 3), (7, 0.0, 0),
-                                              (7, 1.0, 7), (1023, 0.5, 512)])
+@pytest.mark.parametrize(
+    "n,gamma,expected",
+    [(10, 0.25, 3), (10, 0.35, 4), (4, 0.5, 2), (5, 0.5, 3), (7, 0.0, 0), (7, 1.0, 7), (1023, 0.5, 512)],
+)
 def test_remask_count_rounds_half_up(n, gamma, expected):
     assert int(remask_count(torch.tensor([n]), gamma)) == expected
 

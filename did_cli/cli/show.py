@@ -1,0 +1,154 @@
+"""`did show`: view one sample record as a confidence heat-map in the terminal, or as a standalone HTML page.
+
+The rendering goes to stdout: for a viewer the picture is the data asked for, so it can be paged (`| less -R`)
+or saved; when stdout is not a colour terminal the rendering uses brackets and arrows instead of colours. With
+`--html` the page is written atomically to the given file (or to stdout for `-`) and one line on stderr says where.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from did_cli import display
+from did_cli.checkpoints import BD3LM_TOKENIZER, has_tokenizer_files, load_tokenizer, read_config, resolve
+from did_cli.cli._errors import handle_errors
+from did_cli.errors import InputError, ModelLoadError, UsageError
+from did_cli.records import Record, read_records
+
+File = Annotated[str, typer.Argument(help="Sample records (JSONL from draft, refine or generate), or - for stdin.")]
+Index = Annotated[
+    int, typer.Option("--index", "-i", help="Which record: its 0-based position in the file; -1 is the last.")
+]
+Html = Annotated[
+    Path | None, typer.Option("--html", help="Write a standalone HTML page here (- for stdout) instead of printing.")
+]
+Model = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Render with this model's tokenizer (default: the one the record names)."),
+]
+Tokenizer = Annotated[
+    str | None, typer.Option("--tokenizer", help="Render with this tokenizer id or folder (overrides --model).")
+]
+
+
+def select_record(source: str, index: int) -> Record:
+    """The record at 0-based position `index` of a JSONL file or stdin ("-"); negative counts from the end.
+
+    A non-negative index stops reading at that record, so a long stream is not read to its end.
+    """
+    name = "stdin" if source == "-" else source
+    if index >= 0:
+        count = 0
+        for count, record in enumerate(read_records(source), start=1):  # noqa: B007 - count is used after the loop
+            if count - 1 == index:
+                return record
+        raise UsageError(f"{name} holds {count} records; --index {index} is out of range")
+    last: deque[Record] = deque(maxlen=-index)
+    count = 0
+    for count, record in enumerate(read_records(source), start=1):  # noqa: B007 - count is used after the loop
+        last.append(record)
+    if count < -index:
+        raise UsageError(f"{name} holds {count} records; --index {index} is out of range")
+    return last[0]
+
+
+def _model_tokenizer(name: str) -> Any:
+    # Like load_tokenizer for a loaded model, but without loading weights: the checkpoint's own tokenizer files,
+    # else the tokenizer its config names, else GPT-2's (released BD3-LM checkpoints ship none).
+    folder = resolve(name)
+    if has_tokenizer_files(folder):
+        return load_tokenizer(str(folder))
+    return load_tokenizer(read_config(folder).tokenizer or BD3LM_TOKENIZER)
+
+
+def record_tokenizer(record: Record, model: str | None = None, tokenizer: str | None = None) -> Any:
+    """The tokenizer to render `record` with: `tokenizer`, else `model`'s, else the one the record names.
+
+    Without overrides the record's tokenizer name is tried, then its model's (a moved checkpoint folder or an
+    uncached Hub id fails one but may pass the other).
+
+    Raises:
+        ModelLoadError: no candidate could be loaded; the message says to pass --tokenizer or --model.
+    """
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if model is not None:
+        return _model_tokenizer(model)
+    candidates = [
+        (load_tokenizer, (record.tokenizer or {}).get("name")),
+        (_model_tokenizer, (record.model or {}).get("name")),
+    ]
+    tried = []
+    for loader, name in candidates:
+        if not name or name == "<in-memory>" or name in tried:
+            continue
+        tried.append(name)
+        try:
+            return loader(name)
+        except (ModelLoadError, OSError, ValueError):
+            continue
+    names = ", ".join(tried) or "none named in the record"
+    raise ModelLoadError(
+        f"could not load a tokenizer for record {record.id} (tried {names}); pass --tokenizer or --model"
+    )
+
+
+def check_ids(record: Record, tokenizer: Any) -> None:
+    """Refuse a record whose ids the tokenizer cannot decode, or whose draft is not as long as its tokens."""
+    if record.draft_tokens is not None and len(record.draft_tokens) != len(record.tokens):
+        raise InputError(f"record {record.id}: draft_tokens must be as long as tokens ({len(record.tokens)})")
+    size = len(tokenizer)
+    if any(t >= size for t in [*record.tokens, *(record.draft_tokens or [])]):
+        raise InputError(
+            f"record {record.id} holds token ids beyond the tokenizer's {size}; pass the right --tokenizer"
+        )
+    recorded = (record.tokenizer or {}).get("vocab_size")
+    if recorded is not None and recorded != size:
+        sys.stderr.write(
+            f"warning: record {record.id} was made with a {recorded}-token tokenizer; this one has {size}\n"
+        )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place: no half-written page remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
+@handle_errors
+def show(
+    file: File,
+    index: Index = 0,
+    html: Html = None,
+    model: Model = None,
+    tokenizer: Tokenizer = None,
+) -> None:
+    """Show one sample: tokens coloured by confidence, remasked positions and what refinement changed."""
+    record = select_record(file, index)
+    tok = record_tokenizer(record, model, tokenizer)
+    check_ids(record, tok)
+    texts = display.token_texts(tok, [*record.tokens, *(record.draft_tokens or [])])
+    if html is None:
+        console = Console()
+        styled = console.color_system is not None and not console.no_color
+        console.print(display.render_sample(record, texts, styled=styled), soft_wrap=not console.is_terminal)
+    elif str(html) == "-":
+        sys.stdout.write(display.render_html(record, texts))
+    else:
+        write_atomically(html, display.render_html(record, texts))
+        sys.stderr.write(f"wrote {html}\n")

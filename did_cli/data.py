@@ -1,0 +1,237 @@
+"""Training data: load text (Hub dataset or local files), tokenise once, wrap into fixed-length rows, cache on disk.
+
+Documents are tokenised without special tokens and followed by EOS, then the whole stream is cut into rows of the
+sequence length (BD3-LM's "wrap"; no padding, so the [MASK] id can never collide with a pad id). The token stream is
+written once to a flat binary file per split and memory-mapped afterwards, so corpora larger than RAM work and later
+runs reuse the cache. Row order is a fixed function of (seed, epoch), so a resumed run sees exactly the rows it
+would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from did_cli.errors import DataError
+
+_FORMAT_VERSION = 1
+_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where training text comes from.
+
+    Attributes:
+        source: a Hugging Face dataset id (e.g. `openwebtext`) or a local file/folder of .txt, .jsonl or .parquet.
+        config: dataset configuration name (Hub datasets only).
+        split: dataset split to read (Hub datasets only; local files are one split).
+        text_field: column holding the text (.jsonl, .parquet and Hub datasets).
+        txt_documents: for .txt files, `lines` (one document per non-empty line) or `file` (one per file).
+        val_fraction: share of documents held out for validation (taken from the end, as BD3-LM does).
+    """
+
+    source: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    txt_documents: str = "lines"
+    val_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class TokenizedCorpus:
+    """Memory-mapped token streams of the train and validation splits."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    folder: Path
+    meta: dict[str, Any]
+
+
+def _local_files(path: Path) -> dict[str, list[str]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    by_builder: dict[str, list[str]] = {}
+    for file in files:
+        builder = _SUFFIXES.get(file.suffix.lower())
+        if builder:
+            by_builder.setdefault(builder, []).append(str(file.resolve()))
+    if not by_builder:
+        raise DataError(f"{path} holds no .txt, .jsonl or .parquet file")
+    if len(by_builder) > 1:
+        raise DataError(f"{path} mixes file types ({', '.join(sorted(by_builder))}); use one kind per run")
+    return by_builder
+
+
+def load_documents(spec: DataSpec) -> Any:
+    """A `datasets.Dataset` with one document per row in column `text`."""
+    import datasets
+
+    datasets.disable_progress_bars()  # did reports its own progress; datasets' bars would flood stderr
+
+    path = Path(spec.source).expanduser()
+    field = spec.text_field
+    try:
+        if path.exists():
+            builder, files = next(iter(_local_files(path).items()))
+            kwargs: dict[str, Any] = {}
+            if builder == "text":
+                field = "text"
+                kwargs["sample_by"] = "document" if spec.txt_documents == "file" else "line"
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        elif spec.source.startswith((".", "/", "~")):
+            raise DataError(f"data path {spec.source} does not exist")
+        else:
+            dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
+    except DataError:
+        raise
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot load dataset {spec.source!r} ({_first_line(exc)}); offline and not cached? "
+            "pass --data PATH to local .txt, .jsonl or .parquet files instead"
+        ) from None
+    except Exception as exc:  # datasets raises many types (DatasetNotFoundError, builder errors) for a bad source
+        raise DataError(f"cannot load dataset {spec.source!r}: {_first_line(exc)}") from None
+    if field not in dataset.column_names:
+        raise DataError(f"{spec.source} has no column {field!r} (columns: {', '.join(dataset.column_names)})")
+    if field != "text":
+        dataset = dataset.rename_column(field, "text")
+    dataset = dataset.select_columns(["text"]).filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if len(dataset) == 0:
+        raise DataError(f"{spec.source} holds no text")
+    return dataset
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fingerprint(spec: DataSpec, tokenizer: Any) -> str:
+    path = Path(spec.source).expanduser()
+    files = []
+    if path.exists():
+        for file in next(iter(_local_files(path).values())):
+            stat = os.stat(file)
+            files.append((file, stat.st_size, int(stat.st_mtime)))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    body = {
+        "format": _FORMAT_VERSION,
+        "spec": asdict(spec),
+        "files": files,
+        "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
+        "eos": tokenizer.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """`$DID_CACHE` or `~/.cache/did`, where tokenised corpora are kept."""
+    return Path(os.environ.get("DID_CACHE", Path.home() / ".cache" / "did")) / "data"
+
+
+def tokenize_corpus(
+    spec: DataSpec, tokenizer: Any, cache_dir: Path | None = None, num_proc: int | None = None
+) -> TokenizedCorpus:
+    """Tokenise once and cache: later calls with the same data and tokenizer only memory-map the files."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token to separate documents with")
+    folder = (cache_dir or default_cache_dir()) / _fingerprint(spec, tokenizer)
+    if not (folder / "meta.json").exists():
+        _build_cache(spec, tokenizer, folder, num_proc)
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    train = np.memmap(folder / "train.bin", dtype=dtype, mode="r") if meta["train_tokens"] else np.zeros(0, dtype)
+    valid = np.memmap(folder / "valid.bin", dtype=dtype, mode="r") if meta["valid_tokens"] else np.zeros(0, dtype)
+    return TokenizedCorpus(train, valid, folder, meta)
+
+
+def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | None) -> None:
+    documents = load_documents(spec)
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [row + [eos] for row in ids]}
+
+    encoded = documents.map(encode, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing")
+    count = len(encoded)
+    held_out = max(1, round(count * spec.val_fraction)) if count > 1 and spec.val_fraction > 0 else 0
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        sizes = {}
+        for split, rows in (("train", range(count - held_out)), ("valid", range(count - held_out, count))):
+            total = 0
+            with open(staging / f"{split}.bin", "wb") as handle:
+                for start in range(rows.start, rows.stop, 10_000):
+                    chunk = encoded[start : min(start + 10_000, rows.stop)]["ids"]
+                    flat = np.fromiter((t for doc in chunk for t in doc), dtype=dtype)
+                    flat.tofile(handle)
+                    total += flat.size
+            sizes[split] = total
+        meta = {
+            "format": _FORMAT_VERSION,
+            "spec": asdict(spec),
+            "documents": count,
+            "valid_documents": held_out,
+            "train_tokens": sizes["train"],
+            "valid_tokens": sizes["valid"],
+            "dtype": np.dtype(dtype).name,
+            "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "vocab_size": len(tokenizer),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class PackedRows:
+    """A flat token stream seen as rows of `length` tokens (the remainder is dropped), in a seeded order per epoch."""
+
+    def __init__(self, tokens: np.ndarray, length: int, seed: int) -> None:
+        self.tokens, self.length, self.seed = tokens, length, seed
+        self.num_rows = tokens.size // length
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            digest = hashlib.sha256(f"did-rows:{self.seed}:{epoch}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            self._orders = {epoch: torch.randperm(self.num_rows, generator=generator)}
+        return self._orders[epoch]
+
+    def row(self, index: int) -> np.ndarray:
+        """Row `index` in storage order."""
+        return np.asarray(self.tokens[index * self.length : (index + 1) * self.length], dtype=np.int64)
+
+    def batch(self, first: int, count: int) -> torch.Tensor:
+        """Rows `first .. first+count-1` of the endless shuffled stream (epoch after epoch).
+
+        Returns:
+            [count, length] int64.
+        """
+        rows = []
+        for sample in range(first, first + count):
+            epoch, position = divmod(sample, self.num_rows)
+            rows.append(self.row(int(self._order(epoch)[position])))
+        return torch.from_numpy(np.stack(rows))
+
+    def sequential(self, first: int, count: int) -> torch.Tensor:
+        """Rows in storage order (validation reads the same rows every time)."""
+        return torch.from_numpy(np.stack([self.row(i) for i in range(first, min(first + count, self.num_rows))]))

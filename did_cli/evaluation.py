@@ -1,0 +1,550 @@
+"""Generative perplexity and entropy of samples under a judge LM, computed the way BD3-LM's published numbers are.
+
+The protocol follows BD3-LM's `metrics.record_generative_perplexity` (research notes, bd3lm.md §4):
+
+* Each sample's decoded text is re-tokenised with the judge's tokenizer and preceded by the judge's BOS/EOS id,
+  since upstream's decoded samples start with `<|endoftext|>`. A record's prompt follows BOS as unscored context.
+* Next-token NLL uses a context of 1024 tokens. Longer samples use a sliding window with stride 512: the first
+  window covers [0, 1024), and each later window scores only the tokens past the previous one. Every token is
+  therefore scored exactly once, with at least context - stride tokens of context.
+* Every EOS id among the targets is excluded.
+* `gen_ppl` is the paper pipeline's aggregate: the arithmetic mean of per-sample perplexities. `gen_ppl_pooled`
+  is the token-weighted exp(mean NLL) that upstream prints.
+* `entropy` is the unigram entropy (nats) of each sample's judge tokens, averaged over samples. Samples whose
+  entropy falls below `degenerate_entropy` (4.0 upstream) are counted, not hidden, because repetitive text gets a
+  low perplexity.
+
+Layout: the pure functions over token ids and a logits callable (`sliding_windows`, `target_nlls`,
+`unigram_entropy`, `score_sequence`, `summarize`) come first and know nothing of files or transformers. Then come
+input files (`read_samples`) and last the API that joins them with a judge (`score_samples`, `eval_ppl`). Loading
+the judge lives in `did_cli.judge` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.nn.functional as F
+
+from did_cli.errors import InputError, UsageError
+from did_cli.judge import DEFAULT_JUDGE, Judge, load_judge
+from did_cli.provenance import device_info, versions
+
+__all__ = [
+    "DEFAULT_JUDGE",
+    "EvalResult",
+    "EvalSettings",
+    "FileResult",
+    "Judge",
+    "Sample",
+    "SampleResult",
+    "Window",
+    "eval_ppl",
+    "load_judge",
+    "read_samples",
+    "score_samples",
+    "score_sequence",
+    "sliding_windows",
+    "summarize",
+    "target_nlls",
+    "unigram_entropy",
+]
+
+# (input_ids [B, T] long, attention_mask [B, T] long) -> logits [B, T, V]; right padding, 1 marks real tokens.
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (windows done, windows total) after each judge call.
+WindowProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How samples are scored.
+
+    Attributes:
+        context: most tokens the judge sees at once (capped at the judge's own limit); 1024 upstream.
+        stride: tokens each later sliding window advances; None means half the context (512 upstream).
+        batch_size: windows per judge call. Changes speed and memory, not the numbers (beyond float noise).
+        degenerate_entropy: samples with a unigram entropy (nats) below this are counted as degenerate.
+    """
+
+    context: int = 1024
+    stride: int | None = None
+    batch_size: int = 8
+    degenerate_entropy: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.context < 2:
+            raise UsageError(f"--context must be at least 2 tokens, got {self.context}")
+        if self.stride is not None and self.stride < 1:
+            raise UsageError(f"--stride must be at least 1, got {self.stride}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    def windows_for(self, max_positions: int | None) -> tuple[int, int]:
+        """The (context, stride) used with a judge that accepts at most `max_positions` tokens."""
+        context = min(self.context, max_positions) if max_positions else self.context
+        stride = self.stride if self.stride is not None else context // 2
+        if stride >= context:
+            raise UsageError(f"--stride {stride} must be smaller than the context of {context} tokens")
+        return context, stride
+
+
+# --- Pure scoring: token ids and a logits callable in, numbers out ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """One judge call over tokens [begin, end) that scores the tokens at positions [first_target, end)."""
+
+    begin: int
+    end: int
+    first_target: int
+
+
+def sliding_windows(num_tokens: int, context: int, stride: int, first_target: int = 1) -> list[Window]:
+    """The judge calls that score positions [first_target, num_tokens) of a sequence, each position exactly once.
+
+    The first window covers [0, min(num_tokens, context)). Each later window ends `stride` tokens further (or at the
+    end of the sequence), spans `context` tokens, and scores only the positions past the previous window. For a
+    length that is a multiple of the stride this is upstream's layout: window i covers [i·stride, i·stride + context)
+    and scores its last `stride` positions. Windows that would score nothing (inside a prompt) are left out.
+
+    Args:
+        num_tokens: length of the sequence, BOS included.
+        context: most tokens per window.
+        stride: how far each later window advances; 1 <= stride < context, so every scored token has context.
+        first_target: first position to score (1 after BOS; later when a prompt precedes the text).
+
+    Returns:
+        The windows in order; their [first_target, end) ranges are disjoint and cover [first_target, num_tokens).
+    """
+    if context < 2 or not 1 <= stride < context:
+        raise UsageError(f"a sliding window needs 1 <= stride < context, got stride {stride}, context {context}")
+    first_target = max(first_target, 1)
+    windows = []
+    begin, end, scored_from = 0, min(num_tokens, context), 1
+    while True:
+        if end > first_target:
+            windows.append(Window(begin, end, max(scored_from, first_target)))
+        if end >= num_tokens:
+            return windows
+        scored_from, end = end, min(end + stride, num_tokens)
+        begin = end - context
+
+
+def target_nlls(
+    sequences: Sequence[Sequence[int]],
+    logits_fn: LogitsFn,
+    *,
+    context: int,
+    stride: int,
+    batch_size: int = 1,
+    first_targets: Sequence[int] | None = None,
+    on_progress: WindowProgressFn | None = None,
+) -> list[torch.Tensor]:
+    """Next-token NLL of every scored position of each sequence, using `sliding_windows`.
+
+    Windows from all sequences are batched together, right-padded, with an attention mask. A window's numbers
+    depend only on its own tokens, so the batch size changes them by float noise at most.
+
+    Args:
+        sequences: token ids per sample, BOS first.
+        logits_fn: the judge: (input_ids [B, T] long, attention_mask [B, T] long) → logits [B, T, V].
+        context: most tokens per judge call.
+        stride: sliding-window stride (1 <= stride < context).
+        batch_size: windows per judge call.
+        first_targets: per sequence, the first position to score (default 1: everything after BOS).
+        on_progress: called with (windows done, windows total) after each judge call.
+
+    Returns:
+        Per sequence a float64 tensor [N]: entry t is -log p(tokens[t] | the window's tokens before t), and NaN
+        where nothing is scored (BOS, prompt). EOS targets are not removed here; see `score_sequence`.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    firsts = list(first_targets) if first_targets is not None else [1] * len(sequences)
+    out = [torch.full((len(seq),), math.nan, dtype=torch.float64) for seq in sequences]
+    chunks = [(i, w) for i, seq in enumerate(sequences) for w in sliding_windows(len(seq), context, stride, firsts[i])]
+    # Longest first, so windows of similar length share a call and little compute goes to padding.
+    chunks.sort(key=lambda chunk: chunk[1].begin - chunk[1].end)
+    with torch.inference_mode():
+        for start in range(0, len(chunks), batch_size):
+            batch = chunks[start : start + batch_size]
+            width = max(w.end - w.begin for _, w in batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)  # B, T; pad id 0 is masked out
+            attention_mask = torch.zeros_like(input_ids)
+            for row, (i, w) in enumerate(batch):
+                input_ids[row, : w.end - w.begin] = torch.as_tensor(sequences[i][w.begin : w.end])
+                attention_mask[row, : w.end - w.begin] = 1
+            logits = logits_fn(input_ids, attention_mask)  # B, T, V
+            for row, (i, w) in enumerate(batch):
+                lo, hi = w.first_target - w.begin, w.end - w.begin
+                targets = input_ids[row, lo:hi].to(logits.device)
+                # Logits at position p predict token p + 1; fp32 softmax whatever the judge's dtype.
+                nll = F.cross_entropy(logits[row, lo - 1 : hi - 1].float(), targets, reduction="none")
+                out[i][w.first_target : w.end] = nll.double().cpu()
+            if on_progress is not None:
+                on_progress(start + len(batch), len(chunks))
+    return out
+
+
+def unigram_entropy(token_ids: Sequence[int]) -> float:
+    """Entropy (nats) of the token frequency distribution of one sample; 0 for an empty one."""
+    total = len(token_ids)
+    if total == 0:
+        return 0.0
+    return -math.fsum(n / total * math.log(n / total) for n in Counter(token_ids).values())
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The judge's verdict on one sample.
+
+    Attributes:
+        line: line of the input file the sample came from (None for samples given in memory).
+        id: the record's `id`, when it had one.
+        tokens: judge tokens of the text (BOS and prompt excluded).
+        scored_tokens: tokens whose NLL counts: the text's tokens that are not EOS.
+        nll_sum: summed NLL (nats) of the scored tokens.
+        entropy: unigram entropy (nats) of BOS + the text's judge tokens, as upstream's retokenised ids.
+        degenerate: entropy below the threshold in the settings.
+    """
+
+    line: int | None
+    id: Any
+    tokens: int
+    scored_tokens: int
+    nll_sum: float
+    entropy: float
+    degenerate: bool
+
+    @property
+    def nll(self) -> float:
+        """Mean NLL per scored token (NaN when no token was scored)."""
+        return self.nll_sum / self.scored_tokens if self.scored_tokens else math.nan
+
+    @property
+    def ppl(self) -> float:
+        """exp(mean NLL): this sample's perplexity."""
+        return _exp(self.nll)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (NaN as null)."""
+        body = {
+            "line": self.line,
+            "id": self.id,
+            "ppl": self.ppl,
+            "nll": self.nll,
+            "tokens": self.tokens,
+            "scored_tokens": self.scored_tokens,
+            "entropy": self.entropy,
+            "degenerate": self.degenerate,
+        }
+        return {key: _json_number(value) for key, value in body.items()}
+
+
+def score_sequence(
+    token_ids: Sequence[int],
+    nlls: torch.Tensor,
+    *,
+    first_target: int = 1,
+    eos_ids: Collection[int] = (),
+    degenerate_entropy: float = 4.0,
+    line: int | None = None,
+    id: Any = None,
+) -> SampleResult:
+    """One sample's result from its judge ids (BOS first) and the per-position NLLs of `target_nlls`.
+
+    Args:
+        token_ids: BOS, prompt tokens, then text tokens.
+        nlls: float [N] from `target_nlls`; entries from `first_target` on are used.
+        first_target: position of the first text token.
+        eos_ids: ids never counted as targets (upstream excludes every EOS, wherever it appears).
+        degenerate_entropy: threshold below which the sample is flagged.
+        line: input line, for reporting.
+        id: record id, for reporting.
+    """
+    text_ids = list(token_ids[first_target:])
+    counted = torch.tensor([t not in eos_ids for t in text_ids], dtype=torch.bool)
+    nll_sum = float(nlls[first_target:][counted].sum()) if text_ids else 0.0
+    entropy = unigram_entropy([token_ids[0], *text_ids]) if token_ids else 0.0
+    return SampleResult(line, id, len(text_ids), int(counted.sum()), nll_sum, entropy, entropy < degenerate_entropy)
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """Aggregates over the samples of one input.
+
+    Attributes:
+        source: the input's name as given.
+        samples: every sample's result, in input order.
+        gen_ppl: mean of per-sample perplexities (the paper pipeline's number), over samples with a scored token.
+        gen_ppl_pooled: exp(token-weighted mean NLL) over all scored tokens.
+        entropy: mean per-sample unigram entropy (nats).
+        num_samples: samples read.
+        num_degenerate: samples with entropy below the threshold.
+        mean_tokens: mean text length in judge tokens.
+        num_scored_tokens: tokens behind `gen_ppl_pooled`.
+        num_unscored: samples with no token to score (empty text or only EOS), left out of `gen_ppl`.
+    """
+
+    source: str
+    samples: list[SampleResult]
+    gen_ppl: float
+    gen_ppl_pooled: float
+    entropy: float
+    num_samples: int
+    num_degenerate: int
+    mean_tokens: float
+    num_scored_tokens: int
+    num_unscored: int
+
+    def summary(self) -> dict[str, Any]:
+        """The aggregates, JSON-ready (NaN as null)."""
+        body = {key: value for key, value in asdict(self).items() if key not in ("source", "samples")}
+        return {key: _json_number(value) for key, value in body.items()}
+
+
+def summarize(source: str, samples: Sequence[SampleResult]) -> FileResult:
+    """Both aggregations, mean entropy and counts over one input's samples."""
+    scored = [s for s in samples if s.scored_tokens > 0]
+    total = sum(s.scored_tokens for s in samples)
+    return FileResult(
+        source=source,
+        samples=list(samples),
+        gen_ppl=math.fsum(s.ppl for s in scored) / len(scored) if scored else math.nan,
+        gen_ppl_pooled=_exp(math.fsum(s.nll_sum for s in samples) / total) if total else math.nan,
+        entropy=math.fsum(s.entropy for s in samples) / len(samples) if samples else math.nan,
+        num_samples=len(samples),
+        num_degenerate=sum(s.degenerate for s in samples),
+        mean_tokens=sum(s.tokens for s in samples) / len(samples) if samples else math.nan,
+        num_scored_tokens=total,
+        num_unscored=len(samples) - len(scored),
+    )
+
+
+def _exp(value: float) -> float:
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def _json_number(value: Any) -> Any:
+    # JSON has no NaN; null says "undefined" (no sample to average) without breaking strict parsers.
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# --- Input files ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One text to score, with an optional prompt that conditions it without being scored."""
+
+    text: str
+    prompt: str | None = None
+    line: int | None = None
+    id: Any = None
+
+
+def read_samples(source: str | Path) -> list[Sample]:
+    """Samples from a file, or from stdin when `source` is "-".
+
+    A `.txt` file holds one sample per line. Anything else is JSONL whose objects have a `text` string and
+    optionally a `prompt` (string or null) and an `id`; did's sample records are such objects. Blank lines are
+    skipped.
+
+    Raises:
+        InputError: a missing or non-UTF-8 file, a malformed line (naming its number), or no sample at all.
+    """
+    name = "stdin" if str(source) == "-" else str(source)
+    plain = Path(str(source)).suffix.lower() == ".txt"
+    samples = []
+    with _open_input(source, name) as stream:
+        try:
+            for lineno, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue
+                if plain:
+                    samples.append(Sample(line.rstrip("\r\n"), line=lineno))
+                else:
+                    samples.append(_parse_sample(line, name, lineno, first=not samples))
+        except UnicodeDecodeError:
+            raise InputError(f"{name} is not UTF-8 text") from None
+    if not samples:
+        raise InputError(f"{name} holds no samples")
+    return samples
+
+
+@contextlib.contextmanager
+def _open_input(source: str | Path, name: str) -> Iterator[IO[str]]:
+    if str(source) == "-":
+        yield sys.stdin
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"input file {name} does not exist")
+    with open(path, encoding="utf-8") as stream:
+        yield stream
+
+
+def _parse_sample(line: str, name: str, lineno: int, first: bool) -> Sample:
+    where = f"{name} line {lineno}"
+    try:
+        body = json.loads(line)
+    except json.JSONDecodeError as exc:
+        hint = "; for plain text with one sample per line, name the file .txt" if first else "; truncated?"
+        raise InputError(f"{where}: not valid JSON ({exc.msg}{hint})") from None
+    if not isinstance(body, dict):
+        raise InputError(f"{where}: expected a JSON object with a text field")
+    text, prompt = body.get("text"), body.get("prompt")
+    if not isinstance(text, str):
+        raise InputError(f"{where}: no text field (a string) to score")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"{where}: prompt must be a string or null")
+    return Sample(text, prompt, lineno, body.get("id"))
+
+
+# --- API -----------------------------------------------------------------------------------------------------------
+
+
+def score_samples(
+    samples: Sequence[Sample | str],
+    judge: Judge,
+    settings: EvalSettings | None = None,
+    *,
+    source: str = "<samples>",
+    on_progress: WindowProgressFn | None = None,
+) -> FileResult:
+    """Score texts (or Samples with prompts) under a judge and aggregate them.
+
+    Args:
+        samples: texts, or Samples whose prompt conditions the text without being scored.
+        judge: from `load_judge`, or `Judge(model, tokenizer)` for any transformers causal LM.
+        settings: context, stride, batch size and degenerate threshold.
+        source: name reported for these samples.
+        on_progress: called with (windows done, windows total) after each judge call.
+    """
+    settings = settings or EvalSettings()
+    context, stride = settings.windows_for(judge.max_positions)
+    items = [s if isinstance(s, Sample) else Sample(s) for s in samples]
+    encoded = [_encode(judge, s) for s in items]
+    nlls = target_nlls(
+        [ids for ids, _ in encoded],
+        judge,
+        context=context,
+        stride=stride,
+        batch_size=settings.batch_size,
+        first_targets=[first for _, first in encoded],
+        on_progress=on_progress,
+    )
+    results = [
+        score_sequence(
+            ids,
+            nll,
+            first_target=first,
+            eos_ids=judge.eos_ids,
+            degenerate_entropy=settings.degenerate_entropy,
+            line=s.line,
+            id=s.id,
+        )
+        for s, (ids, first), nll in zip(items, encoded, nlls, strict=True)
+    ]
+    return summarize(source, results)
+
+
+def _encode(judge: Judge, sample: Sample) -> tuple[list[int], int]:
+    """(BOS + prompt + text ids, position of the first text token)."""
+    text_ids = judge.encode(sample.text)
+    prompt_ids = judge.encode(sample.prompt) if sample.prompt else []
+    if not prompt_ids and text_ids[:1] == [judge.bos_id]:
+        # Text decoded the upstream way already starts with <|endoftext|>; a second one would change its context.
+        text_ids = text_ids[1:]
+    return [judge.bos_id, *prompt_ids, *text_ids], 1 + len(prompt_ids)
+
+
+@dataclass
+class EvalResult:
+    """Per-input results plus everything needed to reproduce them: judge, settings, package versions."""
+
+    files: list[FileResult]
+    judge: dict[str, Any]
+    settings: dict[str, Any]
+    versions: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` body: per input its aggregates, then judge, settings and versions."""
+        return {
+            "files": {f.source: f.summary() for f in self.files},
+            "judge": self.judge,
+            "settings": self.settings,
+            "versions": self.versions,
+        }
+
+
+def eval_ppl(
+    sources: Sequence[str | Path],
+    judge: Judge | str = DEFAULT_JUDGE,
+    settings: EvalSettings | None = None,
+    *,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> EvalResult:
+    """Generative perplexity and entropy of each input file under a judge (what `did eval-ppl` runs).
+
+    Every input is read before the judge loads, so a malformed line fails fast.
+
+    Args:
+        sources: sample-record JSONL, `.jsonl` with a `text` field, `.txt` with one sample per line, or "-".
+        judge: a loaded Judge, or a name for `load_judge` (default gpt2-large, as published).
+        settings: context, stride, batch size and degenerate threshold.
+        revision: Hub revision of the judge.
+        device: where the judge runs (when loaded here).
+        dtype: the judge's weights dtype (when loaded here); float32 as upstream.
+        on_progress: called with (source, windows done, windows total) after each judge call.
+    """
+    settings = settings or EvalSettings()
+    if not sources:
+        raise UsageError("give at least one input file")
+    names = [str(source) for source in sources]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise UsageError(f"{repeated} is given twice; each input is one row of the results")
+    inputs = [(name, read_samples(source)) for name, source in zip(names, sources, strict=True)]
+    if not isinstance(judge, Judge):
+        judge = load_judge(judge, revision=revision, device=device, dtype=dtype)
+    context, stride = settings.windows_for(judge.max_positions)
+    files = [
+        score_samples(
+            samples,
+            judge,
+            settings,
+            source=name,
+            on_progress=functools.partial(on_progress, name) if on_progress else None,
+        )
+        for name, samples in inputs
+    ]
+    parameter = next(judge.model.parameters())
+    run_settings = {
+        "context": context,
+        "stride": stride,
+        "batch_size": settings.batch_size,
+        "degenerate_entropy": settings.degenerate_entropy,
+        "device": device_info(parameter.device),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "eos_ids": sorted(judge.eos_ids),
+    }
+    return EvalResult(files, dict(judge.info), run_settings, versions())

@@ -1,0 +1,1 @@
+"""Mix-scale block-diffusion fine-tuning: the NELBO objective, EMA, and the accelerate training loop."""

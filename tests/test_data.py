@@ -1,0 +1,76 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from did_cli.data import DataSpec, PackedRows, tokenize_corpus
+from did_cli.errors import DataError
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello world\n\nsecond doc here\n" + "".join(f"line {i}\n" for i in range(50)))
+    return folder
+
+
+def test_documents_are_tokenised_with_eos_between_them(corpus_dir, char_tokenizer, tmp_path):
+    corpus = tokenize_corpus(DataSpec(str(corpus_dir), val_fraction=0.1), char_tokenizer, tmp_path / "cache")
+    eos = char_tokenizer.eos_token_id
+    train = np.asarray(corpus.train)
+    first = char_tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert train[: len(first) + 1].tolist() == [*first, eos]
+    assert corpus.meta["documents"] == 52 and corpus.meta["valid_documents"] == 5
+    assert int((np.asarray(corpus.valid) == eos).sum()) == 5
+
+
+def test_cache_is_reused(corpus_dir, char_tokenizer, tmp_path):
+    spec = DataSpec(str(corpus_dir))
+    first = tokenize_corpus(spec, char_tokenizer, tmp_path / "cache")
+    stamp = os.stat(first.folder / "train.bin").st_mtime_ns
+    second = tokenize_corpus(spec, char_tokenizer, tmp_path / "cache")
+    assert second.folder == first.folder and os.stat(second.folder / "train.bin").st_mtime_ns == stamp
+
+
+def test_jsonl_text_field_and_file_documents(tmp_path, char_tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(10)) + "\n")
+    with pytest.raises(DataError, match="no column 'text'"):
+        tokenize_corpus(DataSpec(str(path)), char_tokenizer, tmp_path / "c1")
+    corpus = tokenize_corpus(DataSpec(str(path), text_field="body"), char_tokenizer, tmp_path / "c2")
+    assert corpus.meta["documents"] == 10
+
+
+def test_bad_paths_and_empty_corpora_are_data_errors(tmp_path, char_tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        tokenize_corpus(DataSpec("./no/such/dir"), char_tokenizer, tmp_path / "c")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "e.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no text"):
+        tokenize_corpus(DataSpec(str(empty)), char_tokenizer, tmp_path / "c")
+    (empty / "notes.md").write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.md").write_text("x")
+    with pytest.raises(DataError, match="no .txt"):
+        tokenize_corpus(DataSpec(str(other)), char_tokenizer, tmp_path / "c")
+
+
+def test_offline_hub_dataset_is_a_one_line_error(char_tokenizer, tmp_path):
+    with pytest.raises(DataError, match="--data PATH") as info:
+        tokenize_corpus(DataSpec("some-org/some-dataset-that-is-not-cached"), char_tokenizer, tmp_path / "c")
+    assert "\n" not in str(info.value)
+
+
+def test_packed_rows_cover_every_row_once_per_epoch_in_a_seeded_order():
+    rows = PackedRows(np.arange(103, dtype=np.uint16), 10, seed=3)
+    assert rows.num_rows == 10
+    epoch = rows.batch(0, 10)
+    assert sorted(epoch[:, 0].tolist()) == list(range(0, 100, 10))
+    assert rows.batch(3, 4).tolist() == epoch[3:7].tolist()
+    again = PackedRows(np.arange(103, dtype=np.uint16), 10, seed=3)
+    assert again.batch(8, 4).tolist() == rows.batch(8, 4).tolist()
+    assert sorted(rows.batch(10, 10)[:, 0].tolist()) == list(range(0, 100, 10))

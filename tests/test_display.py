@@ -1,0 +1,205 @@
+import math
+from html.parser import HTMLParser
+
+from rich.console import Console
+
+from did_cli import display
+from did_cli.records import Record
+
+VOID = {"meta", "br", "hr", "img", "input", "link", "wbr"}
+
+
+class _TagChecker(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.attributes: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.attributes.extend(attrs)
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def assert_well_formed_and_self_contained(page: str) -> None:
+    """Every tag closes in order, and nothing would be fetched from the network or run as a script."""
+    checker = _TagChecker()
+    checker.feed(page)
+    checker.close()
+    assert checker.errors == [] and checker.stack == []
+    assert page.startswith("<!DOCTYPE html>")
+    lowered = page.lower()
+    assert "http://" not in lowered and "https://" not in lowered
+    assert "src=" not in lowered and "<script" not in lowered and "<link" not in lowered and "@import" not in lowered
+    assert all(name not in ("src", "href") for name, _ in checker.attributes)
+
+
+TEXTS = {0: "<bos>", 1: "a", 2: "b", 3: "c", 4: "d", 5: "\n", 6: "<b>&", 7: '"q"'}
+
+
+def _draft() -> Record:
+    return Record(
+        id=3,
+        tokens=[0, 1, 2, 3, 4],
+        confidence=[1.0, 0.1, 0.5, 0.9, 0.3],
+        prompt_len=1,
+        draft_tokens=[0, 1, 2, 3, 4],
+        stages=[{"kind": "draft", "block_size": 2, "nfes": 4}],
+        model={"name": "tiny"},
+    )
+
+
+def _refined() -> Record:
+    # Positions 2 and 4 were remasked; 2 changed (b -> c), 4 was re-drawn as the same token.
+    return Record(
+        id=3,
+        tokens=[0, 1, 3, 3, 4],
+        confidence=[1.0, 0.1, 0.7, 0.9, 0.5],
+        prompt_len=1,
+        draft_tokens=[0, 1, 2, 3, 4],
+        stages=[
+            {"kind": "draft", "block_size": 2, "nfes": 4},
+            {"kind": "refine", "remasked": [2, 4], "gamma": 0.5, "block_size": 5, "remask": "snapshot", "nfes": 2},
+        ],
+        model={"name": "tiny"},
+    )
+
+
+def _lines(renderable, **console_options) -> list[str]:
+    console = Console(width=200, color_system=None, **console_options)
+    with console.capture() as capture:
+        console.print(renderable)
+    return capture.get().splitlines()
+
+
+def test_confidence_bins_cover_the_unit_interval_in_order():
+    assert [display.confidence_bin(c) for c in (0.0, 0.19, 0.2, 0.5, 0.79, 0.8, 1.0)] == [0, 0, 1, 2, 3, 4, 4]
+    assert display.confidence_bin(-0.1) == 0 and display.confidence_bin(1.5) == 4
+    assert display.confidence_bin(math.nan) == 0
+
+
+def test_visible_keeps_line_breaks_and_shows_control_characters():
+    assert display.visible("a\nb") == "a↵\nb"
+    assert display.visible("\t\x00") == "⇥␀"
+    assert display.visible("") == "∅"
+    assert display.visible("plain text") == "plain text"
+
+
+def test_token_views_mark_remasked_positions_and_changed_tokens():
+    views = display.token_views(_refined(), TEXTS)
+    assert [v.remasked for v in views] == [False, False, True, False, True]
+    assert [v.draft_text for v in views] == [None, None, "b", None, None]
+    assert views[0].is_prompt and not views[1].is_prompt
+
+
+def test_summary_of_a_draft_averages_generated_positions_only():
+    summary = display.summarize(_draft())
+    assert summary.generated == 4 and summary.refinements == 0 and summary.changed == 0
+    assert summary.remasked is None and summary.mean_remasked is None
+    assert math.isclose(summary.mean_confidence, (0.1 + 0.5 + 0.9 + 0.3) / 4)
+    assert display.summary_line(summary) == "draft: 4 generated tokens; mean confidence 0.450"
+
+
+def test_summary_of_a_refined_record_splits_remasked_from_kept():
+    summary = display.summarize(_refined())
+    assert summary.changed == 1 and summary.remasked == 2 and summary.refinements == 1
+    assert math.isclose(summary.mean_remasked, (0.7 + 0.5) / 2)
+    assert math.isclose(summary.mean_kept, (0.1 + 0.9) / 2)
+    line = display.summary_line(summary)
+    assert line.startswith("refined (1 refinement): 1 of 4 generated tokens differ from the draft; 2 remasked")
+    assert "snapshot, γ=0.5, B2=5" in line and "remasked 0.600 after refinement" in line and "kept 0.500" in line
+
+
+def test_plain_rendering_uses_brackets_and_arrows():
+    lines = _lines(display.render_sample(_refined(), TEXTS, styled=False))
+    assert lines[0].startswith("sample id 3")
+    assert lines[1] == "<bos>a[b→c]c[d]"
+    assert lines[2].startswith("legend:") and "[token] remasked" in lines[2]
+    assert lines[3].startswith("refined (1 refinement)")
+
+
+def test_styled_rendering_strikes_the_draft_token_and_underlines_remasked_ones():
+    group = display.render_sample(_refined(), TEXTS, styled=True)
+    body = group.renderables[1]
+    assert body.plain == "<bos>abccd"
+    styles = {body.plain[span.start : span.end] + f"@{span.start}": str(span.style) for span in body.spans}
+    assert "strike" in styles["b@6"]
+    assert "underline" in styles["c@7"] and "underline" in styles["d@9"]
+    assert "underline" not in styles["a@5"]
+    assert styles["<bos>@0"] == "dim"
+    rendered = "\n".join(_lines(group, force_terminal=True))
+    assert "legend: confidence" in rendered and "remasked by the last refinement" in rendered
+
+
+def test_draft_rendering_has_no_refinement_legend():
+    lines = _lines(display.render_sample(_draft(), TEXTS, styled=False))
+    assert lines[1] == "<bos>abcd"
+    assert "remasked" not in lines[2]
+    assert lines[3].startswith("draft:")
+
+
+def test_token_text_is_never_read_as_rich_markup():
+    record = Record(id=0, tokens=[0, 8], confidence=[1.0, 0.5], prompt_len=1)
+    lines = _lines(display.render_sample(record, {0: "<bos>", 8: "[bold]x[/bold]"}, styled=True))
+    assert lines[1] == "<bos>[bold]x[/bold]"
+
+
+def test_newline_tokens_break_the_line_after_a_visible_mark():
+    record = Record(id=0, tokens=[0, 1, 5, 2], confidence=[1.0, 0.5, 0.5, 0.5], prompt_len=1)
+    lines = _lines(display.render_sample(record, TEXTS, styled=False))
+    assert lines[1:3] == ["<bos>a↵", "b"]
+
+
+def test_token_texts_decode_each_id_once(char_tokenizer):
+    ids = char_tokenizer("ab a", add_special_tokens=False)["input_ids"]
+    texts = display.token_texts(char_tokenizer, ids)
+    assert sorted(texts.values()) == [" ", "a", "b"]
+
+
+def test_html_page_is_well_formed_and_self_contained():
+    for record in (_draft(), _refined()):
+        assert_well_formed_and_self_contained(display.render_html(record, TEXTS))
+
+
+def test_html_escapes_token_text_and_tooltips():
+    record = Record(
+        id=0,
+        tokens=[0, 6, 7],
+        confidence=[1.0, 0.25, 0.5],
+        prompt_len=1,
+        draft_tokens=[0, 7, 7],
+        model={"name": "<model & co>"},
+    )
+    page = display.render_html(record, TEXTS)
+    assert_well_formed_and_self_contained(page)
+    assert "<b>&" not in page and "&lt;b&gt;&amp;" in page
+    assert "<model & co>" not in page and "&lt;model &amp; co&gt;" in page
+    assert "&quot;q&quot;" in page
+
+
+def _titles(page: str) -> list[str]:
+    checker = _TagChecker()
+    checker.feed(page)
+    return [value for name, value in checker.attributes if name == "title"]
+
+
+def test_html_tooltip_gives_token_confidence_and_draft():
+    page = display.render_html(_refined(), TEXTS)
+    titles = _titles(page)
+    assert "#2 token 'c' · confidence 0.7000 · draft 'b' · remasked by the last refinement" in titles
+    assert "#3 token 'c' · confidence 0.9000 · draft: same token" in titles
+    assert '<del class="draft">b</del>c</span>' in page
+
+
+def test_html_newline_token_keeps_its_line_break():
+    record = Record(id=0, tokens=[0, 5], confidence=[1.0, 0.5], prompt_len=1)
+    page = display.render_html(record, TEXTS)
+    assert "↵\n</span>" in page
+    assert "#1 token '\\n' · confidence 0.5000 · draft: same token" in _titles(page)

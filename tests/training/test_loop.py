@@ -1,0 +1,202 @@
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from did_cli.checkpoints import load_model
+from did_cli.cli import app
+from did_cli.config import FinetuneSettings
+from did_cli.errors import TrainingDivergedError, UsageError
+from did_cli.training import loop
+from did_cli.training.loop import finetune
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
+    folder = tmp_path_factory.mktemp("corpus")
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))).capitalize() + "." for _ in range(300)]
+    (folder / "train.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _settings(tmp_path, tiny_checkpoint, corpus, **overrides):
+    base = dict(
+        out=str(tmp_path / "run"),
+        init="tiny",
+        init_overrides=dict(hidden_dim=32, n_blocks=2, n_heads=2, cond_dim=16),
+        tokenizer=str(tiny_checkpoint),
+        data=str(corpus),
+        mix="4:0.7,32:0.3",
+        seq_len=32,
+        steps=20,
+        batch_size=8,
+        micro_batch_size=4,
+        lr=3e-3,
+        warmup=5,
+        save_every=10,
+        val_every=0,
+        val_batches=4,
+        log_every=5,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    return FinetuneSettings(**(base | overrides))
+
+
+def test_validation_loss_goes_down(tmp_path, tiny_checkpoint, corpus):
+    settings = _settings(tmp_path, tiny_checkpoint, corpus, steps=40, val_every=10, ema=0.5)
+    result = finetune(settings)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validations = [e["nelbo"] for e in events if e["event"] == "validation"]
+    for size in ("4", "32"):
+        assert validations[-1][size] < validations[0][size] - 0.3
+    assert {e["block_size"] for e in events if e["event"] == "train"} <= {4, 32}
+    model = load_model(str(result.final))
+    assert model.config.extra["did_training_mix"] == "4:0.7,32:0.3"
+    assert result.replicas_in_sync
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_checkpoint, corpus):
+    straight = finetune(_settings(tmp_path / "a", tiny_checkpoint, corpus, steps=20))
+    part = _settings(tmp_path / "b", tiny_checkpoint, corpus, steps=10)
+    finetune(part)
+    resumed = finetune(_settings(tmp_path / "b", tiny_checkpoint, corpus, steps=20, resume=True))
+    for name in ("checkpoints/step_00000020/model.safetensors", "final/model.safetensors"):
+        a = load_file(str(straight.out / name))
+        b = load_file(str(resumed.out / name))
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_checkpoint, corpus):
+    finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=10))
+    with pytest.raises(UsageError, match="--resume"):
+        finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_checkpoint, corpus, monkeypatch):
+    calls = {"n": 0}
+    real = loop.nelbo_sum
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] > 2 * 12 else value  # step 13 (2 micro-batches per step)
+
+    monkeypatch.setattr(loop, "nelbo_sum", flaky)
+    with pytest.raises(TrainingDivergedError, match="nan at step 13.*step_00000010"):
+        finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step_00000010"]
+
+
+def test_batch_size_must_split_over_micro_batches(tmp_path, tiny_checkpoint, corpus):
+    with pytest.raises(UsageError, match="multiple"):
+        finetune(_settings(tmp_path, tiny_checkpoint, corpus, batch_size=6, micro_batch_size=4))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "./missing-dir"], "does not exist"),
+        (["--mix", "5:1"], "does not divide"),
+        (["--mix", "4:0"], "positive number"),
+        (["--clip", "2,3"], "--clip"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, corpus, args, message):
+    base = [
+        "finetune",
+        "--init",
+        "tiny",
+        "--tokenizer",
+        str(tiny_checkpoint),
+        "--data",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "r"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "-q",
+    ]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_process_accelerate_run_keeps_replicas_identical(tmp_path, tiny_checkpoint, corpus):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "did_cli",
+        "finetune",
+        "--init",
+        "tiny",
+        "--hidden-dim",
+        "32",
+        "--n-blocks",
+        "2",
+        "--n-heads",
+        "2",
+        "--cond-dim",
+        "16",
+        "--tokenizer",
+        str(tiny_checkpoint),
+        "--data",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--mix",
+        "4:0.5,32:0.5",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "2",
+        "--save-every",
+        "3",
+        "--val-every",
+        "0",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-q",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replicas_in_sync"] is True
+    state = load_file(str(out / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert any(key.startswith("denoiser.") for key in state)
