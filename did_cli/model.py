@@ -253,9 +253,19 @@ class BD3LM(nn.Module):
         return hidden, cond
 
     def logits(self, hidden: torch.Tensor, cond: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits from hidden states, for all positions ([B, n, V]) or the `select`ed ones ([N, V], row-major)."""
+        """Raw logits from hidden states [B, n, D] for all positions or only selected ones.
+
+        Args:
+            hidden: [B, n, D].
+            cond: the conditioning vector.
+            select: None (all positions → [B, n, V]), a bool mask [B, n] (→ [N, V], row-major; syncs the device to
+                count N), or int64 positions [B, k] (→ [B, k, V]; no sync, what the sampler uses).
+        """
         if select is not None:
-            hidden = hidden[select]
+            if select.dtype == torch.bool:
+                hidden = hidden[select]
+            else:
+                hidden = hidden.gather(1, select[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.backbone.output_layer(hidden, cond)
 
     def forward(
@@ -272,10 +282,10 @@ class BD3LM(nn.Module):
             input_ids: [B, n] token ids.
             block_size: B; None or any B >= the sequence means fully bidirectional (MDLM).
             cache: optional KV cache with the clean prefix; the call does not commit to it.
-            select: optional bool [B, n]; if given only those positions get logits.
+            select: optional bool mask [B, n] or int64 positions [B, k]; only those positions get logits.
 
         Returns:
-            [B, n, V] raw logits, or [N, V] for the selected positions in row-major order.
+            [B, n, V] raw logits; [N, V] (row-major) for a bool `select`, [B, k, V] for positions.
         """
         hidden, cond = self.hidden_states(input_ids, block_size, cache=cache)
         return self.logits(hidden, cond, select)

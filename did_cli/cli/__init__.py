@@ -10,6 +10,7 @@ from did_cli.cli.finetune import finetune
 from did_cli.cli.generate import generate
 from did_cli.cli.refine import refine
 from did_cli.cli.show import show
+from did_cli.cli.sweep import sweep
 
 app = typer.Typer(
     name="did",
@@ -28,6 +29,7 @@ app.command("finetune", help="Mix-scale block-diffusion fine-tuning on accelerat
 )
 app.command("show", help="Show one sample as a confidence heat-map, marking what refinement changed.")(show)
 app.command("eval-ppl", help="Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol).")(eval_ppl)
+app.command("sweep", help="Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report.")(sweep)
 
 
 def main() -> None:

@@ -4,6 +4,12 @@ Blocks of size B are processed left to right. A block with no masked position is
 (consecutive clean blocks in one call); a block with masked positions is denoised call by call against the cache,
 then appended once it is clean. Without a cache, every call recomputes the whole prefix: that slow path is kept
 as the oracle the cached path must equal token for token.
+
+Speed: which positions each call commits is decided on the CPU from per-position random keys drawn up front
+(first-hitting and fixed-step orders need no model output for that), so the loop never waits on the device to
+find out what to do next; positions travel to the device as small index tensors and results are written back with
+scatters, never with boolean indexing (which forces a device sync). Only the committed rows reach the output layer.
+The confidence order must look at the model's output and syncs once per call.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ class DenoiseResult:
     Attributes:
         tokens: [B, L] int64, no [MASK] left.
         confidence: [B, L] float32, updated at every committed position.
-        nfes: [B] int64, model calls in which each sample committed at least one token.
+        nfes: [B] int64 (CPU), model calls in which each sample committed at least one token.
         model_calls: batched denoiser calls made (each counts once however many samples it served).
         cache_calls: calls that only appended clean blocks to the KV cache (no logits; BD3-LM does not count them).
     """
@@ -58,9 +64,9 @@ def denoise(
 
     Args:
         model: the denoiser.
-        tokens: [B, L] int64; values at masked positions are ignored.
+        tokens: [B, L] int64 on the model's device; values at masked positions are ignored.
         is_masked: [B, L] bool, the positions to generate.
-        uniforms: [B, L, 2] float64: a reveal key and a token-draw uniform per position.
+        uniforms: [B, L, 2] float64 (any device): a reveal key and a token-draw uniform per position.
         confidence: [B, L] float32; kept at unmasked positions, overwritten where tokens are committed.
         block_size: B (any value >= L means one global block).
         settings: unmasking order and token sampling.
@@ -71,94 +77,127 @@ def denoise(
         A DenoiseResult; the inputs are not modified.
     """
     batch, length = tokens.shape
-    tokens = torch.where(is_masked, torch.full_like(tokens, model.mask_id), tokens)
-    confidence = confidence.clone()
-    is_masked = is_masked.clone()
-    nfes = torch.zeros(batch, dtype=torch.long, device=tokens.device)
-    state = _LoopState(model, tokens, confidence, is_masked, nfes, block_size, settings, on_call)
+    loop = _Loop(model, tokens, is_masked, uniforms, confidence, block_size, settings, on_call)
     cache = model.new_cache(batch, length) if kv_cache and block_size < length else None
     for start in range(0, length, block_size):
         end = min(start + block_size, length)
-        if not is_masked[:, start:end].any():
+        if not loop.masked[:, start:end].any():
             continue
         if cache is not None and cache.length < start:
-            model.extend_cache(tokens[:, cache.length : start], cache, block_size)
-            state.cache_calls += 1
-        state.denoise_block(start, end, uniforms[:, start:end], cache)
-    return DenoiseResult(tokens, confidence, nfes, state.model_calls, state.cache_calls)
+            model.extend_cache(loop.tokens[:, cache.length : start], cache, block_size)
+            loop.cache_calls += 1
+        loop.denoise_block(start, end, cache)
+    return DenoiseResult(loop.tokens, loop.confidence, loop.nfes, loop.model_calls, loop.cache_calls)
 
 
-class _LoopState:
+def _slots(commit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Committed positions per row as padded index tensors (CPU).
+
+    Returns:
+        gather [B, k] positions to read logits at (padding repeats a harmless position 0), scatter [B, k] positions to
+        write at (padding points one past the block, a trash column), and counts [B].
+    """
+    counts = commit.sum(dim=1)
+    k = int(counts.max())
+    width = commit.shape[1]
+    order = torch.sort((~commit).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    valid = torch.arange(k)[None, :] < counts[:, None]
+    return torch.where(valid, order, 0), torch.where(valid, order, width), counts
+
+
+class _Loop:
     """Mutable bookkeeping for one `denoise` call (kept out of the model and dropped when the call returns)."""
 
     def __init__(
         self,
         model: BD3LM,
         tokens: torch.Tensor,
-        confidence: torch.Tensor,
         is_masked: torch.Tensor,
-        nfes: torch.Tensor,
+        uniforms: torch.Tensor,
+        confidence: torch.Tensor,
         block_size: int,
         settings: UnmaskingSettings,
         on_call: CallCallback | None,
     ) -> None:
-        self.model, self.tokens, self.confidence, self.is_masked, self.nfes = model, tokens, confidence, is_masked, nfes
-        self.block_size, self.settings, self.on_call = block_size, settings, on_call
+        self.model, self.block_size, self.settings, self.on_call = model, block_size, settings, on_call
+        self.device = tokens.device
+        self.tokens = torch.where(is_masked, torch.full_like(tokens, model.mask_id), tokens)
+        self.confidence = confidence.clone()
+        self.masked = is_masked.cpu().clone()
+        self.keys, self.draws = uniforms[..., 0].cpu(), uniforms[..., 1].cpu()
+        self.nfes = torch.zeros(tokens.shape[0], dtype=torch.long)
         self.model_calls = 0
         self.cache_calls = 0
-        self.total = int(is_masked.sum())
+        self.total = int(self.masked.sum())
         self.done = 0
 
-    def denoise_block(self, start: int, end: int, uniforms: torch.Tensor, cache: KVCache | None) -> None:
-        masked = self.is_masked[:, start:end]
-        keys, draws = uniforms[..., 0], uniforms[..., 1]
-        order = self.settings.order
-        if order == "confidence":
+    def denoise_block(self, start: int, end: int, cache: KVCache | None) -> None:
+        masked = self.masked[:, start:end]
+        if self.settings.order == "confidence":
             while masked.any():
-                logits = self._logits(start, end, masked, cache)
-                tokens, confidence = self._sample(logits, draws[masked])
-                scores = torch.zeros(masked.shape, dtype=torch.float32, device=masked.device)
-                scores[masked] = confidence
-                commit = most_confident(scores, masked, self.settings.tokens_per_call)
-                chosen = commit[masked]
-                self._commit(start, end, commit, tokens[chosen], confidence[chosen])
+                self._confidence_call(start, end, masked, cache)
             return
-        if order == "first-hitting":
-            calls = first_hitting_calls(keys, masked, self.settings.tokens_per_call)
+        if self.settings.order == "first-hitting":
+            calls = first_hitting_calls(self.keys[:, start:end], masked, self.settings.tokens_per_call)
         else:
-            calls = fixed_step_calls(keys, masked, int(self.settings.steps_per_block))
+            calls = fixed_step_calls(self.keys[:, start:end], masked, int(self.settings.steps_per_block))
         for call in range(int(calls.max()) + 1):
             commit = calls == call
             if not commit.any():
                 continue  # nothing is revealed at this step: the previous distribution stays valid, skip the call
-            logits = self._logits(start, end, commit, cache)
-            tokens, confidence = self._sample(logits, draws[commit])
-            self._commit(start, end, commit, tokens, confidence)
+            gather, scatter, counts = _slots(commit)
+            tokens, confidence = self._sample(start, end, gather, cache)
+            self._write(start, end, scatter, tokens, confidence)
+            self._account(start, end, commit, counts)
 
-    def _logits(self, start: int, end: int, select: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def _confidence_call(self, start: int, end: int, masked: torch.Tensor, cache: KVCache | None) -> None:
+        gather, _, counts = _slots(masked)
+        tokens, confidence = self._sample(start, end, gather, cache)
+        valid = torch.arange(gather.shape[1])[None, :] < counts[:, None]
+        chosen = most_confident(confidence, valid.to(self.device), self.settings.tokens_per_call).cpu()
+        width = end - start
+        scatter = torch.where(chosen, gather, width)
+        commit = torch.zeros(masked.shape[0], width + 1, dtype=torch.bool)
+        commit.scatter_(1, scatter, True)  # unchosen slots land in the trash column, never on a real position
+        commit = commit[:, :width]
+        self._write(start, end, scatter, tokens, confidence)
+        self._account(start, end, commit, commit.sum(dim=1))
+
+    def _sample(
+        self, start: int, end: int, gather: torch.Tensor, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and snapshot confidences [B, k] drawn at block positions `gather` [B, k] (CPU)."""
         self.model_calls += 1
+        draws = self.draws[:, start:end].gather(1, gather).to(self.device, non_blocking=True)
+        index = gather.to(self.device, non_blocking=True)
         if cache is not None:
-            return self.model(self.tokens[:, start:end], self.block_size, cache=cache, select=select)
-        select_all = torch.zeros(self.tokens.shape[0], end, dtype=torch.bool, device=select.device)
-        select_all[:, start:end] = select
-        return self.model(self.tokens[:, :end], self.block_size, select=select_all)
-
-    def _sample(self, logits: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_from_logits(
-            logits,
-            draws,
+            logits = self.model(self.tokens[:, start:end], self.block_size, cache=cache, select=index)
+        else:
+            logits = self.model(self.tokens[:, :end], self.block_size, select=index + start)
+        batch, k, vocab = logits.shape
+        tokens, confidence = sample_from_logits(
+            logits.reshape(batch * k, vocab),
+            draws.reshape(-1),
             mask_id=self.model.mask_id,
             top_p=self.settings.top_p,
             temperature=self.settings.temperature,
         )
+        return tokens.view(batch, k), confidence.view(batch, k)
 
-    def _commit(
-        self, start: int, end: int, commit: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor
+    def _write(
+        self, start: int, end: int, scatter: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor
     ) -> None:
-        self.tokens[:, start:end][commit] = tokens
-        self.confidence[:, start:end][commit] = confidence
-        self.is_masked[:, start:end][commit] = False
-        self.nfes += commit.any(dim=1)
+        # Scatter into the block plus one trash column, so padded slots never collide with real positions.
+        index = scatter.to(self.device, non_blocking=True)
+        for target, values in ((self.tokens, tokens), (self.confidence, confidence)):
+            block = target[:, start:end]
+            extended = torch.cat((block, block[:, :1]), dim=1)
+            extended.scatter_(1, index, values.to(extended.dtype))
+            block.copy_(extended[:, :-1])
+
+    def _account(self, start: int, end: int, commit: torch.Tensor, counts: torch.Tensor) -> None:
+        self.masked[:, start:end] &= ~commit
+        self.nfes += counts > 0
         if self.on_call is not None:
-            self.done += int(commit.sum())
+            self.done += int(counts.sum())
             self.on_call(self.done, self.total)

@@ -78,7 +78,7 @@ def draft(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     is_masked = torch.arange(length, device=device)[None, :] >= lengths[:, None]
     confidence = torch.where(is_masked, 0.0, 1.0).float()
-    uniforms = draw_uniforms(seed, sample_ids, 0, length, 2, device)
+    uniforms = draw_uniforms(seed, sample_ids, 0, length, 2)  # stays on the CPU, where positions are scheduled
     result = denoise(
         model,
         tokens,

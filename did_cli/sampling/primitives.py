@@ -22,7 +22,7 @@ def sample_seed(seed: int, sample_id: int, stage: int) -> int:
 
 
 def draw_uniforms(
-    seed: int, sample_ids: list[int], stage: int, length: int, count: int, device: torch.device
+    seed: int, sample_ids: list[int], stage: int, length: int, count: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Uniforms in [0, 1) for every sample and position.
 

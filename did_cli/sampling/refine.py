@@ -77,8 +77,8 @@ def refine(
     device = tokens.device
     lengths = torch.tensor(prompt_lengths, device=device)
     eligible = torch.arange(length, device=device)[None, :] >= lengths[:, None]
-    uniforms = draw_uniforms(seed, sample_ids, stage, length, 3, device)
-    scores = STRATEGIES[settings.remask](tokens, confidence, uniforms[..., 2], model, block_size)
+    uniforms = draw_uniforms(seed, sample_ids, stage, length, 3)  # stays on the CPU, where positions are scheduled
+    scores = STRATEGIES[settings.remask](tokens, confidence, uniforms[..., 2].to(device), model, block_size)
     remasked = select_lowest(scores, eligible, settings.gamma)
     result = denoise(
         model,

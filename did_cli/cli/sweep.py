@@ -1,0 +1,144 @@
+"""`did sweep`: the paper's ablations for one or more models in one command, as results.jsonl, report.md and plots.
+
+All outputs go to files in `--out`; stdout stays empty. Progress goes to stderr when it is a terminal, notes (a
+dropped default B2, skipped plots) and a one-line summary go to stderr unless `--quiet`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from did_cli.cli import _options as o
+from did_cli.cli._errors import handle_errors
+from did_cli.errors import UsageError
+from did_cli.evaluation import DEFAULT_JUDGE
+from did_cli.sweep import EventFn, SweepEvent, SweepSettings, run_sweep
+
+Models = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model", "-m", help="Model to sweep (name, folder or Hub id), optionally labelled: mix=runs/a/final. Repeat."
+    ),
+]
+Judge = Annotated[
+    str, typer.Option("--judge", help="Judge LM: gpt2-large (as published), did-tiny-judge, or a folder.")
+]
+NumSamples = Annotated[int, typer.Option("--num-samples", "-n", help="Samples per variant (the same drafts for all).")]
+Length = Annotated[int | None, typer.Option("--length", help="Sequence length L incl. BOS (default: the model's).")]
+DraftBlockSize = Annotated[int, typer.Option("--draft-block-size", help="Draft block size B1; must divide L.")]
+Remask = Annotated[str, typer.Option("--remask", help="Remask strategies to compare: snapshot,posthoc,random.")]
+Gammas = Annotated[str, typer.Option("--gamma", help="γ values of the γ sweep, comma-separated, each in [0, 1].")]
+RefineBlockSizes = Annotated[
+    str | None,
+    typer.Option(
+        "--refine-block-size",
+        help="B2 values of the B2 sweep, e.g. 16,64,1024; >= L is one global block (default 16,64,L).",
+    ),
+]
+Grid = Annotated[
+    bool,
+    typer.Option("--grid", help="Run every (strategy, γ, B2) combination, not one axis at a time around γ 0.5, B2 L."),
+]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
+
+stderr = Console(stderr=True)
+
+
+def parse_list(text: str, flag: str, kind: type) -> list[Any]:
+    """Comma-separated values of one type (`int`, `float` or `str`), at least one."""
+    try:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag} needs at least one value")
+    return values
+
+
+@handle_errors
+def sweep(
+    model: Models = None,
+    judge: Judge = DEFAULT_JUDGE,
+    num_samples: NumSamples = 64,
+    length: Length = None,
+    draft_block_size: DraftBlockSize = 4,
+    remask: Remask = "snapshot,posthoc,random",
+    gamma: Gammas = "0.1,0.25,0.5,0.75,1.0",
+    refine_block_size: RefineBlockSizes = None,
+    grid: Grid = False,
+    seed: o.Seed = 0,
+    batch_size: BatchSize = 8,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "float32",
+    out: OutDir = Path("sweep"),
+    quiet: o.Quiet = False,
+) -> None:
+    """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
+    settings = SweepSettings(
+        models=model or [],
+        judge=judge,
+        out=out,
+        num_samples=num_samples,
+        length=length,
+        draft_block_size=draft_block_size,
+        remask=parse_list(remask, "--remask", str),
+        gammas=parse_list(gamma, "--gamma", float),
+        refine_block_sizes=parse_list(refine_block_size, "--refine-block-size", int) if refine_block_size else None,
+        grid=grid,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
+    with _events(quiet) as on_event:
+        result = run_sweep(settings, on_event)
+    if not quiet:
+        stderr.print(
+            f"{len(result.rows)} results ({result.scored} scored now, {result.reused} reused; sampled files: "
+            f"{result.drafted} draft, {result.refined} refined); report: {result.report}",
+            highlight=False,
+            soft_wrap=True,  # one line, however narrow the terminal: scripts grep it
+        )
+
+
+@contextlib.contextmanager
+def _events(quiet: bool) -> Iterator[EventFn]:
+    """A callback for sweep events: notes on stderr unless quiet, a transient bar only on a terminal."""
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("variants"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+        )
+    task = bar.add_task("sweep", total=None, detail="") if bar is not None else None
+
+    def on_event(event: SweepEvent) -> None:
+        if event.kind == "note":
+            if not quiet:
+                stderr.print(f"note: {event.message}", highlight=False, soft_wrap=True)
+        elif bar is not None and event.kind == "step":
+            bar.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
+        elif bar is not None and event.kind == "progress":
+            total = f"/{event.total}" if event.total else ""
+            bar.update(task, detail=f"{event.message} {event.done}{total} {event.unit}")
+
+    if bar is None:
+        yield on_event
+        return
+    with bar:
+        yield on_event

@@ -1,0 +1,508 @@
+"""The sweep's results file and report: `results.jsonl` rows in, `report.md` with the paper's tables and PNG plots out.
+
+One section per model holds the paper's ablations (research notes §1.2–1.4, §3.2): the remask strategy ablation
+(none / random / post-hoc / snapshot at the base γ and B2), the γ sweep, the refine block size (B2) sweep and NFEs
+against gen PPL, with entropy beside every gen PPL because repetitive text earns a low perplexity. With several
+models a side-by-side strategy table comes first. The paper's published numbers are quoted under the tables they
+belong to.
+
+Plots (the γ U-curve and the NFE–quality Pareto plot) need matplotlib, the `plots` extra; without it the report is
+written without them and says so in one line. Figures are drawn on matplotlib's Agg canvas directly, never through
+pyplot, so a caller's interactive backend and global figure state are left alone.
+
+Layout: reading and appending rows, then pure table rendering, then plots, then `write_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REPORT",
+    "RESULTS",
+    "ReportResult",
+    "append_result",
+    "latest_rows",
+    "pareto_front",
+    "read_results",
+    "render_report",
+    "write_report",
+]
+
+RESULTS = "results.jsonl"
+REPORT = "report.md"
+GAMMA_PLOT = "gamma_curve.png"
+PARETO_PLOT = "nfe_pareto.png"
+NO_PLOTS = "Plots skipped: matplotlib is not installed (pip install 'did[plots]')."
+
+# Table order of the strategy ablation (the paper's), and of the series in the γ and B2 tables.
+_ABLATION_ORDER = (None, "random", "posthoc", "snapshot")
+_SERIES_ORDER = ("snapshot", "posthoc", "random")
+_NAMES = {None: "none (draft only)", "random": "random", "posthoc": "post-hoc", "snapshot": "snapshot"}
+# The paper's strategy ablation (110M model, OWT, L = 1024, GPT-2 Large judge; research notes §1.2).
+_PAPER_STRATEGY = {None: 27.36, "random": 30.26, "posthoc": 29.85, "snapshot": 21.85}
+Row = dict[str, Any]
+
+
+# --- results.jsonl ----------------------------------------------------------------------------------------------------
+
+
+def read_results(path: str | Path) -> list[Row]:
+    """Rows of a results file in order; a missing file is empty and a line cut short by an interrupt is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_result(path: str | Path, row: Row) -> None:
+    """Append one row as a JSON line and flush it, so an interrupted sweep keeps every finished score."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        # A line cut short by an interrupt has no newline; end it so the new row starts on its own line.
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(handle.tell() - 1)
+            if handle.read(1) != "\n":
+                handle.write("\n")
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+
+
+def latest_rows(rows: Sequence[Row]) -> list[Row]:
+    """The last row per (model, variant), in first-seen order: a re-run with other settings supersedes older rows."""
+    latest: dict[tuple[Any, Any], Row] = {}
+    for row in rows:
+        # Assigning to an existing key keeps its place, so the order is that of first appearance.
+        latest[(row.get("model"), row.get("variant"))] = row
+    return list(latest.values())
+
+
+# --- Tables: pure -----------------------------------------------------------------------------------------------------
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none has both cost <= and value <= with one of them smaller.
+
+    Args:
+        points: (cost, value) pairs, both to be minimised (NFEs, gen PPL).
+    """
+
+    def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] <= b[0] and a[1] <= b[1] and a != b
+
+    return [i for i, p in enumerate(points) if not any(beats(q, p) for q in points)]
+
+
+def render_report(
+    rows: Sequence[Row],
+    *,
+    base_gamma: float = 0.5,
+    base_refine_block_size: int | None = None,
+    plots: Sequence[str] = (),
+    note: str | None = None,
+) -> str:
+    """The Markdown report for sweep rows (one per model and variant).
+
+    Args:
+        rows: results rows, e.g. `latest_rows(read_results(...))`.
+        base_gamma: γ where the strategy ablation and the B2 sweep are read.
+        base_refine_block_size: B2 where the strategy ablation and the γ sweep are read (None: L, global).
+        plots: file names of plots to embed, relative to the report.
+        note: one line shown where the plots would be (e.g. why there are none).
+    """
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    by_model = {model: [row for row in rows if row["model"] == model] for model in models}
+    parts = ["# DiD ablation sweep", _header(rows), _LEGEND]
+    if len(models) > 1:
+        parts += [
+            "## Models side by side: remask strategy",
+            _side_by_side(by_model, base_gamma, base_refine_block_size),
+        ]
+    for model, model_rows in by_model.items():
+        parts += _model_section(model, model_rows, base_gamma, _base_size(model_rows, base_refine_block_size))
+    if plots or note:
+        parts.append("## Plots")
+        parts += [f"![{name}]({name})" for name in plots]
+        if note:
+            parts.append(note)
+    return "\n\n".join(parts) + "\n"
+
+
+_LEGEND = (
+    "How to read: **gen PPL** is the mean of per-sample perplexities under the judge (the published aggregate), "
+    "± its standard error over samples; lower is better, but only at comparable **entropy** (mean unigram entropy "
+    "of a sample's judge tokens, nats), since repetitive text earns a low perplexity. **NFEs** are model calls per "
+    "sample, draft and refinement together (post-hoc's scoring pass counts one); seconds likewise. Every variant "
+    "refines the same drafts with the same random streams, so differences come from the settings."
+)
+
+
+def _header(rows: Sequence[Row]) -> str:
+    if not rows:
+        return "No results yet."
+    config = rows[0].get("config", {})
+    judge = (rows[0].get("judge") or {}).get("name", config.get("judge"))
+    unmasking = config.get("unmasking", {})
+    return (
+        f"Judge `{judge}` · {config.get('num_samples')} samples per variant · seed {config.get('seed')} · "
+        f"{unmasking.get('order')} unmasking, top-p {unmasking.get('top_p')} · {config.get('dtype')}"
+    )
+
+
+def _model_section(model: str, rows: list[Row], base_gamma: float, base_size: int) -> list[str]:
+    first = rows[0]
+    length = first["length"]
+    sha = (first.get("config", {}).get("sha256") or "")[:12]
+    where = f"B2 = L = {length}" if base_size >= length else f"B2 = {base_size}"
+    return [
+        f"## {model}",
+        f"`{first.get('model_path')}` (weights {sha or 'unknown'}) · L = {length} · draft block size B1 = "
+        f"{first.get('draft_block_size')}",
+        f"### Remask strategy (γ = {base_gamma:g}, {where})",
+        _strategy_table(rows, base_gamma, base_size),
+        "Paper (110M, OWT, L = 1024, GPT-2 Large judge): snapshot 21.85 < none 27.36 < post-hoc 29.85 < random "
+        "30.26. Compare the ordering, not the values.",
+        f"### γ sweep ({where})",
+        _series_table(rows, "γ", "gamma", lambda r: _close(r.get("refine_block_size"), base_size), str),
+        "Paper: U-shaped, best at γ = 0.25–0.5, exploding as γ → 1 (no numbers published).",
+        f"### Refine block size B2 (γ = {base_gamma:g})",
+        _series_table(
+            rows, "B2", "refine_block_size", lambda r: _close(r.get("gamma"), base_gamma), lambda v: _size(v, length)
+        ),
+        "Paper: only a global block (B2 = L) helps; small refine blocks hurt against no refinement (no numbers "
+        "published).",
+        "### NFEs against gen PPL",
+        _nfe_table(rows),
+        "Pareto: ● marks the variants no other variant of this model beats on both NFEs and gen PPL.",
+    ]
+
+
+def _strategy_table(rows: list[Row], base_gamma: float, base_size: int) -> str:
+    body = []
+    for strategy in _ABLATION_ORDER:
+        row = _ablation_row(rows, strategy, base_gamma, base_size)
+        if row is not None:
+            body.append(
+                [
+                    _NAMES[strategy],
+                    _ppl(row),
+                    _num(row.get("entropy"), 3),
+                    _num(row.get("nfes"), 1),
+                    str(row.get("num_degenerate")),
+                    f"{_PAPER_STRATEGY[strategy]:.2f}",
+                ]
+            )
+    return _table(["refinement", "gen PPL", "entropy", "NFEs / sample", "degenerate", "paper gen PPL"], body)
+
+
+def _side_by_side(by_model: dict[str, list[Row]], base_gamma: float, base_refine_block_size: int | None) -> str:
+    headers = ["refinement"] + [f"{model} {what}" for model in by_model for what in ("gen PPL", "entropy")]
+    body = []
+    for strategy in _ABLATION_ORDER:
+        cells = [_NAMES[strategy]]
+        for rows in by_model.values():
+            row = _ablation_row(rows, strategy, base_gamma, _base_size(rows, base_refine_block_size))
+            cells += [_ppl(row), _num(row.get("entropy") if row else None, 3)]
+        body.append(cells)
+    return _table(headers, body)
+
+
+def _ablation_row(rows: list[Row], strategy: str | None, base_gamma: float, base_size: int) -> Row | None:
+    if strategy is None:
+        return _draft(rows)
+    return next(
+        (
+            r
+            for r in rows
+            if r.get("remask") == strategy
+            and _close(r.get("gamma"), base_gamma)
+            and _close(r.get("refine_block_size"), base_size)
+        ),
+        None,
+    )
+
+
+def _series_table(
+    rows: list[Row], axis: str, key: str, on_slice: Callable[[Row], bool], label: Callable[[Any], str]
+) -> str:
+    """One row per value of `key` on the slice, a (gen PPL, entropy) column pair per strategy; best PPL in bold."""
+    refined = [r for r in rows if r.get("remask") is not None and on_slice(r)]
+    strategies = [s for s in _SERIES_ORDER if any(r["remask"] == s for r in refined)]
+    values = sorted({r[key] for r in refined})
+    headers = [axis] + [f"{_NAMES[s]} {what}" for s in strategies for what in ("gen PPL", "entropy")]
+    best = {s: _best([r for r in refined if r["remask"] == s]) for s in strategies}
+    body = []
+    draft = _draft(rows)
+    if draft is not None:
+        body.append(
+            ["draft (no refinement)"] + [c for _ in strategies for c in (_ppl(draft), _num(draft.get("entropy"), 3))]
+        )
+    for value in values:
+        cells = [label(value)]
+        for s in strategies:
+            row = next((r for r in refined if r["remask"] == s and r[key] == value), None)
+            cells += [_ppl(row, bold=row is not None and row is best[s]), _num(row.get("entropy") if row else None, 3)]
+        body.append(cells)
+    return _table(headers, body)
+
+
+def _nfe_table(rows: list[Row]) -> str:
+    ordered = sorted(rows, key=lambda r: (_sort_value(r.get("nfes")), _sort_value(r.get("gen_ppl"))))
+    scored = [r for r in ordered if _finite(r.get("gen_ppl")) and _finite(r.get("nfes"))]
+    front = {id(scored[i]) for i in pareto_front([(r["nfes"], r["gen_ppl"]) for r in scored])}
+    body = [
+        [
+            r["variant"],
+            _num(r.get("nfes"), 1),
+            _num(r.get("seconds"), 3),
+            _ppl(r),
+            _num(r.get("entropy"), 3),
+            "●" if id(r) in front else "",
+        ]
+        for r in ordered
+    ]
+    return _table(["variant", "NFEs / sample", "seconds / sample", "gen PPL", "entropy", "Pareto"], body)
+
+
+def _table(headers: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join([":---"] + ["---:"] * (len(headers) - 1)) + " |"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _draft(rows: Sequence[Row]) -> Row | None:
+    return next((r for r in rows if r.get("remask") is None), None)
+
+
+def _best(rows: list[Row]) -> Row | None:
+    scored = [r for r in rows if _finite(r.get("gen_ppl"))]
+    return min(scored, key=lambda r: r["gen_ppl"]) if len(scored) > 1 else None
+
+
+def _base_size(rows: Sequence[Row], base: int | None) -> int:
+    length = rows[0]["length"]
+    return length if base is None else min(base, length)
+
+
+def _size(value: int, length: int) -> str:
+    return f"{value} (global)" if value >= length else str(value)
+
+
+def _ppl(row: Row | None, bold: bool = False) -> str:
+    if row is None or not _finite(row.get("gen_ppl")):
+        return "—"
+    sem = row.get("gen_ppl_sem")
+    text = f"{row['gen_ppl']:.2f}" + (f" ± {sem:.2f}" if _finite(sem) else "")
+    return f"**{text}**" if bold else text
+
+
+def _num(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "—"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _sort_value(value: Any) -> float:
+    return value if _finite(value) else math.inf
+
+
+def _close(value: Any, target: float) -> bool:
+    return _finite(value) and math.isclose(value, target, rel_tol=1e-9, abs_tol=1e-12)
+
+
+# --- Plots ------------------------------------------------------------------------------------------------------------
+
+
+def _figure_classes() -> tuple[Any, Any] | None:
+    """The Figure and Agg canvas classes of matplotlib, or None when the `plots` extra is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def _new_axes(classes: tuple[Any, Any]) -> tuple[Any, Any]:
+    figure_class, canvas_class = classes
+    figure = figure_class(figsize=(7, 4.5), layout="constrained")
+    canvas_class(figure)
+    return figure, figure.add_subplot()
+
+
+def _colors() -> list[str]:
+    from matplotlib import rcParams
+
+    return rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _plot_gamma_curve(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None, path: Path) -> bool:
+    """Gen PPL against γ at the base B2, a line per model × strategy and a dashed line per model for the draft."""
+    figure, axes = _new_axes(classes)
+    markers = {"snapshot": "o", "posthoc": "s", "random": "^"}
+    drawn = []
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    for color, model in zip(_colors() * len(models), models, strict=False):
+        model_rows = [r for r in rows if r["model"] == model]
+        size = _base_size(model_rows, base)
+        for strategy in _SERIES_ORDER:
+            points = sorted(
+                (r["gamma"], r["gen_ppl"])
+                for r in model_rows
+                if r.get("remask") == strategy and _close(r.get("refine_block_size"), size) and _finite(r["gen_ppl"])
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axes.plot(xs, ys, marker=markers[strategy], color=color, label=f"{model}: {_NAMES[strategy]}")
+                drawn += ys
+        draft = _draft(model_rows)
+        if draft is not None and _finite(draft.get("gen_ppl")):
+            axes.axhline(draft["gen_ppl"], color=color, linestyle="--", linewidth=1, label=f"{model}: draft")
+            drawn.append(draft["gen_ppl"])
+    if not drawn:
+        return False
+    _log_if_wide(axes, drawn)
+    axes.set_xlabel("γ (fraction of generated tokens remasked)")
+    axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
+    axes.set_title("γ sweep at the base refine block size")
+    axes.legend(fontsize="small")
+    _save(figure, path)
+    return True
+
+
+def _plot_pareto(classes: tuple[Any, Any], rows: Sequence[Row], path: Path) -> bool:
+    """Gen PPL against NFEs per sample for every variant; the Pareto front of each model joined and labelled."""
+    figure, axes = _new_axes(classes)
+    drawn = []
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    for color, model in zip(_colors() * len(models), models, strict=False):
+        scored = [r for r in rows if r["model"] == model and _finite(r.get("gen_ppl")) and _finite(r.get("nfes"))]
+        if not scored:
+            continue
+        axes.scatter([r["nfes"] for r in scored], [r["gen_ppl"] for r in scored], color=color, alpha=0.4, s=18)
+        front = sorted(
+            (scored[i] for i in pareto_front([(r["nfes"], r["gen_ppl"]) for r in scored])), key=lambda r: r["nfes"]
+        )
+        axes.plot([r["nfes"] for r in front], [r["gen_ppl"] for r in front], marker="o", color=color, label=model)
+        for r in front:
+            axes.annotate(
+                r["variant"], (r["nfes"], r["gen_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        draft = _draft(scored)
+        if draft is not None:
+            axes.scatter([draft["nfes"]], [draft["gen_ppl"]], color=color, marker="*", s=120, zorder=3)
+        drawn += [r["gen_ppl"] for r in scored]
+    if not drawn:
+        return False
+    _log_if_wide(axes, drawn)
+    axes.set_xlabel("NFEs per sample (draft + refinement); ★ draft only")
+    axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
+    axes.set_title("NFEs against gen PPL")
+    axes.legend(fontsize="small")
+    _save(figure, path)
+    return True
+
+
+def _log_if_wide(axes: Any, values: list[float]) -> None:
+    # γ → 1 can blow gen PPL up by orders of magnitude; a log axis keeps the U's bottom readable.
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 10:
+        axes.set_yscale("log")
+
+
+def _judge_name(rows: Sequence[Row]) -> str:
+    name = str((rows[0].get("judge") or {}).get("name", "judge")) if rows else "judge"
+    return Path(name).name or name  # a judge folder is named by its last component
+
+
+def _save(figure: Any, path: Path) -> None:
+    _atomic(path, lambda staging: figure.savefig(staging, dpi=150, format="png"))
+
+
+# --- Writing ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportResult:
+    """The written report, its plots, and a one-line note when plots were skipped."""
+
+    path: Path
+    plots: list[Path] = field(default_factory=list)
+    note: str | None = None
+
+
+def write_report(
+    out: str | Path,
+    rows: Sequence[Row] | None = None,
+    *,
+    base_gamma: float = 0.5,
+    base_refine_block_size: int | None = None,
+    plots: bool = True,
+) -> ReportResult:
+    """Write `report.md` (and the PNG plots when matplotlib is there) into the sweep folder `out`.
+
+    Args:
+        out: the sweep folder; the report and plots are replaced atomically.
+        rows: the rows to report; by default the latest row per (model, variant) of `out/results.jsonl`.
+        base_gamma: γ where the strategy ablation and the B2 sweep are read.
+        base_refine_block_size: B2 where the strategy ablation and the γ sweep are read (None: L, global).
+        plots: draw the plots (when matplotlib is importable).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = latest_rows(read_results(out / RESULTS)) if rows is None else list(rows)
+    written: list[Path] = []
+    note = None
+    classes = _figure_classes() if plots else None
+    if plots and classes is None:
+        note = NO_PLOTS
+    elif classes is not None:
+        if _plot_gamma_curve(classes, rows, base_refine_block_size, out / GAMMA_PLOT):
+            written.append(out / GAMMA_PLOT)
+        if _plot_pareto(classes, rows, out / PARETO_PLOT):
+            written.append(out / PARETO_PLOT)
+    text = render_report(
+        rows,
+        base_gamma=base_gamma,
+        base_refine_block_size=base_refine_block_size,
+        plots=[p.name for p in written],
+        note=note,
+    )
+    path = out / REPORT
+    _atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+    return ReportResult(path, written, note)
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file renamed into place, so a reader never sees half a file."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    staging = Path(name)
+    # mkstemp makes the file private (0600); a report is meant to be shared like any file the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o666 & ~umask)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

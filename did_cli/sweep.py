@@ -1,0 +1,634 @@
+"""The paper's ablations in one call: draft once per model, refine the same drafts per variant, score every file.
+
+`run_sweep` runs the ablations of Diffusion in Diffusion (arXiv 2601.13599; research notes §1.2–1.4 and §3.2) on
+any model and judge, and `did_cli.report` turns the scores into the paper's tables:
+
+* remask strategy (`remask`): no refinement (the draft), random, post-hoc and snapshot confidence;
+* remask fraction γ (`gamma`): a U-curve in the paper, best at 0.25–0.5 and exploding as γ → 1;
+* refine block size B2 (`refine_block_size`): only a global block (B2 = L) helps in the paper;
+* NFEs against gen PPL: the speed–quality trade-off.
+
+Design choices:
+
+* Every variant refines the *same* drafts (one draft per model, fixed seed and B1), and refinement randomness
+  depends only on (seed, sample id, stage), so variants differ by their settings alone. Such common random numbers
+  make differences between variants visible with few samples.
+* Strategies are series, not an axis: each strategy gets its γ slice at the base B2 and its B2 slice at the base γ
+  (one axis at a time around the base point γ = 0.5, B2 = L). `grid=True` runs the full product instead.
+* Resumable at two levels. A variant with a row in `results.jsonl` for the same configuration is not touched. A
+  sample file that is complete and matches its settings (and, for a refinement, the current drafts) is scored
+  without sampling again. Sample files are written line by line and results rows appended one at a time, so an
+  interrupted run redoes at most the file it was writing.
+* Models and the judge load only when something needs them, so re-running a finished sweep loads nothing and only
+  rewrites the report.
+
+Layout of the output folder: `<label>/draft.jsonl` and `<label>/<variant>.jsonl` (sample records),
+`results.jsonl` (one row per scored file, appended), `report.md` and its plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from did_cli import api
+from did_cli.checkpoints import file_sha256, load_model, load_tokenizer, parse_dtype, read_config, resolve
+from did_cli.config import REMASK_STRATEGIES, DraftSettings, RefineSettings, UnmaskingSettings
+from did_cli.errors import InputError, UsageError
+from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings, FileResult, Judge, Sample, load_judge, score_samples
+from did_cli.provenance import versions
+from did_cli.records import Record, RecordWriter, read_records
+from did_cli.report import RESULTS, append_result, read_results, write_report
+
+__all__ = [
+    "ModelSpec",
+    "SweepEvent",
+    "SweepResult",
+    "SweepSettings",
+    "Variant",
+    "parse_model",
+    "plan_variants",
+    "refine_block_sizes",
+    "result_row",
+    "run_sweep",
+]
+
+DEFAULT_REFINE_BLOCK_SIZES = (16, 64)  # and L: the paper's global block
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Training runs end in generic folder names; the run's own folder says which model it is.
+_GENERIC = re.compile(r"final|last|latest|(checkpoint|step)[-_]?\d*")
+# The weights file of a did or BD3-LM checkpoint folder (see did_cli.checkpoints).
+_WEIGHTS = "model.safetensors"
+
+
+# --- Settings and the plan: pure --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to sweep: `label` names its folder and its columns in the report; `path` is what `load_model` takes."""
+
+    label: str
+    path: str
+
+
+def parse_model(text: str) -> ModelSpec:
+    """`label=path`, or a bare name or path labelled by its last component (`runs/a/final` → `a-final`).
+
+    Raises:
+        UsageError: an empty path, or a label that is not a plain folder name.
+    """
+    label, sep, path = text.partition("=")
+    if sep and label and "/" not in label:
+        if not _LABEL.fullmatch(label):
+            raise UsageError(f"model label {label!r} must be letters, digits, '.', '_' or '-' (as in mix=runs/a)")
+        if not path:
+            raise UsageError(f"--model {text!r} gives a label but no model")
+        return ModelSpec(label, path)
+    parts = [part for part in re.split(r"[\\/]", text) if part not in ("", ".", "..")]
+    if not parts:
+        raise UsageError(f"--model {text!r} names no model")
+    name = f"{parts[-2]}-{parts[-1]}" if len(parts) > 1 and _GENERIC.fullmatch(parts[-1]) else parts[-1]
+    label = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")
+    if not label:
+        raise UsageError(f"cannot make a label from --model {text!r}; pass it as label=path")
+    return ModelSpec(label, text)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One refinement of the drafts, or the draft itself (`remask` None).
+
+    Attributes:
+        remask: snapshot, posthoc or random; None for the draft without refinement.
+        gamma: fraction γ of generated tokens remasked.
+        refine_block_size: B2 resolved against the length: L means one global block.
+    """
+
+    remask: str | None = None
+    gamma: float | None = None
+    refine_block_size: int | None = None
+
+    @property
+    def id(self) -> str:
+        """File and row name: `draft`, or e.g. `snapshot-g0.5-b1024`."""
+        if self.remask is None:
+            return "draft"
+        return f"{self.remask}-g{self.gamma:.10g}-b{self.refine_block_size}"
+
+
+DRAFT = Variant()
+
+
+def refine_block_sizes(sizes: Sequence[int] | None, length: int) -> tuple[list[int], list[str]]:
+    """B2 values resolved against the length L, ascending: sizes >= L become L (one global block), once each.
+
+    The default (16, 64 and L) drops sizes that do not divide L, with a note, because nobody asked for them. An
+    explicit size that does not divide L is an error, because skipping a requested row would hide it.
+
+    Args:
+        sizes: requested B2 values, or None for the default.
+        length: the sequence length L.
+
+    Returns:
+        (sizes, notes): the B2 values to run and one line per dropped default.
+
+    Raises:
+        UsageError: an explicit size that is not positive or does not divide L.
+    """
+    notes = []
+    candidates = [*DEFAULT_REFINE_BLOCK_SIZES, length] if sizes is None else list(sizes)
+    kept = set()
+    for size in candidates:
+        if size < 1:
+            raise UsageError(f"--refine-block-size must be positive, got {size}")
+        if size < length and length % size:
+            if sizes is not None:
+                raise UsageError(f"--refine-block-size {size} does not divide the length {length}")
+            notes.append(f"default refine block size {size} does not divide L = {length}; left out")
+            continue
+        kept.add(min(size, length))
+    return sorted(kept), notes
+
+
+def plan_variants(
+    remask: Sequence[str],
+    gammas: Sequence[float],
+    block_sizes: Sequence[int],
+    *,
+    base_gamma: float,
+    base_block_size: int,
+    grid: bool = False,
+) -> list[Variant]:
+    """The draft, then per strategy its γ slice at the base B2 and its B2 slice at the base γ.
+
+    The base point (base γ, base B2) is always run, since the strategy ablation is read there. With `grid` every
+    (γ, B2) pair is run for every strategy.
+
+    Args:
+        remask: strategies, in the order to run them.
+        gammas: γ values of the γ slice.
+        block_sizes: resolved B2 values (see `refine_block_sizes`).
+        base_gamma: γ of the B2 slice and of the strategy ablation.
+        base_block_size: resolved B2 of the γ slice and of the strategy ablation.
+        grid: run the full product instead of the slices.
+
+    Returns:
+        Distinct variants, the draft first.
+    """
+    pairs = [(base_gamma, base_block_size)]
+    if grid:
+        pairs += [(gamma, size) for size in block_sizes for gamma in gammas]
+    else:
+        pairs += [(gamma, base_block_size) for gamma in gammas] + [(base_gamma, size) for size in block_sizes]
+    variants = [Variant(strategy, float(gamma), size) for strategy in remask for gamma, size in pairs]
+    return [DRAFT, *dict.fromkeys(variants)]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """One `did sweep`: which models, which variants, how many samples, where the results go.
+
+    Attributes:
+        models: model names or paths, optionally labelled (`mix=runs/a/final`); labels name folders and columns.
+        judge: judge LM for gen PPL (`gpt2-large` as published, `did-tiny-judge`, or a folder).
+        out: output folder; running again with the same folder resumes.
+        num_samples: samples per variant (the same drafts for every variant of a model).
+        length: sequence length L incl. BOS (default: each model's length).
+        draft_block_size: B1 of the draft.
+        remask: strategies to compare (each is also swept over γ and B2).
+        gammas: γ values of the γ sweep.
+        refine_block_sizes: B2 values of the B2 sweep; values >= L mean one global block. None: 16, 64 and L.
+        base_gamma: γ where the strategy ablation and the B2 sweep are read.
+        base_refine_block_size: B2 where the strategy ablation and the γ sweep are read (None: L, global).
+        grid: run every (strategy, γ, B2) combination instead of one-axis-at-a-time slices.
+        seed: seed of the drafts and of every refinement.
+        batch_size: samples per model call (never changes the samples).
+        device: where the models and the judge run.
+        dtype: weights dtype of the models; the judge scores in float32, as upstream.
+        unmasking: how draft and refinement commit tokens (BD3-LM's first-hitting sampler, nucleus 0.9).
+        evaluation: judge context, stride, batch size and degenerate-entropy threshold.
+    """
+
+    models: Sequence[str]
+    judge: str = DEFAULT_JUDGE
+    out: str | Path = "sweep"
+    num_samples: int = 64
+    length: int | None = None
+    draft_block_size: int = 4
+    remask: Sequence[str] = ("snapshot", "posthoc", "random")
+    gammas: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 1.0)
+    refine_block_sizes: Sequence[int] | None = None
+    base_gamma: float = 0.5
+    base_refine_block_size: int | None = None
+    grid: bool = False
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    unmasking: UnmaskingSettings = field(default_factory=UnmaskingSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        # Lists from Python callers become tuples, so the settings stay hashable and cannot change under a run.
+        for name in ("models", "remask", "gammas", "refine_block_sizes"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if not self.models:
+            raise UsageError("give at least one --model")
+        labels = [spec.label for spec in self.model_specs]
+        repeated = next((label for label in labels if labels.count(label) > 1), None)
+        if repeated is not None:
+            raise UsageError(f"two models get the label {repeated!r}; name them, e.g. --model a={repeated}")
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise UsageError("--num-samples and --batch-size must be at least 1")
+        if not self.remask or not self.gammas:
+            raise UsageError("give at least one --remask strategy and one --gamma")
+        unknown = [s for s in self.remask if s not in REMASK_STRATEGIES]
+        if unknown:
+            raise UsageError(f"unknown remask strategy {unknown[0]!r}; choose from {', '.join(REMASK_STRATEGIES)}")
+        for gamma in (*self.gammas, self.base_gamma):
+            if not 0.0 <= gamma <= 1.0:
+                raise UsageError(f"--gamma must be in [0, 1], got {gamma}")
+        if self.length is not None:
+            DraftSettings(self.length, self.draft_block_size)
+        elif self.draft_block_size < 1:
+            raise UsageError(f"--draft-block-size must be positive, got {self.draft_block_size}")
+        parse_dtype(self.dtype)
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """The models with their labels."""
+        return [parse_model(text) for text in self.models]
+
+
+# --- Running ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepEvent:
+    """What the sweep is doing, for a progress display; `run_sweep` itself never prints.
+
+    Attributes:
+        kind: `note` (a line worth telling the user), `step` (variant `step` of `steps` starts; `step == steps`
+            when the sweep is finished) or `progress` (within a step: `done` of `total` `unit`s).
+        message: what is happening, e.g. `mix: refine snapshot-g0.5-b1024`.
+        step: variants finished so far.
+        steps: variants in the sweep.
+        done: units finished in this step.
+        total: units in this step, when known.
+        unit: `samples` or `windows`.
+    """
+
+    kind: str
+    message: str
+    step: int = 0
+    steps: int = 0
+    done: int = 0
+    total: int | None = None
+    unit: str = ""
+
+
+EventFn = Callable[[SweepEvent], None]
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did.
+
+    Attributes:
+        rows: one results row per (model, variant) of this sweep, in plan order (reused rows included).
+        report: the written `report.md`.
+        plots: the PNG plots written (empty without matplotlib).
+        drafted: draft files sampled in this run (not reused).
+        refined: refined files sampled in this run.
+        scored: files scored with the judge in this run.
+        reused: variants whose results were already in `results.jsonl`.
+    """
+
+    rows: list[dict[str, Any]]
+    report: Path
+    plots: list[Path]
+    drafted: int = 0
+    refined: int = 0
+    scored: int = 0
+    reused: int = 0
+
+
+@dataclass(frozen=True)
+class _ModelPlan:
+    spec: ModelSpec
+    draft: DraftSettings
+    variants: list[Variant]
+    config: dict[str, Any]  # everything besides the variant that determines a row's numbers
+    notes: list[str]
+
+
+def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> SweepResult:
+    """Draft, refine and score every variant of every model, append the rows to `results.jsonl`, write the report.
+
+    Every model and size is checked before anything runs, so bad input fails before minutes of sampling.
+
+    Args:
+        settings: models, variants, samples and output folder.
+        on_event: called with each SweepEvent (notes, steps, per-sample and per-window progress).
+
+    Returns:
+        The rows of this sweep, the report and plot paths, and how much was computed versus reused.
+
+    Raises:
+        UsageError: sizes that do not fit a model (a length beyond the model's, a B2 that does not divide L).
+        ModelLoadError: a model or the judge cannot be found.
+    """
+    emit = on_event or (lambda event: None)
+    out = Path(settings.out)
+    plans = [_plan_model(spec, settings) for spec in settings.model_specs]
+    for plan in plans:
+        for note in plan.notes:
+            emit(SweepEvent("note", f"{plan.spec.label}: {note}"))
+    run = _Run(settings, out, emit, _index(read_results(out / RESULTS)), sum(len(p.variants) for p in plans))
+    rows = [row for plan in plans for row in run.model(plan)]
+    emit(SweepEvent("step", "writing the report", run.step, run.steps))
+    report = write_report(
+        out, rows, base_gamma=settings.base_gamma, base_refine_block_size=settings.base_refine_block_size
+    )
+    if report.note:
+        emit(SweepEvent("note", report.note))
+    emit(SweepEvent("step", "done", run.step, run.steps))
+    return SweepResult(rows, report.path, report.plots, **run.counts)
+
+
+def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
+    """Resolve a model's length and variants from its config alone (no weights loaded)."""
+    folder = resolve(spec.path)
+    model_length = read_config(folder).model_length
+    length = settings.length or model_length
+    if length > model_length:
+        raise UsageError(f"--length {length} exceeds the length {model_length} model {spec.label} was trained on")
+    draft = DraftSettings(length, settings.draft_block_size, unmasking=settings.unmasking)
+    sizes, notes = refine_block_sizes(settings.refine_block_sizes, length)
+    base_size = refine_block_sizes([settings.base_refine_block_size or length], length)[0][0]
+    variants = plan_variants(
+        settings.remask,
+        settings.gammas,
+        sizes,
+        base_gamma=settings.base_gamma,
+        base_block_size=base_size,
+        grid=settings.grid,
+    )
+    weights = folder / _WEIGHTS
+    config = {
+        "sha256": file_sha256(weights) if weights.is_file() else None,
+        "length": length,
+        "draft_block_size": settings.draft_block_size,
+        "num_samples": settings.num_samples,
+        "seed": settings.seed,
+        "dtype": _dtype_name(settings.dtype),
+        "unmasking": dataclasses.asdict(settings.unmasking),
+        "judge": settings.judge,
+        "context": settings.evaluation.context,
+        "stride": settings.evaluation.stride,
+        "degenerate_entropy": settings.evaluation.degenerate_entropy,
+    }
+    # Through JSON, so it compares equal to the copy read back from results.jsonl.
+    return _ModelPlan(spec, draft, variants, json.loads(json.dumps(config)), notes)
+
+
+class _Run:
+    """The state of one run: which rows exist, the judge (loaded once, on first use), counters for the result."""
+
+    def __init__(
+        self,
+        settings: SweepSettings,
+        out: Path,
+        emit: EventFn,
+        done: dict[tuple[str, str, str], dict[str, Any]],
+        steps: int,
+    ) -> None:
+        self.settings, self.out, self.emit, self.done = settings, out, emit, done
+        self.step, self.steps = 0, steps
+        self.counts = {"drafted": 0, "refined": 0, "scored": 0, "reused": 0}
+        self.judge = functools.cache(lambda: load_judge(settings.judge, device=settings.device))
+
+    def model(self, plan: _ModelPlan) -> list[dict[str, Any]]:
+        """Rows for every variant of one model, computing only what `results.jsonl` lacks."""
+        settings, label = self.settings, plan.spec.label
+        # Loaded on first need and dropped with this frame, so only one model is in memory at a time.
+        load = functools.cache(lambda: _load(plan.spec.path, settings))
+        drafts: list[Record] | None = None
+        rows = []
+        for variant in plan.variants:
+            name = f"{label}: {'draft' if variant is DRAFT else 'refine ' + variant.id}"
+            self.emit(SweepEvent("step", name, self.step, self.steps))
+            row = self.done.get(_key(label, variant.id, plan.config))
+            if row is not None:
+                self.counts["reused"] += 1
+            else:
+                drafts = drafts if drafts is not None else self._drafts(plan, load)
+                records = drafts if variant is DRAFT else self._refined(plan, variant, drafts, load)
+                row = self._score(plan, variant, records)
+            rows.append(row)
+            self.step += 1
+        return rows
+
+    def _drafts(self, plan: _ModelPlan, load: Callable[[], tuple[Any, Any]]) -> list[Record]:
+        path = self.out / plan.spec.label / "draft.jsonl"
+        records = _read_complete(path)
+        if records is not None and _drafts_match(records, plan):
+            return records
+        model, tokenizer = load()
+        self.counts["drafted"] += 1
+        stream = api.draft(
+            model,
+            tokenizer,
+            plan.draft,
+            num_samples=self.settings.num_samples,
+            seed=self.settings.seed,
+            batch_size=self.settings.batch_size,
+            on_progress=self._on_samples,
+        )
+        return _write_records(path, stream)
+
+    def _refined(
+        self, plan: _ModelPlan, variant: Variant, drafts: list[Record], load: Callable[[], tuple[Any, Any]]
+    ) -> list[Record]:
+        path = self.out / plan.spec.label / f"{variant.id}.jsonl"
+        records = _read_complete(path)
+        if records is not None and _refined_match(records, drafts, variant, plan):
+            return records
+        model, tokenizer = load()
+        self.counts["refined"] += 1
+        refine_settings = RefineSettings(
+            gamma=variant.gamma,
+            # None is one global block: what `did generate` passes for B2 = L.
+            block_size=None if variant.refine_block_size >= plan.draft.length else variant.refine_block_size,
+            remask=variant.remask,
+            unmasking=self.settings.unmasking,
+        )
+        stream = api.refine(
+            model,
+            tokenizer,
+            drafts,
+            refine_settings,
+            seed=self.settings.seed,
+            batch_size=self.settings.batch_size,
+            on_progress=self._on_samples,
+        )
+        return _write_records(path, stream)
+
+    def _score(self, plan: _ModelPlan, variant: Variant, records: list[Record]) -> dict[str, Any]:
+        judge: Judge = self.judge()
+        file = f"{plan.spec.label}/{variant.id}.jsonl"
+
+        def on_windows(done: int, total: int) -> None:
+            self.emit(SweepEvent("progress", "scoring", self.step, self.steps, done, total, "windows"))
+
+        samples = [Sample(r.text, r.prompt, id=r.id) for r in records]
+        result = score_samples(samples, judge, self.settings.evaluation, source=file, on_progress=on_windows)
+        row = result_row(plan.spec, variant, plan.config, result, records, judge.info)
+        append_result(self.out / RESULTS, row)
+        self.counts["scored"] += 1
+        return row
+
+    def _on_samples(self, progress: api.Progress) -> None:
+        event = SweepEvent(
+            "progress",
+            progress.stage,
+            self.step,
+            self.steps,
+            progress.samples_done,
+            self.settings.num_samples,
+            "samples",
+        )
+        self.emit(event)
+
+
+def result_row(
+    spec: ModelSpec,
+    variant: Variant,
+    config: dict[str, Any],
+    result: FileResult,
+    records: Sequence[Record],
+    judge: dict[str, Any],
+) -> dict[str, Any]:
+    """One line of `results.jsonl`: the variant, its scores, its cost per sample, and what produced it.
+
+    `nfes` and `seconds` are means per sample over all stages (draft + refinement), as the paper counts the cost
+    of a refined sample; `draft_nfes` and `refine_nfes` split the NFEs.
+    """
+    ppls = [s.ppl for s in result.samples if s.scored_tokens]
+    finite = all(math.isfinite(p) for p in ppls)
+    sem = statistics.stdev(ppls) / math.sqrt(len(ppls)) if len(ppls) > 1 and finite else None
+    summary = result.summary()
+    return {
+        "model": spec.label,
+        "model_path": spec.path,
+        "variant": variant.id,
+        "remask": variant.remask,
+        "gamma": variant.gamma,
+        "refine_block_size": variant.refine_block_size,
+        "length": config["length"],
+        "draft_block_size": config["draft_block_size"],
+        **{key: summary[key] for key in ("gen_ppl", "gen_ppl_pooled", "entropy", "num_degenerate", "num_samples")},
+        "gen_ppl_sem": sem,
+        "mean_tokens": summary["mean_tokens"],
+        "nfes": _mean(sum(s.get("nfes", 0) for s in r.stages) for r in records),
+        "draft_nfes": _mean(r.stages[0].get("nfes", 0) for r in records),
+        "refine_nfes": _mean(sum(s.get("nfes", 0) for s in r.stages[1:]) for r in records),
+        "seconds": _mean(sum(s.get("seconds", 0.0) for s in r.stages) for r in records),
+        "file": result.source,
+        "judge": judge,
+        "config": config,
+        "versions": versions(),
+    }
+
+
+# --- Files and checks -------------------------------------------------------------------------------------------------
+
+
+def _load(path: str, settings: SweepSettings) -> tuple[Any, Any]:
+    model = load_model(path, device=settings.device, dtype=settings.dtype)
+    return model, load_tokenizer(model)
+
+
+def _write_records(path: Path, records: Iterable[Record]) -> list[Record]:
+    """Write records line by line (an interrupted run keeps what is finished) and return them."""
+    kept = []
+    with RecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+            kept.append(record)
+    return kept
+
+
+def _read_complete(path: Path) -> list[Record] | None:
+    """The records of a sample file, or None when it is missing or unreadable (e.g. a line cut by an interrupt)."""
+    if not path.is_file():
+        return None
+    try:
+        return list(read_records(path))
+    except InputError:
+        return None
+
+
+def _has(stage: dict[str, Any], expected: dict[str, Any]) -> bool:
+    return all(stage.get(key) == value for key, value in expected.items())
+
+
+def _drafts_match(records: list[Record], plan: _ModelPlan) -> bool:
+    """Whether a draft file holds exactly the drafts this plan asks for, from these weights."""
+    config = plan.config
+    stage = {"kind": "draft", "block_size": config["draft_block_size"], "seed": config["seed"], **config["unmasking"]}
+    return len(records) == config["num_samples"] and all(
+        r.id == i
+        and r.seed == config["seed"]
+        and len(r.tokens) == config["length"]
+        and len(r.stages) == 1
+        and _has(r.stages[0], stage)
+        and r.model.get("sha256") == config["sha256"]
+        and r.dtype == config["dtype"]
+        for i, r in enumerate(records)
+    )
+
+
+def _refined_match(records: list[Record], drafts: list[Record], variant: Variant, plan: _ModelPlan) -> bool:
+    """Whether a refined file is this variant's refinement of exactly these drafts."""
+    stage = {
+        "kind": "refine",
+        "block_size": variant.refine_block_size,
+        "gamma": variant.gamma,
+        "remask": variant.remask,
+        "seed": plan.config["seed"],
+        **plan.config["unmasking"],
+    }
+    return len(records) == len(drafts) and all(
+        r.id == d.id and r.draft_tokens == d.tokens and len(r.stages) == 2 and _has(r.stages[1], stage)
+        for r, d in zip(records, drafts, strict=True)
+    )
+
+
+def _key(label: str, variant: str, config: dict[str, Any]) -> tuple[str, str, str]:
+    return label, variant, json.dumps(config, sort_keys=True)
+
+
+def _index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Rows by (model label, variant id, configuration): rows of other settings stay in the file and are skipped."""
+    return {_key(row.get("model"), row.get("variant"), row.get("config")): row for row in rows}
+
+
+def _dtype_name(dtype: str) -> str:
+    return str(parse_dtype(dtype)).removeprefix("torch.")
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values) if values else math.nan

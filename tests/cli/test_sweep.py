@@ -1,0 +1,104 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from did_cli.cli import app
+from tests.evaluation.tiny_judge import save_tiny_judge
+
+runner = CliRunner()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def judge_folder(tmp_path_factory):
+    return str(save_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-judge"))
+
+
+def sweep_args(checkpoint, judge, out, *extra):
+    return [
+        "sweep",
+        "--model",
+        f"tiny={checkpoint}",
+        "--judge",
+        judge,
+        "--num-samples",
+        "2",
+        "--length",
+        "32",
+        "--remask",
+        "snapshot,random",
+        "--gamma",
+        "0.5",
+        "--refine-block-size",
+        "1024",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_help_describes_the_options():
+    result = runner.invoke(app, ["sweep", "--help"])
+    assert result.exit_code == 0
+    for option in ("--model", "--judge", "--remask", "--gamma", "--refine-block-size", "--grid", "--out", "--quiet"):
+        assert option in result.stdout
+    assert "sweep" in runner.invoke(app, ["--help"]).stdout
+
+
+def test_a_two_variant_sweep_writes_results_report_and_plots_then_resumes(tiny_checkpoint, judge_folder, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, out))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "3 results (3 scored now, 0 reused" in result.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # B2 1024 >= L = 32 is one global block.
+    assert [r["variant"] for r in rows] == ["draft", "snapshot-g0.5-b32", "random-g0.5-b32"]
+    report = (out / "report.md").read_text()
+    assert "### Remask strategy (γ = 0.5, B2 = L = 32)" in report and "### NFEs against gen PPL" in report
+    for plot in ("gamma_curve.png", "nfe_pareto.png"):
+        assert (out / plot).read_bytes()[:8] == PNG
+
+    stamps = {f.name: f.stat().st_mtime_ns for f in (out / "tiny").iterdir()}
+    again = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, out))
+    assert again.exit_code == 0, again.stderr
+    assert "0 scored now, 3 reused; sampled files: 0 draft, 0 refined)" in again.stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "tiny").iterdir()} == stamps
+
+
+def test_quiet_prints_nothing(tiny_checkpoint, judge_folder, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, out, "--gamma", "1.0", "-q"))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gamma", "0.5,abc"], "--gamma must be a comma-separated list"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+        (["--remask", "snapshot,best"], "unknown remask strategy 'best'"),
+        (["--refine-block-size", "12"], "--refine-block-size 12 does not divide the length 32"),
+        (["--length", "64"], "exceeds the length 32"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, judge_folder, tmp_path, extra, message):
+    result = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, tmp_path / "out", *extra))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_model_is_one_line_and_exit_2(tmp_path):
+    result = runner.invoke(app, ["sweep", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: give at least one --model"

@@ -1,0 +1,214 @@
+import json
+import shutil
+
+import pytest
+
+from did_cli import report
+from did_cli.errors import UsageError
+from did_cli.report import pareto_front, read_results, render_report, write_report
+from did_cli.sweep import DRAFT, SweepSettings, Variant, parse_model, plan_variants, refine_block_sizes, run_sweep
+from tests.evaluation.tiny_judge import save_tiny_judge
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def judge_folder(tmp_path_factory):
+    return str(save_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-judge"))
+
+
+def tiny_settings(checkpoint, judge, out, **overrides):
+    """Two refined variants (snapshot and random at γ 0.5, B2 = L = 32) plus the draft, 3 samples each."""
+    base = dict(
+        models=[f"tiny={checkpoint}"],
+        judge=judge,
+        out=out,
+        num_samples=3,
+        remask=["snapshot", "random"],
+        gammas=[0.5],
+        refine_block_sizes=[32],
+        batch_size=3,
+        device="cpu",
+    )
+    return SweepSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_checkpoint, judge_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    events = []
+    result = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out), events.append)
+    return out, result, events
+
+
+# --- Planning -----------------------------------------------------------------------------------------------------
+
+
+def test_default_plan_runs_each_strategy_over_gamma_and_b2_slices_around_the_base_point():
+    sizes, notes = refine_block_sizes(None, 1024)
+    assert sizes == [16, 64, 1024] and notes == []
+    variants = plan_variants(
+        ["snapshot", "posthoc", "random"], [0.1, 0.25, 0.5, 0.75, 1.0], sizes, base_gamma=0.5, base_block_size=1024
+    )
+    assert variants[0] == DRAFT
+    assert len(variants) == 1 + 3 * (5 + 2)
+    assert Variant("snapshot", 0.5, 1024) in variants and Variant("random", 0.5, 16) in variants
+    assert Variant("snapshot", 0.1, 16) not in variants
+    assert len(set(variants)) == len(variants)
+
+
+def test_grid_runs_the_full_product():
+    variants = plan_variants(
+        ["snapshot", "random"], [0.25, 0.75], [16, 64], base_gamma=0.5, base_block_size=64, grid=True
+    )
+    # 2 strategies x (2 gammas x 2 sizes + the base point 0.5/64, which is not in the product)
+    assert len(variants) == 1 + 2 * 5
+    assert Variant("random", 0.25, 16) in variants
+
+
+def test_refine_block_sizes_map_large_values_to_one_global_block():
+    assert refine_block_sizes([16, 64, 1024], 32) == ([16, 32], [])
+    assert refine_block_sizes(None, 32) == ([16, 32], [])
+
+
+def test_default_sizes_that_do_not_divide_l_are_dropped_with_a_note_but_explicit_ones_are_an_error():
+    sizes, notes = refine_block_sizes(None, 40)
+    assert sizes == [40] and len(notes) == 1 and "16" in notes[0]
+    with pytest.raises(UsageError, match="does not divide"):
+        refine_block_sizes([16], 40)
+
+
+def test_variant_ids_name_the_files():
+    assert DRAFT.id == "draft"
+    assert Variant("posthoc", 0.25, 1024).id == "posthoc-g0.25-b1024"
+    assert Variant("snapshot", 1.0, 16).id == "snapshot-g1-b16"
+
+
+def test_model_labels_come_from_label_or_path():
+    assert parse_model("mix=runs/a/final") == parse_model("mix=runs/a/final")
+    assert parse_model("mix=runs/a/final").label == "mix"
+    assert parse_model("runs/a/final").label == "a-final"
+    assert parse_model("kuleshov-group/bd3lm-owt-block_size4").label == "bd3lm-owt-block_size4"
+    with pytest.raises(UsageError):
+        parse_model("bad label!=runs/a")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"gammas": [0.5, 1.5]}, "--gamma"),
+        ({"remask": ["snapshot", "best"]}, "remask strategy"),
+        ({"models": []}, "--model"),
+        ({"models": ["runs/a", "b/a"]}, "label"),
+        ({"length": 30, "draft_block_size": 4}, "does not divide"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_runs(overrides, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        tiny_settings("did-tiny", "did-tiny-judge", tmp_path, **overrides)
+
+
+# --- A tiny sweep end to end --------------------------------------------------------------------------------------
+
+
+def test_sweep_scores_the_draft_and_every_variant_once(swept):
+    out, result, _ = swept
+    rows = read_results(out / "results.jsonl")
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("tiny", "draft"),
+        ("tiny", "snapshot-g0.5-b32"),
+        ("tiny", "random-g0.5-b32"),
+    ]
+    assert (result.drafted, result.refined, result.scored, result.reused) == (1, 2, 3, 0)
+    draft, snapshot, _ = rows
+    assert snapshot["remask"] == "snapshot" and snapshot["gamma"] == 0.5 and snapshot["refine_block_size"] == 32
+    for row in rows:
+        assert row["num_samples"] == 3 and row["gen_ppl"] > 1 and row["entropy"] > 0 and row["seconds"] > 0
+    # The draft costs 31 NFEs (one token per call after BOS); a refinement adds one call per remasked token.
+    assert draft["nfes"] == draft["draft_nfes"] == 31 and draft["refine_nfes"] == 0
+    assert snapshot["nfes"] == 31 + 16 and snapshot["refine_nfes"] == 16
+
+
+def test_every_variant_refines_the_same_drafts(swept):
+    out, _, _ = swept
+    drafts = [json.loads(line) for line in (out / "tiny" / "draft.jsonl").read_text().splitlines()]
+    for name in ("snapshot-g0.5-b32", "random-g0.5-b32"):
+        refined = [json.loads(line) for line in (out / "tiny" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["draft_tokens"] for r in refined] == [d["tokens"] for d in drafts]
+
+
+def test_report_holds_the_paper_tables_and_valid_png_plots(swept):
+    out, result, _ = swept
+    text = (out / "report.md").read_text()
+    for heading in ("### Remask strategy", "### γ sweep", "### Refine block size B2", "### NFEs against gen PPL"):
+        assert heading in text
+    assert "| none (draft only) |" in text and "| snapshot |" in text and "| random |" in text
+    assert "entropy" in text and "32 (global)" in text
+    assert [p.name for p in result.plots] == ["gamma_curve.png", "nfe_pareto.png"]
+    for plot in result.plots:
+        assert plot.read_bytes()[:8] == PNG
+        assert f"]({plot.name})" in text
+
+
+def test_running_again_recomputes_nothing(swept, tiny_checkpoint, judge_folder):
+    out, first, _ = swept
+    files = sorted((out / "tiny").iterdir())
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    results = (out / "results.jsonl").read_text()
+    again = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out))
+    assert (again.drafted, again.refined, again.scored, again.reused) == (0, 0, 0, 3)
+    assert again.rows == first.rows
+    assert (out / "results.jsonl").read_text() == results
+    assert sorted((out / "tiny").iterdir()) == files
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+
+
+def test_an_interrupted_file_is_redone_and_complete_files_are_reused(swept, tiny_checkpoint, judge_folder, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(swept[0], out)
+    (out / "results.jsonl").unlink()
+    cut = out / "tiny" / "random-g0.5-b32.jsonl"
+    cut.write_text(cut.read_text()[:-40])  # a run killed while writing the last sample
+    result = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out))
+    assert (result.drafted, result.refined, result.scored) == (0, 1, 3)
+    assert [r["gen_ppl"] for r in result.rows] == [r["gen_ppl"] for r in swept[1].rows]
+
+
+def test_changed_settings_are_not_served_from_old_rows(swept, tiny_checkpoint, judge_folder, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(swept[0], out)
+    result = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out, num_samples=2, remask=["snapshot"]))
+    assert (result.drafted, result.refined, result.scored, result.reused) == (1, 1, 2, 0)
+    assert all(r["num_samples"] == 2 for r in result.rows)
+
+
+def test_events_report_steps_and_the_end(swept):
+    _, _, events = swept
+    steps = [e for e in events if e.kind == "step"]
+    assert steps[0].steps == 3 and steps[-1].step == 3
+    assert any(e.kind == "progress" and e.unit == "samples" for e in events)
+
+
+# --- The report alone ---------------------------------------------------------------------------------------------
+
+
+def test_report_without_matplotlib_says_so_in_one_line(swept, tmp_path, monkeypatch):
+    shutil.copy(swept[0] / "results.jsonl", tmp_path / "results.jsonl")
+    monkeypatch.setattr(report, "_figure_classes", lambda: None)
+    written = write_report(tmp_path)
+    text = written.path.read_text()
+    assert written.plots == [] and not list(tmp_path.glob("*.png"))
+    assert text.count(report.NO_PLOTS) == 1 and "### Remask strategy" in text
+
+
+def test_several_models_get_a_side_by_side_table_and_a_section_each(swept):
+    rows = read_results(swept[0] / "results.jsonl")
+    other = [{**row, "model": "other"} for row in rows]
+    text = render_report(rows + other)
+    assert "## Models side by side" in text and "| tiny gen PPL | tiny entropy | other gen PPL |" in text
+    assert "## tiny" in text and "## other" in text
+
+
+def test_pareto_front_keeps_points_nothing_beats():
+    points = [(31, 100.0), (47, 90.0), (47, 95.0), (62, 90.0), (40, 120.0)]
+    assert pareto_front(points) == [0, 1]
