@@ -168,8 +168,8 @@ class _Loop:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and snapshot confidences [B, k] drawn at block positions `gather` [B, k] (CPU)."""
         self.model_calls += 1
-        draws = self.draws[:, start:end].gather(1, gather).to(self.device, non_blocking=True)
-        index = gather.to(self.device, non_blocking=True)
+        draws = self._to_device(self.draws[:, start:end].gather(1, gather))
+        index = self._to_device(gather)
         if cache is not None:
             logits = self.model(self.tokens[:, start:end], self.block_size, cache=cache, select=index)
         else:
@@ -188,12 +188,18 @@ class _Loop:
         self, start: int, end: int, scatter: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor
     ) -> None:
         # Scatter into the block plus one trash column, so padded slots never collide with real positions.
-        index = scatter.to(self.device, non_blocking=True)
+        index = self._to_device(scatter)
         for target, values in ((self.tokens, tokens), (self.confidence, confidence)):
             block = target[:, start:end]
             extended = torch.cat((block, block[:, :1]), dim=1)
             extended.scatter_(1, index, values.to(extended.dtype))
             block.copy_(extended[:, :-1])
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        # A copy from pageable memory waits for the device to drain; from pinned memory it is queued like a kernel.
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def _account(self, start: int, end: int, commit: torch.Tensor, counts: torch.Tensor) -> None:
         self.masked[:, start:end] &= ~commit

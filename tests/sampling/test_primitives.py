@@ -67,3 +67,17 @@ def test_temperature_sharpens_sampling_but_not_recorded_confidence():
     assert (cold == 0).float().mean() > 0.99
     raw0 = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)[0]
     assert abs(float(conf[cold == 0][0]) - float(raw0)) < 1e-6
+
+
+def test_top_k_shortcut_gives_the_same_draws_as_a_full_sort(monkeypatch):
+    import did_cli.sampling.primitives as primitives
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 8.0):  # flat (full-sort fallback) to peaked (nucleus inside the top k)
+        logits = torch.randn(64, 3000, generator=g) * scale
+        u = torch.rand(64, generator=g, dtype=torch.float64)
+        fast = sample_from_logits(logits, u, mask_id=2999, top_p=0.9)
+        with monkeypatch.context() as patch:
+            patch.setattr(primitives, "_descending", lambda p, top_p: torch.sort(p, dim=-1, descending=True))
+            slow = sample_from_logits(logits, u, mask_id=2999, top_p=0.9)
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
