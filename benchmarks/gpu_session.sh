@@ -16,3 +16,9 @@ python -m benchmarks.sampling --shape small --length 1024 --device cuda --dtype 
   --tokens-per-call 4 --no-baseline 2>&1 | tee "$OUT/sampling_bf16_k4.md"
 python -m benchmarks.training --shape small --length 1024 --mix 4,16,1024 --batch-size 16 --device cuda \
   2>&1 | tee "$OUT/training.md"
+# Before/after for the sync-free sampler loop: the previous commit's did_cli (carried in scratch/old) under the
+# same benchmark script, drafting only.
+if [ -d scratch/old/did_cli ]; then
+  (cd scratch/old && PYTHONPATH=$OLDPWD python -m benchmarks.sampling --shape small --length 1024 --device cuda \
+    --dtype bfloat16 --batch-sizes 1,16 --no-refine --no-baseline 2>&1 | tee "$OUT/sampling_bf16_before.md")
+fi

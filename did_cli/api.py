@@ -17,13 +17,27 @@ import torch
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model
 from did_cli.config import DraftSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
+from did_cli.evaluation import eval_ppl
 from did_cli.model import BD3LM
 from did_cli.provenance import device_info, model_info, tokenizer_info, versions
 from did_cli.records import Record
 from did_cli.sampling.draft import draft as draft_batch
 from did_cli.sampling.refine import refine as refine_batch
+from did_cli.sweep import run_sweep
+from did_cli.training.loop import finetune
 
-__all__ = ["Progress", "draft", "refine", "generate", "load_model", "load_tokenizer", "save_model"]
+__all__ = [
+    "Progress",
+    "draft",
+    "eval_ppl",
+    "finetune",
+    "generate",
+    "load_model",
+    "load_tokenizer",
+    "refine",
+    "run_sweep",
+    "save_model",
+]
 
 
 @dataclass
@@ -182,6 +196,7 @@ def _refine_batch(
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
     length = tokens.shape[1]
     for row, record in enumerate(batch):
+        remasked = result.remasked[row].nonzero().flatten().tolist()
         stage = {
             "kind": "refine",
             "block_size": settings.block_size or length,
@@ -190,7 +205,10 @@ def _refine_batch(
             "kv_cache": settings.kv_cache,
             **dataclasses.asdict(settings.unmasking),
             "seed": seed,
-            "remasked": result.remasked[row].nonzero().flatten().tolist(),
+            "remasked": remasked,
+            # What the remasked positions held before this stage, so a viewer can compare before and after.
+            "previous_tokens": [record.tokens[i] for i in remasked],
+            "previous_confidence": [record.confidence[i] for i in remasked],
             "nfes": result.nfes[row],
             "model_calls": result.model_calls,
             "cache_calls": result.cache_calls,

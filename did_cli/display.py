@@ -82,10 +82,9 @@ class TokenView:
 class SampleSummary:
     """The numbers in a sample's one-line summary, all over generated positions (the prompt excluded).
 
-    The draft's confidence at a remasked position is overwritten by refinement and not stored in records, so no
-    "before" mean exists for remasked tokens. What the record supports truthfully is the mean over the remasked
-    positions after refinement, next to the mean over the kept positions, whose confidence the last refinement
-    did not touch (for a single refinement, that is still the draft's confidence).
+    Refine stages record `previous_confidence` (the confidence each remasked position held before the stage), so
+    the remasked positions' mean before and after the last refinement can be compared; records written before that
+    field existed only support the after value.
 
     Attributes:
         generated: number of generated positions.
@@ -94,6 +93,7 @@ class SampleSummary:
         remasked: positions remasked by the last refinement (None for a draft).
         mean_confidence: mean over all generated positions (None when nothing was generated).
         mean_remasked: mean over the last refinement's remasked positions, after it (None if there are none).
+        mean_remasked_before: the same positions' mean before the last refinement (None when not recorded).
         mean_kept: mean over generated positions the last refinement kept (None if there are none).
         last_refine: the last refine stage's settings, or None for a draft.
     """
@@ -106,6 +106,7 @@ class SampleSummary:
     mean_remasked: float | None
     mean_kept: float | None
     last_refine: dict[str, Any] | None
+    mean_remasked_before: float | None = None
 
 
 def token_texts(tokenizer: Any, ids: Iterable[int]) -> dict[int, str]:
@@ -181,6 +182,7 @@ def summarize(record: Record) -> SampleSummary:
         mean_remasked=_mean([conf[i] for i in generated if i in remasked]) if stage is not None else None,
         mean_kept=_mean([conf[i] for i in generated if i not in remasked]) if stage is not None else None,
         last_refine=stage,
+        mean_remasked_before=_mean(list(stage.get("previous_confidence") or [])) if stage is not None else None,
     )
 
 
@@ -195,12 +197,12 @@ def summary_line(summary: SampleSummary) -> str:
     stage = summary.last_refine
     settings = f"{stage.get('remask', '?')}, γ={stage.get('gamma', '?')}, B2={stage.get('block_size', '?')}"
     changed = "?" if summary.changed is None else summary.changed
+    before = "(before not recorded)" if summary.mean_remasked_before is None else _fmt(summary.mean_remasked_before)
     plural = "refinement" if summary.refinements == 1 else "refinements"
     return (
         f"refined ({summary.refinements} {plural}): {changed} of {summary.generated} generated tokens differ from "
         f"the draft; {summary.remasked} remasked by the last refinement ({settings}); mean confidence: remasked "
-        f"{_fmt(summary.mean_remasked)} after refinement (draft value not recorded), kept {_fmt(summary.mean_kept)}, "
-        f"all {_fmt(summary.mean_confidence)}"
+        f"{before} → {_fmt(summary.mean_remasked)}, kept {_fmt(summary.mean_kept)}, all {_fmt(summary.mean_confidence)}"
     )
 
 

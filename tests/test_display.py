@@ -114,7 +114,16 @@ def test_summary_of_a_refined_record_splits_remasked_from_kept():
     assert math.isclose(summary.mean_kept, (0.1 + 0.9) / 2)
     line = display.summary_line(summary)
     assert line.startswith("refined (1 refinement): 1 of 4 generated tokens differ from the draft; 2 remasked")
-    assert "snapshot, γ=0.5, B2=5" in line and "remasked 0.600 after refinement" in line and "kept 0.500" in line
+    assert "snapshot, γ=0.5, B2=5" in line and "remasked (before not recorded) → 0.600" in line
+    assert "kept 0.500" in line
+
+
+def test_summary_compares_remasked_confidence_before_and_after_when_recorded():
+    record = _refined()
+    record.stages[-1]["previous_confidence"] = [0.2, 0.4]
+    summary = display.summarize(record)
+    assert math.isclose(summary.mean_remasked_before, 0.3)
+    assert "remasked 0.300 → 0.600" in display.summary_line(summary)
 
 
 def test_plain_rendering_uses_brackets_and_arrows():
