@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from did_cli.config import ModelConfig
-from did_cli.errors import ModelLoadError
+from did_cli.errors import ModelLoadError, UsageError
 from did_cli.model import BD3LM
 
 ASSETS = Path(__file__).parent / "assets"
@@ -146,7 +146,10 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """`auto`/None → CUDA when available, else CPU; anything else as given."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but no CUDA device is available")
     return device
@@ -220,8 +223,10 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        parameters = {name for name, _ in model.named_parameters()}
+        # Only parameters take the storage dtype: buffers (rotary frequencies, eps metadata) stay exact.
         state = {
-            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            k: (v.to(dtype) if dtype is not None and k in parameters else v).detach().cpu().contiguous()
             for k, v in model.state_dict().items()
         }
         save_file(state, str(staging / _WEIGHTS), metadata={"format": "pt"})

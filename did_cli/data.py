@@ -157,20 +157,33 @@ def tokenize_corpus(
 
 
 def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | None) -> None:
+    import datasets
+
     documents = load_documents(spec)
     eos = tokenizer.eos_token_id
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         return {"ids": [row + [eos] for row in ids]}
 
-    encoded = documents.map(encode, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing")
-    count = len(encoded)
-    held_out = max(1, round(count * spec.val_fraction)) if count > 1 and spec.val_fraction > 0 else 0
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
+        # The intermediate Arrow table lives in the staging folder (deleted below) with the final integer width,
+        # instead of an int64 copy of the whole tokenised corpus left in the datasets cache.
+        features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name))})
+        encoded = documents.map(
+            encode,
+            batched=True,
+            remove_columns=["text"],
+            num_proc=num_proc,
+            features=features,
+            cache_file_name=str(staging / "tokenized.arrow"),
+            desc="tokenizing",
+        )
+        count = len(encoded)
+        held_out = max(1, round(count * spec.val_fraction)) if count > 1 and spec.val_fraction > 0 else 0
         sizes = {}
         for split, rows in (("train", range(count - held_out)), ("valid", range(count - held_out, count))):
             total = 0
@@ -193,6 +206,9 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
             "vocab_size": len(tokenizer),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        del encoded
+        for arrow in staging.glob("tokenized*.arrow"):
+            arrow.unlink()
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)

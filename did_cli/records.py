@@ -118,25 +118,27 @@ class RecordWriter:
     """
 
     def __init__(self, out: str | Path | None = None) -> None:
-        if out is None or str(out) == "-":
-            self._stream: IO[str] = sys.stdout
-            self._owned = False
-        else:
-            path = Path(out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._stream = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            self._owned = True
+        self._path = None if out is None or str(out) == "-" else Path(out)
+        self._stream: IO[str] | None = sys.stdout if self._path is None else None
         self.count = 0
 
     def write(self, record: Record) -> None:
-        """Append one record and flush it."""
+        """Append one record and flush it.
+
+        The file is created at the first record, so a run that fails before producing anything leaves an existing
+        file untouched.
+        """
+        if self._stream is None:
+            assert self._path is not None
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._stream = open(self._path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._stream.write(record.to_json() + "\n")
         self._stream.flush()
         self.count += 1
 
     def close(self) -> None:
         """Close the file (stdout stays open)."""
-        if self._owned:
+        if self._path is not None and self._stream is not None:
             self._stream.close()
 
     def __enter__(self) -> RecordWriter:
@@ -144,3 +146,11 @@ class RecordWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def same_file(first: str | Path | None, second: str | Path | None) -> bool:
+    """Whether two paths name the same existing file (writing one would destroy the other)."""
+    if first is None or second is None or str(first) == "-" or str(second) == "-":
+        return False
+    a, b = Path(first), Path(second)
+    return a.exists() and b.exists() and a.samefile(b)

@@ -173,3 +173,14 @@ def test_tokenizer_that_reaches_the_mask_id_is_refused(tmp_path, char_tokenizer)
 def test_bfloat16_loading(tiny_checkpoint):
     model = load_model(str(tiny_checkpoint), dtype="bfloat16")
     assert model.dtype == torch.bfloat16
+
+
+def test_bf16_saving_keeps_buffers_exact_and_rotary_uses_fp32(tmp_path, char_tokenizer):
+    model = make_tiny_model()
+    folder = save_model(model, tmp_path / "b", char_tokenizer, dtype=torch.bfloat16)
+    saved = load_file(str(folder / "model.safetensors"))
+    assert saved["backbone.blocks.0.attn_qkv.weight"].dtype == torch.bfloat16
+    assert saved["backbone.rotary_emb.inv_freq"].dtype == torch.float32
+    cos, _ = model.to(torch.bfloat16).backbone.rotary_emb(torch.arange(1000))
+    exact = torch.cos(torch.outer(torch.arange(1000).float(), 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))))
+    torch.testing.assert_close(cos[:, :4], exact, atol=1e-5, rtol=0)

@@ -36,8 +36,14 @@ def _silence_stdout() -> None:
         pass
 
 
-def handle_errors(command: F) -> F:
-    """Wrap a Typer command so DidError, a closed pipe and Ctrl-C end it the way users expect."""
+def handle_errors(command: F | None = None, *, on_interrupt: str = "interrupted") -> Any:
+    """Wrap a Typer command so DidError, a closed pipe and Ctrl-C end it the way users expect.
+
+    Use bare (`@handle_errors`) or with the line to print on Ctrl-C (`@handle_errors(on_interrupt=...)`), which
+    should say what the interruption kept.
+    """
+    if command is None:
+        return functools.partial(handle_errors, on_interrupt=on_interrupt)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,7 +59,7 @@ def handle_errors(command: F) -> F:
             _silence_stdout()
             raise typer.Exit(0) from None
         except KeyboardInterrupt:
-            _say("interrupted: every sample finished before now has been written")
+            _say(on_interrupt)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise

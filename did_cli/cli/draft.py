@@ -37,7 +37,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | No
     return prompts
 
 
-@handle_errors
+@handle_errors(on_interrupt="interrupted: every finished sample has been written")
 def draft(
     model: o.Model = o.DEFAULTS["model"],
     tokenizer: o.Tokenizer = None,
@@ -65,7 +65,7 @@ def draft(
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
     loaded, tok = load(model, tokenizer, revision, device, dtype)
     settings = DraftSettings(
-        length=length or loaded.config.model_length,
+        length=loaded.config.model_length if length is None else length,
         block_size=block_size,
         kv_cache=not no_kv_cache,
         unmasking=sampling,

@@ -48,7 +48,7 @@ PerSample = Annotated[
 stderr = Console(stderr=True)
 
 
-@handle_errors
+@handle_errors(on_interrupt="interrupted: no result was written")
 def eval_ppl(
     files: Files,
     judge: JudgeName = evaluation.DEFAULT_JUDGE,

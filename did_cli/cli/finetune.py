@@ -36,7 +36,7 @@ def _print_event(event: dict[str, Any]) -> None:
         stderr.print(f"[bold green]done[/]: {event['steps']} steps, exported EMA weights to {event['final']}")
 
 
-@handle_errors
+@handle_errors(on_interrupt="interrupted: continue from the last checkpoint with --resume")
 def finetune(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Checkpoint to start from (default: BD3-LM's block-1024 pretrain).")

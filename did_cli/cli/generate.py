@@ -11,7 +11,7 @@ from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import Reporter, load, unmasking, write_records
 from did_cli.cli.draft import Length, NumSamples, Prompt, PromptFile, read_prompts
-from did_cli.config import DraftSettings, RefineSettings
+from did_cli.config import DraftSettings, RefineSettings, check_block_size
 from did_cli.errors import UsageError
 
 Stages = Annotated[
@@ -53,7 +53,7 @@ def parse_gammas(gammas: str, refine_stages: int) -> list[float]:
     return values
 
 
-@handle_errors
+@handle_errors(on_interrupt="interrupted: every finished sample has been written")
 def generate(
     model: o.Model = o.DEFAULTS["model"],
     tokenizer: o.Tokenizer = None,
@@ -82,9 +82,15 @@ def generate(
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
     prompts = read_prompts(prompt, prompt_file)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
+    if length is not None and stages is not None:
+        # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
+        for size in parse_stages(stages, block_size, length):
+            check_block_size(size, length)
     loaded, tok = load(model, tokenizer, revision, device, dtype)
-    length = length or loaded.config.model_length
+    length = loaded.config.model_length if length is None else length
     sizes = parse_stages(stages, block_size, length)
+    for size in sizes:
+        check_block_size(size, length)
     gammas = parse_gammas(gamma, len(sizes) - 1)
     draft_settings = DraftSettings(length=length, block_size=sizes[0], kv_cache=not no_kv_cache, unmasking=sampling)
     refine_settings = [

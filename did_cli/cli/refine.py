@@ -11,7 +11,8 @@ from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import Reporter, load, unmasking, write_records
 from did_cli.config import RefineSettings
-from did_cli.records import read_records
+from did_cli.errors import UsageError
+from did_cli.records import read_records, same_file
 
 Input = Annotated[str, typer.Argument(help="Draft records (JSONL file), or - for stdin.")]
 Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tokens to remask, in [0, 1].")]
@@ -21,7 +22,7 @@ BlockSize = Annotated[
 Remask = Annotated[str, typer.Option("--remask", help="Which tokens to remask: snapshot, posthoc or random.")]
 
 
-@handle_errors
+@handle_errors(on_interrupt="interrupted: every finished sample has been written")
 def refine(
     input: Input = "-",
     model: o.Model = o.DEFAULTS["model"],
@@ -52,6 +53,8 @@ def refine(
         kv_cache=not no_kv_cache,
         unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
     )
+    if same_file(input, out):
+        raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
     records = read_records(input)
     loaded, tok = load(model, tokenizer, revision, device, dtype)
     with Reporter(quiet, None) as reporter:

@@ -64,7 +64,7 @@ def parse_list(text: str, flag: str, kind: type) -> list[Any]:
     return values
 
 
-@handle_errors
+@handle_errors(on_interrupt="interrupted: finished variants are kept; run the same command again to continue")
 def sweep(
     model: Models = None,
     judge: Judge = DEFAULT_JUDGE,

@@ -100,6 +100,11 @@ def _build_model(settings: FinetuneSettings, length: int | None) -> tuple[BD3LM,
     return model, tokenizer
 
 
+def _last_good(out: Path) -> str:
+    kept = _checkpoints(out / "checkpoints")
+    return f"; the last good checkpoint is {kept[-1][1]}" if kept else "; no checkpoint was saved yet"
+
+
 def _precision(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -194,6 +199,8 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
         accelerator.init_trackers("did-finetune", config={k: str(v) for k, v in dataclasses.asdict(settings).items()})
 
     start = 0
+    if existing and existing[-1][0] > settings.steps:
+        raise UsageError(f"{out} already holds step {existing[-1][0]}, past --steps {settings.steps}")
     if existing:
         step_done, folder = existing[-1]
         accelerator.load_state(str(folder))
@@ -307,7 +314,9 @@ class _Run:
             eps_min=eps_min,
             eps_max=eps_max,
         )
-        rows = slice(self.rank * self.rows_per_rank, (self.rank + 1) * self.rows_per_rank)
+        # Interleaved rows: t is stratified along the batch, so contiguous slices would give one rank all the
+        # heavily masked rows (and most of the vocabulary projections); every rank gets an even spread instead.
+        rows = slice(self.rank, None, self.settings.batch_size // self.rows_per_rank)
         device = self.accelerator.device
         return clean[rows].to(device), noisy[rows].to(device), t_token[rows].to(device)
 
@@ -334,12 +343,17 @@ class _Run:
             step_loss = accelerator.reduce(step_loss, reduction="mean")
             last_loss = float(step_loss)
             if not math.isfinite(last_loss):
-                kept = _checkpoints(self.out / "checkpoints")
-                where = f"; the last good checkpoint is {kept[-1][1]}" if kept else ""
                 raise TrainingDivergedError(
-                    f"the loss became {last_loss} at step {step + 1} (block size {block_size}){where}"
+                    f"the loss became {last_loss} at step {step + 1} (block size {block_size})" + _last_good(self.out)
                 )
-            accelerator.clip_grad_norm_(self.objective.parameters(), settings.grad_clip)
+            grad_norm = accelerator.clip_grad_norm_(self.objective.parameters(), settings.grad_clip)
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                # Gradients are all-reduced, so every rank sees the same norm and stops together, before the step
+                # that would poison the weights, the EMA and the next checkpoint.
+                raise TrainingDivergedError(
+                    f"the gradient norm became {float(grad_norm)} at step {step + 1} (block size {block_size})"
+                    + _last_good(self.out)
+                )
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -171,3 +171,21 @@ def test_closed_pipe_exits_quietly(tiny_checkpoint):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert len(result.stdout.splitlines()) == 1
+
+
+def test_refine_refuses_to_overwrite_its_input_and_failures_keep_existing_outputs(tiny_checkpoint, tmp_path):
+    drafts = tmp_path / "d.jsonl"
+    runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "2", "--out", str(drafts)])
+    before = drafts.read_text()
+    result = runner.invoke(app, ["refine", str(drafts), "-m", str(tiny_checkpoint), "--out", str(drafts)])
+    assert result.exit_code == 2 and "is the input file" in result.stderr
+    assert drafts.read_text() == before
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = runner.invoke(app, ["refine", str(empty), "-m", str(tiny_checkpoint), "--out", str(drafts)])
+    assert result.exit_code == 2 and drafts.read_text() == before
+
+
+def test_unknown_device_is_a_usage_error(tiny_checkpoint):
+    result = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "--device", "gpu"])
+    assert result.exit_code == 2 and "unknown device" in result.stderr

@@ -200,3 +200,36 @@ def test_two_process_accelerate_run_keeps_replicas_identical(tmp_path, tiny_chec
     assert summary["processes"] == 2 and summary["replicas_in_sync"] is True
     state = load_file(str(out / "checkpoints" / "step_00000006" / "model.safetensors"))
     assert any(key.startswith("denoiser.") for key in state)
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward (a finite loss), infinite backward: what a bf16 overflow in the backward pass looks like."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradients_stop_before_the_step(tmp_path, tiny_checkpoint, corpus, monkeypatch):
+    calls = {"n": 0}
+    real = loop.nelbo_sum
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return _InfiniteGradient.apply(value) if calls["n"] > 2 * 12 else value  # from step 13
+
+    monkeypatch.setattr(loop, "nelbo_sum", exploding)
+    with pytest.raises(TrainingDivergedError, match="gradient norm became .* at step 13.*step_00000010"):
+        finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000010"]
+
+
+def test_resume_past_the_requested_steps_is_refused(tmp_path, tiny_checkpoint, corpus):
+    finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
+    with pytest.raises(UsageError, match="past --steps 10"):
+        finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=10, resume=True))
