@@ -1,6 +1,6 @@
 """Copy the trained tiny models into the package as `did-tiny` and `did-tiny-judge` (bf16 weights, small files).
 
-    python examples/tiny/ship.py --model runs/tiny-mix/final --judge runs/tiny-judge/final
+python examples/tiny/ship.py --model runs/tiny-mix/final --judge runs/tiny-judge/final
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ def main() -> None:
 
     model = load_model(args.model, device="cpu")
     tokenizer = load_tokenizer(model)
-    model.config = dataclasses.replace(
-        model.config, extra={**model.config.extra, "did_name": "did-tiny", "did_note": "demo model; see docs/tiny-models.md"}
-    )
+    note = {"did_name": "did-tiny", "did_note": "demo model; see docs/tiny-models.md"}
+    model.config = dataclasses.replace(model.config, extra={**model.config.extra, **note})
     save_model(model, EMBEDDED["did-tiny"], tokenizer, dtype=torch.bfloat16)
 
     judge_dir = EMBEDDED["did-tiny-judge"]
