@@ -234,6 +234,7 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         (staging / "config.json").write_text(json.dumps(body, indent=2) + "\n")
+        _default_permissions(staging)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -241,6 +242,16 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _default_permissions(folder: Path) -> None:
+    # mkdtemp creates a 0700 folder (and some writers 0600 files); give the checkpoint the permissions a normal
+    # `mkdir`/`open` would, so other users of a shared machine can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for file in folder.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import UsageError
-from did_cli.evaluation import DEFAULT_JUDGE
+from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings
 from did_cli.sweep import EventFn, SweepEvent, SweepSettings, run_sweep
 
 Models = Annotated[
@@ -80,6 +80,9 @@ def sweep(
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     out: OutDir = Path("sweep"),
+    degenerate_entropy: Annotated[
+        float, typer.Option("--degenerate-entropy", help="Flag samples whose unigram entropy (nats) is below this.")
+    ] = 4.0,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
@@ -98,6 +101,7 @@ def sweep(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        evaluation=EvalSettings(degenerate_entropy=degenerate_entropy),
     )
     with _events(quiet) as on_event:
         result = run_sweep(settings, on_event)

@@ -34,6 +34,8 @@ def main() -> None:
     judge = AutoModelForCausalLM.from_pretrained(args.judge, dtype=torch.bfloat16)
     judge.save_pretrained(judge_dir)
     PreTrainedTokenizerFast.from_pretrained(args.judge).save_pretrained(judge_dir)
+    for file in judge_dir.iterdir():
+        file.chmod(0o644)  # package data: readable by every user of an installation
     for folder in (EMBEDDED["did-tiny"], judge_dir):
         size = sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**20
         print(f"{folder}: {size:.1f} MiB")
