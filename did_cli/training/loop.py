@@ -249,9 +249,17 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     final = out / "final"
     if accelerator.is_main_process:
         # Record how the exported weights were trained; BD3-LM's `block_size` field keeps the smallest size.
+        # The noise interval goes where BD3-LM keeps it: the config fields and the sampling_eps_min/max buffers.
+        eps_min, eps_max = settings.clip
         denoiser.config = dataclasses.replace(
-            denoiser.config, block_size=mix.sizes[0], extra={**denoiser.config.extra, "did_training_mix": mix.spec}
+            denoiser.config,
+            block_size=mix.sizes[0],
+            sampling_eps_min=eps_min,
+            sampling_eps_max=eps_max,
+            extra={**denoiser.config.extra, "did_training_mix": mix.spec},
         )
+        denoiser.sampling_eps_min.fill_(eps_min)
+        denoiser.sampling_eps_max.fill_(eps_max)
         with ema.swapped_in(denoiser):
             save_model(denoiser, final, tokenizer)
         summary = {

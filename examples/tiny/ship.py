@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,19 @@ def main() -> None:
     model = load_model(args.model, device="cpu")
     tokenizer = load_tokenizer(model)
     note = {"did_name": "did-tiny", "did_note": "demo model; see docs/tiny-models.md"}
-    model.config = dataclasses.replace(model.config, extra={**model.config.extra, **note})
+    # The tokenizer ships in the folder, so the training-time tokenizer path is dropped; the clip interval the run
+    # used is recorded where BD3-LM keeps it (runs exported before did recorded it themselves).
+    run = json.loads((Path(args.model).parent / "settings.json").read_text())["settings"]
+    eps_min, eps_max = run["clip"]
+    model.config = dataclasses.replace(
+        model.config,
+        tokenizer=None,
+        sampling_eps_min=eps_min,
+        sampling_eps_max=eps_max,
+        extra={**model.config.extra, **note},
+    )
+    model.sampling_eps_min.fill_(eps_min)
+    model.sampling_eps_max.fill_(eps_max)
     save_model(model, EMBEDDED["did-tiny"], tokenizer, dtype=torch.bfloat16)
 
     judge_dir = EMBEDDED["did-tiny-judge"]
