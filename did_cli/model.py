@@ -240,7 +240,7 @@ class BD3LM(nn.Module):
         block_size: int | None = None,
         *,
         cache: KVCache | None = None,
-        commit: bool = False,
+        commit: bool | int = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states [B, n, D] and the conditioning vector, before the output layer.
 
@@ -249,7 +249,8 @@ class BD3LM(nn.Module):
             block_size: B; None or any size covering all positions means one bidirectional block.
             cache: optional KV cache; the tokens then sit at positions `cache.length..cache.length+n-1` and see the
                 whole cached prefix.
-            commit: with a cache, keep the new keys/values as part of the prefix.
+            commit: with a cache, keep the new keys/values as part of the prefix: True for all n tokens, or the
+                number of leading tokens to keep (clean blocks that were run together with the next noisy block).
         """
         n = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
@@ -258,7 +259,7 @@ class BD3LM(nn.Module):
         mask = block_causal_mask(n, size, offset=offset, device=input_ids.device)
         hidden, cond = self._run_blocks(input_ids, positions, mask, cache)
         if cache is not None and commit:
-            cache.commit(n)
+            cache.commit(n if commit is True else int(commit))
         return hidden, cond
 
     def logits(self, hidden: torch.Tensor, cond: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
@@ -284,19 +285,22 @@ class BD3LM(nn.Module):
         *,
         cache: KVCache | None = None,
         select: torch.Tensor | None = None,
+        commit: int = 0,
     ) -> torch.Tensor:
         """Block-causal denoising logits (BD3-LM's sample-mode forward, before the SUBS parameterisation).
 
         Args:
             input_ids: [B, n] token ids.
             block_size: B; None or any B >= the sequence means fully bidirectional (MDLM).
-            cache: optional KV cache with the clean prefix; the call does not commit to it.
+            cache: optional KV cache with the clean prefix; by default the call does not commit to it.
+            commit: with a cache, how many leading (clean, block-aligned) tokens to append to the prefix, so a
+                finished block and the next noisy block share one forward pass.
             select: optional bool mask [B, n] or int64 positions [B, k]; only those positions get logits.
 
         Returns:
             [B, n, V] raw logits; [N, V] (row-major) for a bool `select`, [B, k, V] for positions.
         """
-        hidden, cond = self.hidden_states(input_ids, block_size, cache=cache)
+        hidden, cond = self.hidden_states(input_ids, block_size, cache=cache, commit=commit)
         return self.logits(hidden, cond, select)
 
     def extend_cache(self, input_ids: torch.Tensor, cache: KVCache, block_size: int) -> None:

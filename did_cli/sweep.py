@@ -357,6 +357,7 @@ def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> Sweep
             emit(SweepEvent("note", f"{plan.spec.label}: {note}"))
     run = _Run(settings, out, emit, _index(read_results(out / RESULTS)), sum(len(p.variants) for p in plans))
     rows = [row for plan in plans for row in run.model(plan)]
+    rows += _earlier_compatible(run.done, plans, rows)
     emit(SweepEvent("step", "writing the report", run.step, run.steps))
     report = write_report(
         out, rows, base_gamma=settings.base_gamma, base_refine_block_size=settings.base_refine_block_size
@@ -618,6 +619,23 @@ def _refined_match(records: list[Record], drafts: list[Record], variant: Variant
 
 def _key(label: str, variant: str, config: dict[str, Any]) -> tuple[str, str, str]:
     return label, variant, json.dumps(config, sort_keys=True)
+
+
+def _earlier_compatible(
+    done: dict[tuple[str, str, str], dict[str, Any]], plans: list[_ModelPlan], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Rows of earlier runs in the same folder made with the same models and settings but other variants.
+
+    They belong in the report: a strategy ablation and a gamma sweep run as two commands on one folder share their
+    drafts and judge, so the report should show both.
+    """
+    configs = {(plan.spec.label, json.dumps(plan.config, sort_keys=True)) for plan in plans}
+    present = {(row.get("model"), row.get("variant")) for row in rows}
+    return [
+        row
+        for (label, variant, config), row in done.items()
+        if (label, config) in configs and (label, variant) not in present
+    ]
 
 
 def _index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:

@@ -212,3 +212,12 @@ def test_several_models_get_a_side_by_side_table_and_a_section_each(swept):
 def test_pareto_front_keeps_points_nothing_beats():
     points = [(31, 100.0), (47, 90.0), (47, 95.0), (62, 90.0), (40, 120.0)]
     assert pareto_front(points) == [0, 1]
+
+
+def test_report_keeps_compatible_variants_of_earlier_runs(tiny_checkpoint, judge_folder, tmp_path):
+    out = tmp_path / "out"
+    run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out, remask=["random"]))
+    result = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out, remask=["snapshot"], gammas=[0.25]))
+    variants = {row["variant"] for row in result.rows}
+    assert {"draft", "random-g0.5-b32", "snapshot-g0.25-b32"} <= variants
+    assert "random" in (out / "report.md").read_text()

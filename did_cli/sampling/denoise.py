@@ -83,8 +83,10 @@ def denoise(
         end = min(start + block_size, length)
         if not loop.masked[:, start:end].any():
             continue
-        if cache is not None and cache.length < start:
-            model.extend_cache(loop.tokens[:, cache.length : start], cache, block_size)
+        if cache is not None and cache.length < start - block_size:
+            # A run of clean blocks (a prompt, or blocks refinement left alone) goes into the cache in one call;
+            # the last clean block is kept back to ride along with this block's first call.
+            model.extend_cache(loop.tokens[:, cache.length : start - block_size], cache, block_size)
             loop.cache_calls += 1
         loop.denoise_block(start, end, cache)
     return DenoiseResult(loop.tokens, loop.confidence, loop.nfes, loop.model_calls, loop.cache_calls)
@@ -171,7 +173,12 @@ class _Loop:
         draws = self._to_device(self.draws[:, start:end].gather(1, gather))
         index = self._to_device(gather)
         if cache is not None:
-            logits = self.model(self.tokens[:, start:end], self.block_size, cache=cache, select=index)
+            # The finished block before this one is appended to the cache by this same forward pass (block-causal
+            # among the new tokens, so it sees exactly what a separate append would): one weight read saved per
+            # block, which is what bounds a small-batch call.
+            lag = start - cache.length
+            tokens = self.tokens[:, cache.length : end]
+            logits = self.model(tokens, self.block_size, cache=cache, select=index + lag, commit=lag)
         else:
             logits = self.model(self.tokens[:, :end], self.block_size, select=index + start)
         batch, k, vocab = logits.shape
