@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from did_cli.config import ModelConfig
 from did_cli.errors import ModelLoadError, UsageError
+from did_cli.files import atomic_folder
 from did_cli.model import BD3LM
 
 ASSETS = Path(__file__).parent / "assets"
@@ -220,9 +219,7 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
         dtype: optional dtype for the stored weights (e.g. bfloat16 to halve the file).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         parameters = {name for name, _ in model.named_parameters()}
         # Only parameters take the storage dtype: buffers (rotary frequencies, eps metadata) stay exact.
         state = {
@@ -230,28 +227,10 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
             for k, v in model.state_dict().items()
         }
         save_file(state, str(staging / _WEIGHTS), metadata={"format": "pt"})
-        body = model.config.to_json_dict()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        (staging / "config.json").write_text(json.dumps(body, indent=2) + "\n")
-        _default_permissions(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        (staging / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2) + "\n")
     return folder
-
-
-def _default_permissions(folder: Path) -> None:
-    # mkdtemp creates a 0700 folder (and some writers 0600 files); give the checkpoint the permissions a normal
-    # `mkdir`/`open` would, so other users of a shared machine can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for file in folder.iterdir():
-        os.chmod(file, 0o666 & ~umask)
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from did_cli.errors import DataError
+from did_cli.files import atomic_folder
 
 _FORMAT_VERSION = 1
 _SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -167,9 +166,7 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         return {"ids": [row + [eos] for row in ids]}
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         # The intermediate Arrow table lives in the staging folder (deleted below) with the final integer width,
         # instead of an int64 copy of the whole tokenised corpus left in the datasets cache.
         features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name))})
@@ -209,12 +206,6 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
         del encoded
         for arrow in staging.glob("tokenized*.arrow"):
             arrow.unlink()
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 class PackedRows:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from did_cli.files import write_atomically
 
 __all__ = [
     "REPORT",
@@ -435,7 +436,7 @@ def _judge_name(rows: Sequence[Row]) -> str:
 
 
 def _save(figure: Any, path: Path) -> None:
-    _atomic(path, lambda staging: figure.savefig(staging, dpi=150, format="png"))
+    write_atomically(path, lambda staging: figure.savefig(staging, dpi=150, format="png"))
 
 
 # --- Writing ----------------------------------------------------------------------------------------------------------
@@ -488,21 +489,5 @@ def write_report(
         note=note,
     )
     path = out / REPORT
-    _atomic(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+    write_atomically(path, lambda staging: staging.write_text(text, encoding="utf-8"))
     return ReportResult(path, written, note)
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file renamed into place, so a reader never sees half a file."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    staging = Path(name)
-    # mkstemp makes the file private (0600); a report is meant to be shared like any file the user writes.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o666 & ~umask)
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)

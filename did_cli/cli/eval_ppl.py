@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +20,7 @@ from did_cli import evaluation
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import UsageError
+from did_cli.files import write_text_atomically
 
 Files = Annotated[
     list[Path],
@@ -98,15 +97,7 @@ def _write(path: Path, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
+    write_text_atomically(path, text)
 
 
 @contextlib.contextmanager

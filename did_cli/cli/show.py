@@ -7,9 +7,7 @@ or saved; when stdout is not a colour terminal the rendering uses brackets and a
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +19,7 @@ from did_cli import display
 from did_cli.checkpoints import BD3LM_TOKENIZER, has_tokenizer_files, load_tokenizer, read_config, resolve
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, ModelLoadError, UsageError
+from did_cli.files import write_text_atomically
 from did_cli.records import Record, read_records
 
 File = Annotated[str, typer.Argument(help="Sample records (JSONL from draft, refine or generate), or - for stdin.")]
@@ -117,19 +116,6 @@ def check_ids(record: Record, tokenizer: Any) -> None:
         )
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it into place: no half-written page remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-
-
 @handle_errors
 def show(
     file: File,
@@ -150,5 +136,5 @@ def show(
     elif str(html) == "-":
         sys.stdout.write(display.render_html(record, texts))
     else:
-        write_atomically(html, display.render_html(record, texts))
+        write_text_atomically(html, display.render_html(record, texts))
         sys.stderr.write(f"wrote {html}\n")
