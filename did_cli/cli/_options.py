@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from did_cli.checkpoints import DEFAULT_MODEL
-
 Model = Annotated[
     str, typer.Option("--model", "-m", help="Embedded name (did-tiny), checkpoint folder, or Hugging Face Hub id.")
 ]
@@ -34,5 +32,3 @@ StepsPerBlock = Annotated[
 TokensPerCall = Annotated[int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM).")]
 NoKVCache = Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the prefix at every call (slow oracle).")]
 Force = Annotated[bool, typer.Option("--force", help="Refine records made with another model or tokenizer.")]
-
-DEFAULTS = {"model": DEFAULT_MODEL, "device": "auto", "dtype": "float32", "top_p": 0.9}

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from did_cli import api
+from did_cli.checkpoints import DEFAULT_MODEL
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import Reporter, load, unmasking, write_records
@@ -39,7 +40,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | No
 
 @handle_errors(on_interrupt="interrupted: every finished sample has been written")
 def draft(
-    model: o.Model = o.DEFAULTS["model"],
+    model: o.Model = DEFAULT_MODEL,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     num_samples: NumSamples = 1,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from did_cli import api
+from did_cli.checkpoints import DEFAULT_MODEL
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import Reporter, load, unmasking, write_records
@@ -55,7 +56,7 @@ def parse_gammas(gammas: str, refine_stages: int) -> list[float]:
 
 @handle_errors(on_interrupt="interrupted: every finished sample has been written")
 def generate(
-    model: o.Model = o.DEFAULTS["model"],
+    model: o.Model = DEFAULT_MODEL,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     num_samples: NumSamples = 1,
