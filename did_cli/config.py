@@ -237,7 +237,7 @@ class FinetuneSettings:
         keep_last: checkpoints kept.
         resume: continue from the latest checkpoint in `out`.
         seed: seeds initialisation, data order, block-size draws and noise.
-        clip: (eps_min, eps_max) interval for t.
+        clip: (eps_min, eps_max) interval for t, or such intervals per block size ({4: (0.5, 1.0)}).
         resample: redraw blocks whose masked fraction is outside `clip` (BD3-LM's training.resample).
         ema: EMA decay.
         grad_clip: gradient-norm clip.
@@ -273,7 +273,7 @@ class FinetuneSettings:
     keep_last: int = 3
     resume: bool = False
     seed: int = 0
-    clip: tuple[float, float] = (1e-3, 1.0)
+    clip: tuple[float, float] | dict[int, tuple[float, float]] = (1e-3, 1.0)
     resample: bool = True
     ema: float = 0.9999
     grad_clip: float = 1.0

@@ -75,15 +75,46 @@ def parse_mix(spec: str, length: int) -> BlockSizeMix:
     return BlockSizeMix(sizes, tuple(merged[s] / total for s in sizes), spec)
 
 
-def parse_clip(spec: str) -> tuple[float, float]:
-    """Parse "eps_min,eps_max", the interval t is drawn from (BD3-LM's clipped schedule)."""
+Clip = tuple[float, float]
+# Either one interval for every block size, or intervals per block size: BD3-LM tunes it per size (U[0.5, 1] for
+# B = 4), and a mix must not squeeze its global block into a small block's interval.
+ClipSpec = Clip | dict[int, Clip]
+
+
+def _parse_interval(text: str, spec: str) -> Clip:
     try:
-        low, high = (float(x) for x in spec.split(","))
+        low, high = (float(x) for x in text.split(","))
     except ValueError:
-        raise UsageError(f"--clip must be two numbers EPS_MIN,EPS_MAX, got {spec!r}") from None
+        raise UsageError(f"--clip must be EPS_MIN,EPS_MAX or SIZE=EPS_MIN,EPS_MAX;..., got {spec!r}") from None
     if not 0.0 < low <= high <= 1.0:
         raise UsageError(f"--clip needs 0 < eps_min <= eps_max <= 1, got {spec!r}")
     return low, high
+
+
+def parse_clip(spec: str) -> ClipSpec:
+    """Parse "EPS_MIN,EPS_MAX" (every block size) or "4=0.5,1;1024=0.001,1" (per block size).
+
+    Block sizes not listed in a per-size spec train on the full interval (1e-3, 1).
+    """
+    if "=" not in spec:
+        return _parse_interval(spec, spec)
+    per_size: dict[int, Clip] = {}
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        size_text, _, interval = part.partition("=")
+        try:
+            size = int(size_text)
+        except ValueError:
+            raise UsageError(f"--clip entry {part!r} is not SIZE=EPS_MIN,EPS_MAX") from None
+        per_size[size] = _parse_interval(interval, spec)
+    return per_size
+
+
+def clip_for(clip: ClipSpec, block_size: int, length: int) -> Clip:
+    """The interval for one block size; sizes at least the length mean the global block, as in the mix."""
+    if isinstance(clip, tuple):
+        return clip
+    resolved = {min(size, length): interval for size, interval in clip.items()}
+    return resolved.get(min(block_size, length), (DEFAULT_EPS_MIN, DEFAULT_EPS_MAX))
 
 
 def sample_t(

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from did_cli.errors import UsageError
-from did_cli.noise import mask_tokens, parse_clip, parse_mix, sample_t
+from did_cli.noise import clip_for, mask_tokens, parse_clip, parse_mix, sample_t
 
 
 def test_parse_mix_normalises_and_maps_large_sizes_to_one_global_block():
@@ -40,9 +40,18 @@ def test_mix_draws_follow_the_weights_and_the_generator():
 
 def test_parse_clip():
     assert parse_clip("0.5,1") == (0.5, 1.0)
-    for bad in ("1", "0.6,0.5", "0,1", "a,b"):
+    for bad in ("1", "0.6,0.5", "0,1", "a,b", "x=0.5,1", "4=0.5"):
         with pytest.raises(UsageError):
             parse_clip(bad)
+
+
+def test_per_block_size_clip_leaves_other_sizes_on_the_full_interval():
+    clip = parse_clip("4=0.5,1; 1024=0.3,0.8")
+    assert clip == {4: (0.5, 1.0), 1024: (0.3, 0.8)}
+    assert clip_for(clip, 4, 128) == (0.5, 1.0)
+    assert clip_for(clip, 128, 128) == (0.3, 0.8)  # 1024 >= L is the global block, as in the mix
+    assert clip_for(clip, 16, 128) == (1e-3, 1.0)
+    assert clip_for((0.2, 0.9), 16, 128) == (0.2, 0.9)
 
 
 def test_sample_t_is_stratified_over_batch_and_blocks():

@@ -85,7 +85,10 @@ def finetune(
     keep_last: Annotated[int, typer.Option("--keep-last", help="Checkpoints to keep.")] = _D.keep_last,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
     seed: o.Seed = 0,
-    clip: Annotated[str, typer.Option("--clip", help="EPS_MIN,EPS_MAX interval for the noise level t.")] = "0.001,1.0",
+    clip: Annotated[
+        str,
+        typer.Option("--clip", help="Noise interval EPS_MIN,EPS_MAX, or per block size: 4=0.5,1;1024=0.001,1."),
+    ] = "0.001,1.0",
     no_resample: Annotated[bool, typer.Option("--no-resample", help="Do not redraw blocks outside --clip.")] = False,
     ema: Annotated[float, typer.Option("--ema", help="EMA decay (exported weights are the EMA).")] = _D.ema,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient-norm clip.")] = _D.grad_clip,

@@ -38,7 +38,7 @@ from did_cli.config import FinetuneSettings, ModelConfig
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
 from did_cli.errors import DataError, TrainingDivergedError, UsageError
 from did_cli.model import BD3LM
-from did_cli.noise import BlockSizeMix, mask_tokens, parse_mix, sample_t
+from did_cli.noise import BlockSizeMix, clip_for, mask_tokens, parse_mix, sample_t
 from did_cli.provenance import versions
 from did_cli.training.ema import EMA
 from did_cli.training.objective import nelbo_sum, validation_nelbo
@@ -250,13 +250,15 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     if accelerator.is_main_process:
         # Record how the exported weights were trained; BD3-LM's `block_size` field keeps the smallest size.
         # The noise interval goes where BD3-LM keeps it: the config fields and the sampling_eps_min/max buffers.
-        eps_min, eps_max = settings.clip
+        # Per-size intervals: the config fields take the smallest block size's, the full map goes to `extra`.
+        eps_min, eps_max = clip_for(settings.clip, mix.sizes[0], length)
+        clips = {str(size): list(clip_for(settings.clip, size, length)) for size in mix.sizes}
         denoiser.config = dataclasses.replace(
             denoiser.config,
             block_size=mix.sizes[0],
             sampling_eps_min=eps_min,
             sampling_eps_max=eps_max,
-            extra={**denoiser.config.extra, "did_training_mix": mix.spec},
+            extra={**denoiser.config.extra, "did_training_mix": mix.spec, "did_training_clip": clips},
         )
         denoiser.sampling_eps_min.fill_(eps_min)
         denoiser.sampling_eps_max.fill_(eps_max)
@@ -310,7 +312,7 @@ class _Run:
         settings = self.settings
         clean = self.train_rows.batch(step * settings.batch_size, settings.batch_size)
         generator = torch.Generator().manual_seed(_step_seed(settings.seed, step, "noise"))
-        eps_min, eps_max = settings.clip
+        eps_min, eps_max = clip_for(settings.clip, block_size, self.length)
         t = sample_t(settings.batch_size, self.length // block_size, generator, eps_min, eps_max)
         noisy, t_token = mask_tokens(
             clean,

@@ -62,6 +62,7 @@ def test_validation_loss_goes_down(tmp_path, tiny_checkpoint, corpus):
     assert {e["block_size"] for e in events if e["event"] == "train"} <= {4, 32}
     model = load_model(str(result.final))
     assert model.config.extra["did_training_mix"] == "4:0.7,32:0.3"
+    assert model.config.extra["did_training_clip"] == {"4": [0.001, 1.0], "32": [0.001, 1.0]}
     assert result.replicas_in_sync
 
 
@@ -233,3 +234,10 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path, tiny_checkpoint, c
     finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
     with pytest.raises(UsageError, match="past --steps 10"):
         finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=10, resume=True))
+
+
+def test_per_block_size_clip_is_applied_and_recorded(tmp_path, tiny_checkpoint, corpus):
+    result = finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=4, clip={4: (0.5, 1.0)}))
+    config = load_model(str(result.final)).config
+    assert config.extra["did_training_clip"] == {"4": [0.5, 1.0], "32": [0.001, 1.0]}
+    assert (config.sampling_eps_min, config.sampling_eps_max) == (0.5, 1.0)
