@@ -76,6 +76,10 @@ def load_documents(spec: DataSpec) -> Any:
     import datasets
 
     datasets.disable_progress_bars()  # did reports its own progress; datasets' bars would flood stderr
+    # Retry warnings from the Hub client (one per attempt when offline) would bury the one-line error below.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
 
     path = Path(spec.source).expanduser()
     field = spec.text_field
