@@ -36,8 +36,18 @@ def model_info(model: Any) -> dict[str, Any]:
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
-    """Name and size of a tokenizer: enough to refuse records made with another vocabulary."""
-    return {"name": getattr(tokenizer, "name_or_path", None) or "<in-memory>", "vocab_size": len(tokenizer)}
+    """Name and size of a tokenizer: enough to refuse records made with another vocabulary.
+
+    A tokenizer that ships with an embedded model is named by that model's name, not by the folder it was installed
+    to, so records stay comparable across installations.
+    """
+    from did_cli.checkpoints import EMBEDDED
+
+    name = getattr(tokenizer, "name_or_path", None) or "<in-memory>"
+    for embedded, folder in EMBEDDED.items():
+        if name == str(folder):
+            name = embedded
+    return {"name": name, "vocab_size": len(tokenizer)}
 
 
 def device_info(device: torch.device) -> str:
