@@ -142,65 +142,29 @@ def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, corpus, args, messag
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_two_process_accelerate_run_keeps_replicas_identical(tmp_path, tiny_checkpoint, corpus):
+def test_two_process_accelerate_run_keeps_replicas_identical_and_matches_one_process(tmp_path, tiny_checkpoint, corpus):
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "did_cli",
-        "finetune",
-        "--init",
-        "tiny",
-        "--hidden-dim",
-        "32",
-        "--n-blocks",
-        "2",
-        "--n-heads",
-        "2",
-        "--cond-dim",
-        "16",
-        "--tokenizer",
-        str(tiny_checkpoint),
-        "--data",
-        str(corpus),
-        "--seq-len",
-        "32",
-        "--mix",
-        "4:0.5,32:0.5",
-        "--steps",
-        "6",
-        "--batch-size",
-        "8",
-        "--micro-batch-size",
-        "2",
-        "--save-every",
-        "3",
-        "--val-every",
-        "0",
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "-q",
-    ]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "did_cli"]
+    args = ["finetune", "--init", "tiny", "--hidden-dim", "32", "--n-blocks", "2", "--n-heads", "2", "--cond-dim"]
+    args += ["16", "--dropout", "0", "--tokenizer", str(tiny_checkpoint), "--data", str(corpus), "--seq-len", "32"]
+    args += ["--mix", "4:0.5,32:0.5", "--steps", "6", "--batch-size", "8", "--micro-batch-size", "2"]
+    args += ["--save-every", "3", "--val-every", "0", "--cache-dir", str(tmp_path / "cache"), "-q"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([*launch, *args, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_in_sync"] is True
     state = load_file(str(out / "checkpoints" / "step_00000006" / "model.safetensors"))
     assert any(key.startswith("denoiser.") for key in state)
+    # The global batch, its rows and its noise do not depend on the number of processes: one process reaches the
+    # same weights up to float summation order.
+    single = runner.invoke(app, [*args, "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.stderr
+    two = load_file(str(out / "final" / "model.safetensors"))
+    one = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
 
 
 class _InfiniteGradient(torch.autograd.Function):
