@@ -11,7 +11,8 @@ import json
 import platform
 import resource
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,15 @@ class PeakMemory:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """fn's result and its wall-clock seconds, with the device drained before and after (CUDA runs asynchronously)."""
+    sync(device)
+    tic = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - tic
 
 
 def device_name(device: torch.device) -> str:

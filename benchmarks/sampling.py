@@ -15,7 +15,6 @@ cost of an uncached call depends only on the prefix length), which keeps the 110
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from benchmarks._common import (
     device_name,
     peak_tflops,
     print_table,
-    sync,
+    timed,
 )
 from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.model import BD3LM
@@ -118,11 +117,8 @@ def run_batch_size(
     with count_flops(model, counter):
         for first in range(0, samples, batch):
             ids = list(range(first, min(first + batch, samples)))
-            sync(model.device)
-            tic = time.perf_counter()
-            result = draft(model, bos * len(ids), ids, settings, seed=0)
-            sync(model.device)
-            seconds += time.perf_counter() - tic
+            result, elapsed = timed(model.device, lambda ids=ids: draft(model, bos * len(ids), ids, settings, seed=0))
+            seconds += elapsed
             nfes += sum(result.nfes)
             calls += result.model_calls
             tokens += len(ids) * (args.length - 1)
@@ -148,13 +144,13 @@ def run_batch_size(
     memory.reset()
     with count_flops(model, counter):
         for ids, drafted in results:
-            sync(model.device)
-            tic = time.perf_counter()
-            out = refine(
-                model, drafted.tokens, drafted.confidence, drafted.prompt_lengths, ids, 1, refine_settings, seed=0
+            out, elapsed = timed(
+                model.device,
+                lambda ids=ids, drafted=drafted: refine(
+                    model, drafted.tokens, drafted.confidence, drafted.prompt_lengths, ids, 1, refine_settings, seed=0
+                ),
             )
-            sync(model.device)
-            seconds += time.perf_counter() - tic
+            seconds += elapsed
             nfes += sum(out.nfes)
             calls += out.model_calls
             tokens += int(out.remasked.sum())
@@ -174,12 +170,8 @@ def run_batch_size(
     # (every position's logits) over one drafted batch and compare it with the refine time per remasked token.
     ids, drafted = results[0]
     with torch.inference_mode():
-        model(drafted.tokens)
-        sync(model.device)
-        tic = time.perf_counter()
-        model(drafted.tokens)
-        sync(model.device)
-        full = time.perf_counter() - tic
+        model(drafted.tokens)  # warm-up at this shape
+        _, full = timed(model.device, lambda: model(drafted.tokens))
     remasked_per_sample = tokens / samples
     per_token = seconds / len(results) / max(remasked_per_sample, 1)
     row["refine_vs_full_forward"] = per_token / full
@@ -195,11 +187,7 @@ def baseline(model: BD3LM, args: argparse.Namespace, memory: PeakMemory, peak_tf
     memory.reset()
     if not args.baseline_calls:
         with count_flops(model, counter):
-            sync(model.device)
-            tic = time.perf_counter()
-            result = draft(model, [[0]], [0], settings, seed=0)
-            sync(model.device)
-            seconds = time.perf_counter() - tic
+            result, seconds = timed(model.device, lambda: draft(model, [[0]], [0], settings, seed=0))
         return _row(
             "draft, no cache (baseline)",
             1,
@@ -217,27 +205,25 @@ def baseline(model: BD3LM, args: argparse.Namespace, memory: PeakMemory, peak_tf
     picks = sorted(
         {ends[round(i * (len(ends) - 1) / max(args.baseline_calls - 1, 1))] for i in range(args.baseline_calls)}
     )
-    timed: dict[int, float] = {}
+    per_call: dict[int, float] = {}
     with torch.inference_mode(), count_flops(model, counter):
         for end in picks:
             tokens = torch.randint(0, model.mask_id, (1, end), device=model.device)
             select = torch.zeros(1, end, dtype=torch.bool, device=model.device)
             select[0, -1] = True
             model(tokens, args.block_size, select=select)  # warm-up at this shape
-            sync(model.device)
-            tic = time.perf_counter()
-            model(tokens, args.block_size, select=select)
-            sync(model.device)
-            timed[end] = time.perf_counter() - tic
-    keys = sorted(timed)
+            _, per_call[end] = timed(
+                model.device, lambda tokens=tokens, select=select: model(tokens, args.block_size, select=select)
+            )
+    keys = sorted(per_call)
 
     def interpolate(end: int) -> float:
         if end <= keys[0]:
-            return timed[keys[0]]
+            return per_call[keys[0]]
         for low, high in zip(keys, keys[1:], strict=False):
             if low <= end <= high:
-                return timed[low] + (timed[high] - timed[low]) * (end - low) / max(high - low, 1)
-        return timed[keys[-1]]
+                return per_call[low] + (per_call[high] - per_call[low]) * (end - low) / max(high - low, 1)
+        return per_call[keys[-1]]
 
     seconds = sum(interpolate(end) for end in ends)
     flops_per_call = counter.flops / (2 * len(picks))
