@@ -258,9 +258,12 @@ def main() -> None:
         rows.extend(run_batch_size(model, args, batch, memory, peak_tf))
     if not args.no_baseline:
         rows.append(baseline(model, args, memory, peak_tf))
-        cached = next(r for r in rows if r["stage"].startswith("draft (KV") and r["batch"] == 1)
-        speedup = rows[-1]["seconds"] / (cached["seconds"] / cached["samples"])
-        header += f" | cached draft vs uncached baseline at batch 1: {speedup:.1f}x"
+        cached = next((r for r in rows if r["stage"].startswith("draft (KV") and r["batch"] == 1), None)
+        if cached is None:
+            header += " | include batch size 1 for the cached-vs-uncached ratio (the baseline runs at batch 1)"
+        else:
+            speedup = rows[-1]["seconds"] / (cached["seconds"] / cached["samples"])
+            header += f" | cached draft vs uncached baseline at batch 1: {speedup:.1f}x"
     if not args.json:
         print(header + "\n")
     print_table(rows, COLUMNS, args.json)
