@@ -255,6 +255,10 @@ def load_tokenizer(model: BD3LM | str, override: str | None = None) -> Any:
     else:
         name = model.config.tokenizer or BD3LM_TOKENIZER
     folder = resolve(name, what="tokenizer") if name in EMBEDDED or Path(name).expanduser().exists() else None
+    if folder is not None and not has_tokenizer_files(folder) and (folder / "config.json").exists():
+        # A checkpoint folder without tokenizer files (released BD3-LM checkpoints ship none): use the tokenizer
+        # its config names, else GPT-2's.
+        return load_tokenizer(read_config(folder).tokenizer or BD3LM_TOKENIZER)
     try:
         if folder is not None and (folder / "tokenizer.json").exists():
             # Loading through AutoTokenizer would read the folder's config.json (model_type bd3lm, unknown to

@@ -184,3 +184,8 @@ def test_bf16_saving_keeps_buffers_exact_and_rotary_uses_fp32(tmp_path, char_tok
     cos, _ = model.to(torch.bfloat16).backbone.rotary_emb(torch.arange(1000))
     exact = torch.cos(torch.outer(torch.arange(1000).float(), 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))))
     torch.testing.assert_close(cos[:, :4], exact, atol=1e-5, rtol=0)
+
+
+def test_tokenizer_of_a_checkpoint_folder_without_tokenizer_files_comes_from_its_config(tmp_path, tiny_checkpoint):
+    folder = _write_bd3lm_folder(tmp_path / "bare", config=HUB_CONFIG | {"tokenizer": str(tiny_checkpoint)})
+    assert len(load_tokenizer(str(folder))) == 68

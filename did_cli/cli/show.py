@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from did_cli import display
-from did_cli.checkpoints import BD3LM_TOKENIZER, has_tokenizer_files, load_tokenizer, read_config, resolve
+from did_cli.checkpoints import load_tokenizer, resolve
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import write_text_atomically
@@ -60,12 +60,8 @@ def select_record(source: str, index: int) -> Record:
 
 
 def _model_tokenizer(name: str) -> Any:
-    # Like load_tokenizer for a loaded model, but without loading weights: the checkpoint's own tokenizer files,
-    # else the tokenizer its config names, else GPT-2's (released BD3-LM checkpoints ship none).
-    folder = resolve(name)
-    if has_tokenizer_files(folder):
-        return load_tokenizer(str(folder))
-    return load_tokenizer(read_config(folder).tokenizer or BD3LM_TOKENIZER)
+    # A model's tokenizer without loading its weights; resolving first makes Hub ids work like folders.
+    return load_tokenizer(str(resolve(name)))
 
 
 def record_tokenizer(record: Record, model: str | None = None, tokenizer: str | None = None) -> Any:
