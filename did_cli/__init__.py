@@ -2,16 +2,38 @@
 
 Draft with a small block size and a KV cache while recording each token's snapshot confidence, then remask the
 least confident tokens and re-denoise them with a global block (arXiv 2601.13599).
+
+The public names below load on first use (PEP 562), so `import did_cli` and the `did` command's `--help` do not
+pay for importing torch and transformers.
 """
 
-from did_cli.api import draft, eval_ppl, finetune, generate, refine, run_sweep
-from did_cli.checkpoints import load_model, load_tokenizer, save_model
-from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
-from did_cli.errors import DidError
-from did_cli.evaluation import EvalSettings
-from did_cli.model import BD3LM
-from did_cli.records import Record, read_records
-from did_cli.sweep import SweepSettings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BD3LM": "did_cli.model",
+    "DidError": "did_cli.errors",
+    "DraftSettings": "did_cli.config",
+    "EvalSettings": "did_cli.evaluation",
+    "FinetuneSettings": "did_cli.config",
+    "ModelConfig": "did_cli.config",
+    "Record": "did_cli.records",
+    "RefineSettings": "did_cli.config",
+    "SweepSettings": "did_cli.sweep",
+    "UnmaskingSettings": "did_cli.config",
+    "draft": "did_cli.api",
+    "eval_ppl": "did_cli.api",
+    "finetune": "did_cli.api",
+    "generate": "did_cli.api",
+    "load_model": "did_cli.checkpoints",
+    "load_tokenizer": "did_cli.checkpoints",
+    "read_records": "did_cli.records",
+    "refine": "did_cli.api",
+    "run_sweep": "did_cli.sweep",
+    "save_model": "did_cli.checkpoints",
+}
 
 __all__ = [
     "BD3LM",
@@ -35,3 +57,25 @@ __all__ = [
     "run_sweep",
     "save_model",
 ]
+
+if TYPE_CHECKING:
+    from did_cli.api import draft, eval_ppl, finetune, generate, refine
+    from did_cli.checkpoints import load_model, load_tokenizer, save_model
+    from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
+    from did_cli.errors import DidError
+    from did_cli.evaluation import EvalSettings
+    from did_cli.model import BD3LM
+    from did_cli.records import Record, read_records
+    from did_cli.sweep import SweepSettings, run_sweep
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'did_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -8,7 +8,8 @@ can stream them to disk as each batch finishes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,6 @@ from did_cli.provenance import device_info, model_info, tokenizer_info, versions
 from did_cli.records import Record
 from did_cli.sampling.draft import draft as draft_batch
 from did_cli.sampling.refine import refine as refine_batch
-from did_cli.sweep import run_sweep
 from did_cli.training.loop import finetune
 
 __all__ = [
@@ -35,9 +35,17 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "refine",
-    "run_sweep",
     "save_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # did_cli.sweep builds on this module; re-exporting its entry point lazily avoids an import cycle.
+    if name == "run_sweep":
+        from did_cli.sweep import run_sweep
+
+        return run_sweep
+    raise AttributeError(f"module 'did_cli.api' has no attribute {name!r}")
 
 
 @dataclass
@@ -72,6 +80,42 @@ def encode_prompts(tokenizer: Any, prompts: list[str] | None) -> list[tuple[str 
     return encoded
 
 
+def draft_stage_settings(settings: DraftSettings, seed: int) -> dict[str, Any]:
+    """The settings a draft stage records: what must agree for two drafts to be the same samples."""
+    return {
+        "kind": "draft",
+        "block_size": settings.block_size,
+        "kv_cache": settings.kv_cache,
+        **dataclasses.asdict(settings.unmasking),
+        "seed": seed,
+    }
+
+
+def refine_stage_settings(settings: RefineSettings, seed: int, length: int) -> dict[str, Any]:
+    """The settings a refine stage records (`length` resolves B2 = None to the whole sequence)."""
+    return {
+        "kind": "refine",
+        "block_size": settings.block_size or length,
+        "gamma": settings.gamma,
+        "remask": settings.remask,
+        "kv_cache": settings.kv_cache,
+        **dataclasses.asdict(settings.unmasking),
+        "seed": seed,
+    }
+
+
+def _check_draft_inputs(model: BD3LM, settings: DraftSettings, encoded: list[tuple[str | None, list[int]]]) -> None:
+    # Every prompt is checked before the first sample, so a bad fifth prompt cannot stop a run halfway.
+    if settings.length > model.config.model_length:
+        raise UsageError(f"length={settings.length} exceeds the model's model_length={model.config.model_length}")
+    for number, (text, ids) in enumerate(encoded, start=1):
+        if len(ids) >= settings.length:
+            raise UsageError(
+                f"prompt {number} ({text!r:.40}) has {len(ids)} tokens with BOS, leaving nothing to generate within "
+                f"length={settings.length}"
+            )
+
+
 def draft(
     model: BD3LM,
     tokenizer: Any,
@@ -81,32 +125,32 @@ def draft(
     seed: int = 0,
     batch_size: int = 1,
     prompts: list[str] | None = None,
+    skip_ids: Collection[int] = (),
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft `num_samples` samples per prompt (or unconditionally), yielding each record when its batch finishes.
 
     Sample ids run from 0 in order (prompt by prompt); sample `id` depends only on (seed, id), so any batch size
-    gives the same samples.
+    gives the same tokens (confidences agree to float rounding, see README) and `skip_ids` (samples a resumed run
+    already has) can be left out without changing the others. Work is produced lazily: a huge `num_samples` costs
+    no memory up front.
+
+    Raises:
+        UsageError: num_samples or batch_size below 1, length above the model's, a prompt that fills the length.
     """
     if num_samples < 1:
-        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+        raise UsageError(f"num_samples must be at least 1, got {num_samples}")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    jobs = [
-        (i, text, ids)
-        for i, (text, ids) in enumerate(item for item in encode_prompts(tokenizer, prompts) for _ in range(num_samples))
-    ]
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    encoded = encode_prompts(tokenizer, prompts)
+    _check_draft_inputs(model, settings, encoded)
+    total = num_samples * len(encoded)
+    jobs = ((i, *encoded[i // num_samples]) for i in range(total) if i not in skip_ids)  # (id, prompt text, prompt ids)
     provenance = _provenance(model, tokenizer)
-    stage_settings = {
-        "kind": "draft",
-        "block_size": settings.block_size,
-        "kv_cache": settings.kv_cache,
-        **dataclasses.asdict(settings.unmasking),
-        "seed": seed,
-    }
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        on_call = _call_progress(on_progress, "draft", start, len(jobs))
+    stage_settings = {**draft_stage_settings(settings, seed), **_stage_provenance(model)}
+    done = sum(1 for i in set(skip_ids) if 0 <= i < total)  # a resumed run counts what it already has
+    while batch := list(itertools.islice(jobs, batch_size)):
+        on_call = _call_progress(on_progress, "draft", done, total)
         result = draft_batch(model, [ids for _, _, ids in batch], [i for i, _, _ in batch], settings, seed, on_call)
         tokens, confidence = result.tokens.tolist(), result.confidence.tolist()
         for row, (sample_id, text, _) in enumerate(batch):
@@ -131,8 +175,9 @@ def draft(
                 stages=[stage],
                 **provenance,
             )
+        done += len(batch)
         if on_progress is not None:
-            on_progress(Progress("draft", start + len(batch), len(jobs)))
+            on_progress(Progress("draft", done, total))
 
 
 def refine(
@@ -144,15 +189,23 @@ def refine(
     seed: int = 0,
     batch_size: int = 1,
     force: bool = False,
+    skip_ids: Collection[int] = (),
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Refine records (from `draft` or an earlier `refine`), yielding refined records in input order.
 
     Records are batched in arrival order; a change of sequence length starts a new batch. Each record's stage
     index (its number of earlier stages) selects fresh random streams, so chained refinements never reuse them.
+    Records whose id is in `skip_ids` (what a resumed run already has) are passed over.
+
+    Raises:
+        UsageError: batch_size below 1.
+        InputError: a record made by another model or tokenizer (unless `force`), or one this model cannot hold.
     """
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if skip_ids:
+        records = (r for r in records if r.id not in skip_ids)
     done = 0
     for batch in _batches(records, batch_size):
         for record in batch:
@@ -194,17 +247,11 @@ def _refine_batch(
         _call_progress(on_progress, "refine", done, None),
     )
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
-    length = tokens.shape[1]
+    stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **_stage_provenance(model)}
     for row, record in enumerate(batch):
         remasked = result.remasked[row].nonzero().flatten().tolist()
         stage = {
-            "kind": "refine",
-            "block_size": settings.block_size or length,
-            "gamma": settings.gamma,
-            "remask": settings.remask,
-            "kv_cache": settings.kv_cache,
-            **dataclasses.asdict(settings.unmasking),
-            "seed": seed,
+            **stage_settings,
             "remasked": remasked,
             # What the remasked positions held before this stage, so a viewer can compare before and after.
             "previous_tokens": [record.tokens[i] for i in remasked],
@@ -236,6 +283,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 1,
     prompts: list[str] | None = None,
+    skip_ids: Collection[int] = (),
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write."""
@@ -247,6 +295,7 @@ def generate(
         seed=seed,
         batch_size=batch_size,
         prompts=prompts,
+        skip_ids=skip_ids,
         on_progress=on_progress,
     )
     for batch in _batches(drafts, batch_size):
@@ -271,6 +320,8 @@ def check_record(record: Record, model: BD3LM, tokenizer: Any, force: bool = Fal
         raise InputError(f"{where} used a tokenizer of {vocab} tokens, this one has {len(tokenizer)}; pass --force")
     if len(record.tokens) > model.config.model_length:
         raise InputError(f"{where} has {len(record.tokens)} tokens, more than the model's {model.config.model_length}")
+    if record.draft_tokens is not None and len(record.draft_tokens) != len(record.tokens):
+        raise InputError(f"{where} has draft_tokens of another length than its tokens")
     if any(t >= len(tokenizer) or t == model.mask_id for t in record.tokens):
         raise InputError(f"{where} holds token ids outside the tokenizer's vocabulary (or [MASK])")
 
@@ -288,6 +339,43 @@ def _batches(records: Iterable[Record], batch_size: int) -> Iterator[list[Record
             batch = []
     if batch:
         yield batch
+
+
+def check_resumable(kept: list[Record], expected_stages: list[dict[str, Any]], model: BD3LM) -> set[int]:
+    """The ids of records a resumed run keeps, after checking they were made as this run would make them.
+
+    `expected_stages` are the settings of the stages this run adds (`draft_stage_settings`, `refine_stage_settings`);
+    each kept record's last stages must agree on every key, and on the model's weights.
+
+    Raises:
+        InputError: the first difference, named, so the user can rerun with the old settings or start afresh.
+    """
+    ours = model_info(model).get("sha256")
+    for record in kept:
+        stages = record.stages[-len(expected_stages) :] if expected_stages else []
+        if len(stages) != len(expected_stages):
+            raise InputError(f"cannot resume: sample {record.id} has {len(record.stages)} stages, this run makes more")
+        for stage, expected in zip(stages, expected_stages, strict=True):
+            for key, value in expected.items():
+                if stage.get(key) != value:
+                    raise InputError(
+                        f"cannot resume: sample {record.id} was made with {stage.get('kind')} {key}="
+                        f"{stage.get(key)!r}, this run uses {value!r}"
+                    )
+            theirs = (stage.get("model") or record.model or {}).get("sha256")
+            if ours and theirs and theirs != ours:
+                raise InputError(f"cannot resume: sample {record.id} was made by other weights ({theirs[:12]})")
+    return {record.id for record in kept}
+
+
+def _stage_provenance(model: BD3LM) -> dict[str, Any]:
+    # Per stage, because a refinement may run another model (with --force), dtype or device than the draft did.
+    info = model_info(model)
+    return {
+        "model": {key: info[key] for key in ("name", "path", "sha256") if key in info},
+        "device": device_info(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
 
 
 def _provenance(model: BD3LM, tokenizer: Any) -> dict[str, Any]:

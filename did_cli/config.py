@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,13 +153,13 @@ class UnmaskingSettings:
         if self.order not in UNMASKING_ORDERS:
             raise UsageError(f"unknown unmasking order {self.order!r}; choose one of {', '.join(UNMASKING_ORDERS)}")
         if self.order == "steps" and (self.steps_per_block is None or self.steps_per_block < 1):
-            raise UsageError("--steps-per-block must be a positive integer with the 'steps' order")
+            raise UsageError("steps_per_block must be a positive integer with the 'steps' order")
         if self.tokens_per_call < 1:
-            raise UsageError(f"--tokens-per-call must be at least 1, got {self.tokens_per_call}")
+            raise UsageError(f"tokens_per_call must be at least 1, got {self.tokens_per_call}")
         if not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not self.temperature > 0.0:
-            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.temperature < math.inf:
+            raise UsageError(f"temperature must be a positive finite number, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class DraftSettings:
 
     def __post_init__(self) -> None:
         if self.length < 2:
-            raise UsageError(f"--length must be at least 2, got {self.length}")
+            raise UsageError(f"length must be at least 2, got {self.length}")
         check_block_size(self.block_size, self.length)
 
 
@@ -194,11 +195,11 @@ class RefineSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
-            raise UsageError(f"--gamma must be in [0, 1], got {self.gamma}")
+            raise UsageError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.remask not in REMASK_STRATEGIES:
             raise UsageError(f"unknown remask strategy {self.remask!r}; choose one of {', '.join(REMASK_STRATEGIES)}")
         if self.block_size is not None and self.block_size < 1:
-            raise UsageError(f"--block-size must be positive, got {self.block_size}")
+            raise UsageError(f"block_size must be positive, got {self.block_size}")
 
 
 def check_block_size(block_size: int, length: int) -> None:

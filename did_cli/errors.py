@@ -41,3 +41,9 @@ class TrainingDivergedError(DidError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class OutputError(DidError):
+    """An output cannot be written: a directory or read-only path, a full disk, a closed stdout, a busy file."""
+
+    exit_code = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,41 @@ def versions() -> dict[str, str | None]:
 
 
 def model_info(model: Any) -> dict[str, Any]:
-    """Name, weights hash and revision of a loaded model (see checkpoints.ModelSource)."""
+    """Name, weights hash and revision of a loaded model (see checkpoints.ModelSource).
+
+    A model loaded from a local folder also gets `path`, the folder's absolute path, so a record still names a
+    loadable model when it is read from another working directory (embedded names and Hub ids resolve anywhere).
+    """
     source = getattr(model, "source", None)
     if source is None:
         return {"name": "<in-memory>", "sha256": None, "revision": None}
-    return {"name": source.name, "sha256": source.sha256, "revision": source.revision}
+    info = {"name": source.name, "sha256": source.sha256, "revision": source.revision}
+    folder = local_folder(source.name)
+    if folder is not None:
+        info["path"] = folder
+    return info
+
+
+def local_folder(name: str) -> str | None:
+    """The absolute path of `name` when it is a local folder (not an embedded model name), else None."""
+    from did_cli.checkpoints import EMBEDDED
+
+    if not name or name in EMBEDDED or name.startswith("<"):
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else None
+
+
+def record_model(record: Any) -> str | None:
+    """The model that made a record's latest stage, as a name `load_model` accepts from any working directory."""
+    stages = getattr(record, "stages", None) or []
+    info = (stages[-1].get("model") if stages else None) or getattr(record, "model", None) or {}
+    path, name = info.get("path"), info.get("name")
+    if path and Path(path).is_dir():
+        return str(path)
+    if name and not str(name).startswith("<"):
+        return str(name)
+    return None
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
@@ -47,7 +78,8 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
     for embedded, folder in EMBEDDED.items():
         if name == str(folder):
             name = embedded
-    return {"name": name, "vocab_size": len(tokenizer)}
+    folder = local_folder(name)
+    return {"name": folder or name, "vocab_size": len(tokenizer)}
 
 
 def device_info(device: torch.device) -> str:

@@ -1,37 +1,84 @@
-"""The `did` command: a Typer app whose commands are thin layers over `did_cli.api`."""
+"""The `did` command: a Typer app whose commands are thin layers over `did_cli.api`.
+
+`main` is the one place that sees every exit: a Ctrl-C at any moment (even while torch is still importing) ends
+with status 130 and one line, a closed stdout (`did --help | head -1`) ends quietly with status 0.
+"""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from did_cli.cli.draft import draft
-from did_cli.cli.eval_ppl import eval_ppl
-from did_cli.cli.finetune import finetune
-from did_cli.cli.generate import generate
-from did_cli.cli.refine import refine
-from did_cli.cli.show import show
-from did_cli.cli.sweep import sweep
+from did_cli.cli._errors import handle_errors, interrupted, silence_stdout
 
-app = typer.Typer(
-    name="did",
-    help="Diffusion in Diffusion: draft fast with small blocks and a KV cache, then globally revise weak tokens.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command("draft", help="Draft samples block by block with the KV cache, recording snapshot confidence (JSONL).")(
-    draft
-)
-app.command("refine", help="Remask the least confident tokens of drafts and re-denoise them globally (JSONL).")(refine)
-app.command("generate", help="Draft then refine in one process (same records as draft | refine).")(generate)
-app.command("finetune", help="Mix-scale block-diffusion fine-tuning on accelerate (block size drawn per step).")(
-    finetune
-)
-app.command("show", help="Show one sample as a confidence heat-map, marking what refinement changed.")(show)
-app.command("eval-ppl", help="Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol).")(eval_ppl)
-app.command("sweep", help="Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report.")(sweep)
+__all__ = ["app", "build_app", "handle_errors", "main"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from did_cli.provenance import package_version
+
+        typer.echo(f"did {package_version('did')}")
+        raise typer.Exit()
+
+
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Diffusion in Diffusion: draft fast with small blocks and a KV cache, then globally revise weak tokens."""
+
+
+def build_app() -> typer.Typer:
+    """The Typer app with every command registered (importing the command modules, which import no torch)."""
+    from did_cli.cli.draft import draft
+    from did_cli.cli.eval_ppl import eval_ppl
+    from did_cli.cli.finetune import finetune
+    from did_cli.cli.generate import generate
+    from did_cli.cli.refine import refine
+    from did_cli.cli.show import show
+    from did_cli.cli.sweep import sweep
+
+    application = typer.Typer(
+        name="did",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    application.callback()(_root)
+    commands = [
+        ("draft", draft, "Draft samples block by block with the KV cache, recording snapshot confidence (JSONL)."),
+        ("refine", refine, "Remask the least confident tokens of drafts and re-denoise them globally (JSONL)."),
+        ("generate", generate, "Draft then refine in one process (same records as draft | refine)."),
+        ("finetune", finetune, "Mix-scale block-diffusion fine-tuning on accelerate (block size drawn per step)."),
+        ("show", show, "Show one sample as a confidence heat-map, marking what refinement changed."),
+        ("eval-ppl", eval_ppl, "Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol)."),
+        ("sweep", sweep, "Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report."),
+    ]
+    for name, function, help_text in commands:
+        application.command(name, help=help_text)(function)
+    return application
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # `app` is built on first use, inside main's handlers when run as a command, so a Ctrl-C while the command
+    # modules import is handled like any other.
+    if name == "app":
+        application = build_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(f"module 'did_cli.cli' has no attribute {name!r}")
 
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        __getattr__("app")()
+    except KeyboardInterrupt:
+        interrupted()
+        sys.exit(130)
+    except BrokenPipeError:
+        silence_stdout()
+        sys.exit(0)

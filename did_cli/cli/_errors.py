@@ -27,7 +27,12 @@ def _say(message: str) -> None:
         pass
 
 
-def _silence_stdout() -> None:
+def interrupted(message: str = "interrupted") -> None:
+    """Say that Ctrl-C stopped the command (what was kept has been said by then)."""
+    _say(message)
+
+
+def silence_stdout() -> None:
     # Point stdout at /dev/null so Python's shutdown flush does not complain about the closed pipe.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -56,7 +61,7 @@ def handle_errors(command: F | None = None, *, on_interrupt: str = "interrupted"
             _say(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(0) from None
         except KeyboardInterrupt:
             _say(on_interrupt)

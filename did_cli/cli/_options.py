@@ -7,28 +7,66 @@ from typing import Annotated
 
 import typer
 
+DEFAULT_MODEL = "did-tiny"  # kept equal to checkpoints.DEFAULT_MODEL (a test checks), without importing torch here
+DEFAULT_BATCH_SIZE = 16
+
 Model = Annotated[
-    str, typer.Option("--model", "-m", help="Embedded name (did-tiny), checkpoint folder, or Hugging Face Hub id.")
+    str | None,
+    typer.Option("--model", "-m", help="Embedded name, checkpoint folder, or Hugging Face Hub id. [default: did-tiny]"),
+]
+RecordsModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Embedded name, checkpoint folder, or Hub id. [default: the model the records name]",
+    ),
 ]
 Tokenizer = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer id or folder (default: the checkpoint's, else gpt2).")
 ]
 Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32 or bfloat16.")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Weights dtype: float32 or bfloat16. float32: tokens independent of batch size and cache use; "
+        "bfloat16: faster on GPU, but rounding can change tokens across batch sizes and with --no-kv-cache.",
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", help="Sample i depends only on (seed, i).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here instead of stdout.")]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        help="Samples per model call. In float32 it never changes the tokens (confidences agree to ~1e-6).",
+    ),
+]
+Out = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Write JSONL here (via OUT.partial, renamed at the end) instead of stdout."),
+]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", help="Keep the finished samples of an interrupted run in --out and make only the rest."),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus mass (BD3-LM's protocol uses 0.9).")]
 Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature for sampling.")]
 Order = Annotated[
-    str,
-    typer.Option("--order", help="Unmasking order: first-hitting (one random position per call), steps, confidence."),
+    str | None,
+    typer.Option(
+        "--order",
+        help="Unmasking order: first-hitting (one random position per call), steps, confidence. "
+        "[default: first-hitting, or steps with --steps-per-block]",
+    ),
 ]
 StepsPerBlock = Annotated[
-    int | None, typer.Option("--steps-per-block", help="Fixed steps per block (implies --order steps).")
+    int | None, typer.Option("--steps-per-block", help="Fixed steps per block (the steps order only).")
 ]
-TokensPerCall = Annotated[int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM).")]
+TokensPerCall = Annotated[
+    int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM; not with steps).")
+]
 NoKVCache = Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the prefix at every call (slow oracle).")]
 Force = Annotated[bool, typer.Option("--force", help="Refine records made with another model or tokenizer.")]

@@ -7,11 +7,9 @@ from typing import Annotated
 
 import typer
 
-from did_cli import api
-from did_cli.checkpoints import DEFAULT_MODEL
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, load, unmasking, write_records
+from did_cli.cli._run import Reporter, load, output, unmasking, write_records
 from did_cli.config import DraftSettings
 from did_cli.errors import InputError, UsageError
 
@@ -21,7 +19,7 @@ Length = Annotated[
 ]
 BlockSize = Annotated[int, typer.Option("--block-size", help="Draft block size B1; must divide the length.")]
 Prompt = Annotated[str | None, typer.Option("--prompt", help="Condition every sample on this text.")]
-PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="One prompt per line.")]
+PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="One prompt per line (UTF-8).")]
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | None:
@@ -29,58 +27,85 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | No
     if prompt is not None and prompt_file is not None:
         raise UsageError("pass --prompt or --prompt-file, not both")
     if prompt_file is None:
+        if prompt is not None and not prompt.strip():
+            raise UsageError("--prompt is empty; leave it out for unconditional samples")
         return [prompt] if prompt is not None else None
+    if prompt_file.is_dir():
+        raise InputError(f"prompt file {prompt_file} is a directory")
     if not prompt_file.is_file():
         raise InputError(f"prompt file {prompt_file} does not exist")
-    prompts = [line.rstrip("\n") for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {prompt_file} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {prompt_file}: {exc.strerror}") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompt file {prompt_file} holds no prompt")
     return prompts
 
 
-@handle_errors(on_interrupt="interrupted: every finished sample has been written")
+def check_num_samples(num_samples: int, batch_size: int) -> None:
+    """Count options, checked before the model loads."""
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+@handle_errors
 def draft(
-    model: o.Model = DEFAULT_MODEL,
+    model: o.Model = None,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     num_samples: NumSamples = 1,
     length: Length = None,
     block_size: BlockSize = 4,
     seed: o.Seed = 0,
-    batch_size: o.BatchSize = 1,
+    batch_size: o.BatchSize = o.DEFAULT_BATCH_SIZE,
     top_p: o.TopP = 0.9,
     temperature: o.Temperature = 1.0,
-    order: o.Order = "first-hitting",
+    order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
     prompt: Prompt = None,
     prompt_file: PromptFile = None,
     out: o.Out = None,
+    resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     quiet: o.Quiet = False,
 ) -> None:
     """Draft samples block by block with the KV cache, recording each token's snapshot confidence (JSONL)."""
+    from did_cli import api
+
     prompts = read_prompts(prompt, prompt_file)
+    check_num_samples(num_samples, batch_size)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
-    loaded, tok = load(model, tokenizer, revision, device, dtype)
-    settings = DraftSettings(
-        length=loaded.config.model_length if length is None else length,
-        block_size=block_size,
-        kv_cache=not no_kv_cache,
-        unmasking=sampling,
-    )
-    total = num_samples * (len(prompts) if prompts else 1)
-    with Reporter(quiet, total) as reporter:
-        records = api.draft(
-            loaded,
-            tok,
-            settings,
-            num_samples=num_samples,
-            seed=seed,
-            batch_size=batch_size,
-            prompts=prompts,
-            on_progress=reporter,
+    if length is not None:
+        DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
+    with output(out, resume=resume) as writer:
+        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, device, dtype)
+        settings = DraftSettings(
+            length=loaded.config.model_length if length is None else length,
+            block_size=block_size,
+            kv_cache=not no_kv_cache,
+            unmasking=sampling,
         )
-        write_records(records, out, reporter, new_stages=1)
+        skip = api.check_resumable(writer.kept, [api.draft_stage_settings(settings, seed)], loaded)
+        total = num_samples * (len(prompts) if prompts else 1)
+        with Reporter(quiet, total) as reporter:
+            records = api.draft(
+                loaded,
+                tok,
+                settings,
+                num_samples=num_samples,
+                seed=seed,
+                batch_size=batch_size,
+                prompts=prompts,
+                skip_ids=skip,
+                on_progress=reporter,
+            )
+            write_records(records, writer, reporter, new_stages=1)

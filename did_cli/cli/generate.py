@@ -6,12 +6,10 @@ from typing import Annotated
 
 import typer
 
-from did_cli import api
-from did_cli.checkpoints import DEFAULT_MODEL
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, load, unmasking, write_records
-from did_cli.cli.draft import Length, NumSamples, Prompt, PromptFile, read_prompts
+from did_cli.cli._run import Reporter, load, output, unmasking, write_records
+from did_cli.cli.draft import Length, NumSamples, Prompt, PromptFile, check_num_samples, read_prompts
 from did_cli.config import DraftSettings, RefineSettings, check_block_size
 from did_cli.errors import UsageError
 
@@ -23,7 +21,7 @@ BlockSize = Annotated[
     int | None, typer.Option("--block-size", help="Draft block size B1 (same as the first --stages).")
 ]
 Gammas = Annotated[str, typer.Option("--gamma", help="Remask fraction per refine stage: one value or a list.")]
-Remask = Annotated[str, typer.Option("--remask", help="snapshot, posthoc or random.")]
+Remask = Annotated[str, typer.Option("--remask", help="snapshot, posthoc (or post-hoc) or random.")]
 
 
 def parse_stages(stages: str | None, block_size: int | None, length: int) -> list[int]:
@@ -54,9 +52,9 @@ def parse_gammas(gammas: str, refine_stages: int) -> list[float]:
     return values
 
 
-@handle_errors(on_interrupt="interrupted: every finished sample has been written")
+@handle_errors
 def generate(
-    model: o.Model = DEFAULT_MODEL,
+    model: o.Model = None,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     num_samples: NumSamples = 1,
@@ -66,55 +64,67 @@ def generate(
     gamma: Gammas = "0.5",
     remask: Remask = "snapshot",
     seed: o.Seed = 0,
-    batch_size: o.BatchSize = 1,
+    batch_size: o.BatchSize = o.DEFAULT_BATCH_SIZE,
     top_p: o.TopP = 0.9,
     temperature: o.Temperature = 1.0,
-    order: o.Order = "first-hitting",
+    order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
     prompt: Prompt = None,
     prompt_file: PromptFile = None,
     out: o.Out = None,
+    resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     quiet: o.Quiet = False,
 ) -> None:
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
+    from did_cli import api
+
     prompts = read_prompts(prompt, prompt_file)
+    check_num_samples(num_samples, batch_size)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
-    if length is not None and stages is not None:
+    remask = remask.replace("-", "")
+    if length is not None:
         # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
         for size in parse_stages(stages, block_size, length):
             check_block_size(size, length)
-    loaded, tok = load(model, tokenizer, revision, device, dtype)
-    length = loaded.config.model_length if length is None else length
-    sizes = parse_stages(stages, block_size, length)
-    for size in sizes:
-        check_block_size(size, length)
-    gammas = parse_gammas(gamma, len(sizes) - 1)
-    draft_settings = DraftSettings(length=length, block_size=sizes[0], kv_cache=not no_kv_cache, unmasking=sampling)
-    refine_settings = [
-        RefineSettings(
-            gamma=g,
-            block_size=None if size >= length else size,
-            remask=remask,
-            kv_cache=not no_kv_cache,
-            unmasking=sampling,
-        )
-        for size, g in zip(sizes[1:], gammas, strict=True)
-    ]
-    total = num_samples * (len(prompts) if prompts else 1)
-    with Reporter(quiet, total) as reporter:
-        records = api.generate(
-            loaded,
-            tok,
-            draft_settings,
-            refine_settings,
-            num_samples=num_samples,
-            seed=seed,
-            batch_size=batch_size,
-            prompts=prompts,
-            on_progress=reporter,
-        )
-        write_records(records, out, reporter, new_stages=len(sizes))
+        for g in parse_gammas(gamma, len(parse_stages(stages, block_size, length)) - 1):
+            RefineSettings(gamma=g, remask=remask)
+    with output(out, resume=resume) as writer:
+        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, device, dtype)
+        length = loaded.config.model_length if length is None else length
+        sizes = parse_stages(stages, block_size, length)
+        for size in sizes:
+            check_block_size(size, length)
+        gammas = parse_gammas(gamma, len(sizes) - 1)
+        draft_settings = DraftSettings(length=length, block_size=sizes[0], kv_cache=not no_kv_cache, unmasking=sampling)
+        refine_settings = [
+            RefineSettings(
+                gamma=g,
+                block_size=None if size >= length else size,
+                remask=remask,
+                kv_cache=not no_kv_cache,
+                unmasking=sampling,
+            )
+            for size, g in zip(sizes[1:], gammas, strict=True)
+        ]
+        expected = [api.draft_stage_settings(draft_settings, seed)]
+        expected += [api.refine_stage_settings(s, seed, length) for s in refine_settings]
+        skip = api.check_resumable(writer.kept, expected, loaded)
+        total = num_samples * (len(prompts) if prompts else 1)
+        with Reporter(quiet, total) as reporter:
+            records = api.generate(
+                loaded,
+                tok,
+                draft_settings,
+                refine_settings,
+                num_samples=num_samples,
+                seed=seed,
+                batch_size=batch_size,
+                prompts=prompts,
+                skip_ids=skip,
+                on_progress=reporter,
+            )
+            write_records(records, writer, reporter, new_stages=len(sizes))

@@ -2,64 +2,88 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated
 
 import typer
 
-from did_cli import api
-from did_cli.checkpoints import DEFAULT_MODEL
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, load, unmasking, write_records
+from did_cli.cli._run import Reporter, load, output, unmasking, write_records
 from did_cli.config import RefineSettings
-from did_cli.errors import UsageError
-from did_cli.records import read_records, same_file
+from did_cli.errors import InputError, UsageError
+from did_cli.records import check_records_file, read_records, same_file
 
 Input = Annotated[str, typer.Argument(help="Draft records (JSONL file), or - for stdin.")]
 Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tokens to remask, in [0, 1].")]
 BlockSize = Annotated[
     int | None, typer.Option("--block-size", help="Refine block size B2 (default: the whole sequence, one block).")
 ]
-Remask = Annotated[str, typer.Option("--remask", help="Which tokens to remask: snapshot, posthoc or random.")]
+Remask = Annotated[
+    str, typer.Option("--remask", help="Which tokens to remask: snapshot, posthoc (or post-hoc) or random.")
+]
 
 
-@handle_errors(on_interrupt="interrupted: every finished sample has been written")
+@handle_errors
 def refine(
     input: Input = "-",
-    model: o.Model = DEFAULT_MODEL,
+    model: o.RecordsModel = None,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
     gamma: Gamma = 0.5,
     block_size: BlockSize = None,
     remask: Remask = "snapshot",
     seed: o.Seed = 0,
-    batch_size: o.BatchSize = 1,
+    batch_size: o.BatchSize = o.DEFAULT_BATCH_SIZE,
     top_p: o.TopP = 0.9,
     temperature: o.Temperature = 1.0,
-    order: o.Order = "first-hitting",
+    order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
     force: o.Force = False,
     out: o.Out = None,
+    resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     quiet: o.Quiet = False,
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
+    from did_cli import api
+    from did_cli.provenance import record_model
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     settings = RefineSettings(
         gamma=gamma,
         block_size=block_size,
-        remask=remask,
+        remask=remask.replace("-", ""),
         kv_cache=not no_kv_cache,
         unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
     )
     if same_file(input, out):
         raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
+    total = check_records_file(input) or None  # a file is read once in full first: a bad line fails before any work
     records = read_records(input)
-    loaded, tok = load(model, tokenizer, revision, device, dtype)
-    with Reporter(quiet, None) as reporter:
-        refined = api.refine(
-            loaded, tok, records, settings, seed=seed, batch_size=batch_size, force=force, on_progress=reporter
-        )
-        write_records(refined, out, reporter, new_stages=1)
+    first = next(records)
+    records = itertools.chain([first], records)
+    with output(out, resume=resume) as writer:
+        name = model or record_model(first)
+        if name is None:
+            raise InputError("the records do not name the model that made them; pass --model")
+        loaded, tok = load(name, tokenizer, revision, device, dtype)
+        stage = api.refine_stage_settings(settings, seed, len(first.tokens))
+        skip = api.check_resumable(writer.kept, [stage], loaded)
+        with Reporter(quiet, total) as reporter:
+            refined = api.refine(
+                loaded,
+                tok,
+                records,
+                settings,
+                seed=seed,
+                batch_size=batch_size,
+                force=force,
+                skip_ids=skip,
+                on_progress=reporter,
+            )
+            write_records(refined, writer, reporter, new_stages=1)
