@@ -234,6 +234,7 @@ class RecordWriter:
         self._stream: IO[str] | None = None  # stdout without a file descriptor (pytest, notebooks)
         self._offset = 0
         self._done = False
+        self._copy_of_out = False  # the partial file only repeats a finished `out` (a resumed finished run)
 
     # --- opening ------------------------------------------------------------------------------------------------
 
@@ -268,6 +269,7 @@ class RecordWriter:
             elif self.path.is_file():
                 self.kept, self._offset = read_complete_records(self.path)
                 os.write(self._fd, self.path.read_bytes()[: self._offset])
+                self._copy_of_out = True
             os.ftruncate(self._fd, self._offset)
             os.lseek(self._fd, self._offset, os.SEEK_SET)
             return
@@ -363,7 +365,7 @@ class RecordWriter:
             self._fd = None
             return None
         assert self.partial is not None
-        empty = self._offset == 0
+        empty = self._offset == 0 or (self._copy_of_out and self.count == 0)
         self._close()
         if empty:
             with contextlib.suppress(OSError):

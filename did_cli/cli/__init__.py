@@ -6,6 +6,7 @@ with status 130 and one line, a closed stdout (`did --help | head -1`) ends quie
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -74,6 +75,7 @@ def __getattr__(name: str) -> typer.Typer:
 
 def main() -> None:
     """Console-script entry point."""
+    stdout_was = _stdout_identity()
     try:
         __getattr__("app")()
     except KeyboardInterrupt:
@@ -82,3 +84,17 @@ def main() -> None:
     except BrokenPipeError:
         silence_stdout()
         sys.exit(0)
+    except SystemExit as exc:
+        # click and rich turn a closed stdout during their own output (`did --help | head -1`) into status 1, rich
+        # after pointing stdout at /dev/null: a stdout that changed under us means the reader went away.
+        if exc.code == 1 and stdout_was is not None and _stdout_identity() != stdout_was:
+            sys.exit(0)
+        raise
+
+
+def _stdout_identity() -> tuple[int, int] | None:
+    try:
+        info = os.fstat(1)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
