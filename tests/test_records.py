@@ -224,8 +224,15 @@ def test_a_closed_stdout_is_an_output_error():
         "import sys\nfrom did_cli.records import RecordWriter\n"
         "try:\n    RecordWriter(None).open()\nexcept Exception as e:\n    sys.stderr.write(type(e).__name__ + ': ' + str(e))"
     )
-    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=(),
+        close_fds=True,
+        preexec_fn=lambda: os.close(1),
+    )
     assert "OutputError: stdout is closed" in done.stderr
 
 

@@ -27,7 +27,8 @@ Tokenizer = Annotated[
 ]
 Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[
+Dtype = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32 or bfloat16.")]
+SamplingDtype = Annotated[
     str,
     typer.Option(
         "--dtype",

@@ -75,7 +75,7 @@ def draft(
     out: o.Out = None,
     resume: o.Resume = False,
     device: o.Device = "auto",
-    dtype: o.Dtype = "float32",
+    dtype: o.SamplingDtype = "float32",
     quiet: o.Quiet = False,
 ) -> None:
     """Draft samples block by block with the KV cache, recording each token's snapshot confidence (JSONL)."""

@@ -76,7 +76,7 @@ def generate(
     out: o.Out = None,
     resume: o.Resume = False,
     device: o.Device = "auto",
-    dtype: o.Dtype = "float32",
+    dtype: o.SamplingDtype = "float32",
     quiet: o.Quiet = False,
 ) -> None:
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""

@@ -45,7 +45,7 @@ def refine(
     out: o.Out = None,
     resume: o.Resume = False,
     device: o.Device = "auto",
-    dtype: o.Dtype = "float32",
+    dtype: o.SamplingDtype = "float32",
     quiet: o.Quiet = False,
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""

@@ -47,7 +47,9 @@ def _records(path: Path) -> list[dict]:
 
 @needs_script
 def test_records_reach_a_redirected_stdout_while_the_progress_bar_shows(tiny_checkpoint, tmp_path):
-    done = in_terminal(_did("draft", "-m", str(tiny_checkpoint), "-n", "3", "--batch-size", "2") + " > out.jsonl", tmp_path)
+    done = in_terminal(
+        _did("draft", "-m", str(tiny_checkpoint), "-n", "3", "--batch-size", "2") + " > out.jsonl", tmp_path
+    )
     assert done.returncode == 0, done.stdout
     records = _records(tmp_path / "out.jsonl")
     assert [r["id"] for r in records] == [0, 1, 2]
@@ -60,8 +62,9 @@ def test_records_reach_a_redirected_stdout_while_the_progress_bar_shows(tiny_che
 def test_refine_and_generate_write_their_records_under_a_terminal(tiny_checkpoint, tmp_path, command):
     model = str(tiny_checkpoint)
     if command == "refine":
-        subprocess.run([*DID, "draft", "-m", model, "-n", "2", "-q", "--out", str(tmp_path / "d.jsonl")], env=_env(),
-                       check=True)
+        subprocess.run(
+            [*DID, "draft", "-m", model, "-n", "2", "-q", "--out", str(tmp_path / "d.jsonl")], env=_env(), check=True
+        )
         line = _did("refine", "d.jsonl") + " > out.jsonl"
     else:
         line = _did("generate", "-m", model, "-n", "2") + " > out.jsonl"
@@ -81,16 +84,21 @@ def test_the_readme_first_command_works_in_a_terminal(tmp_path):
 
 @needs_script
 def test_show_in_a_terminal_prints_the_sample(tiny_checkpoint, tmp_path):
-    subprocess.run([*DID, "draft", "-m", str(tiny_checkpoint), "-q", "--out", str(tmp_path / "d.jsonl")], env=_env(),
-                   check=True)
+    subprocess.run(
+        [*DID, "draft", "-m", str(tiny_checkpoint), "-q", "--out", str(tmp_path / "d.jsonl")], env=_env(), check=True
+    )
     done = in_terminal(_did("show", "d.jsonl"), tmp_path)
     assert done.returncode == 0 and done.stdout.strip(), done.stdout
 
 
 def test_plain_progress_lines_and_a_summary_reach_stderr_without_a_terminal(tiny_checkpoint, tmp_path):
     env = {**_env(), "DID_PROGRESS_SECONDS": "0"}
-    done = subprocess.run([*DID, "draft", "-m", str(tiny_checkpoint), "-n", "2", "--batch-size", "1"], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*DID, "draft", "-m", str(tiny_checkpoint), "-n", "2", "--batch-size", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0
     assert "draft: 1/2 samples finished" in done.stderr and "2 samples, 62 generated tokens" in done.stderr
     quiet = subprocess.run([*DID, "draft", "-m", str(tiny_checkpoint), "-q"], env=env, capture_output=True, text=True)
@@ -112,7 +120,9 @@ def test_ctrl_c_keeps_out_and_the_finished_samples_and_says_where(tiny_checkpoin
     out.write_text("precious\n")
     process = subprocess.Popen(
         [*DID, "draft", "-m", str(tiny_checkpoint), "-n", "400", "--batch-size", "1", "--out", str(out)],
-        env=_env(), stderr=subprocess.PIPE, text=True,
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for_lines(tmp_path / "out.jsonl.partial", 2, process)
     process.send_signal(signal.SIGINT)
@@ -124,8 +134,9 @@ def test_ctrl_c_keeps_out_and_the_finished_samples_and_says_where(tiny_checkpoin
 
 
 def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
-    process = subprocess.Popen([*DID, "draft", "-n", "1"], env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*DID, "draft", "-n", "1"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(0.3)  # still importing
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=60)[1]
@@ -134,9 +145,14 @@ def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
 
 
 def test_help_into_a_closed_pipe_exits_zero():
-    done = subprocess.run(" ".join([*map(shlex.quote, DID), "--help", "|", "head", "-c", "1", ">/dev/null"])
-                          + "; echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", env=_env(),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        " ".join([*map(shlex.quote, DID), "--help", "|", "head", "-c", "1", ">/dev/null"]) + "; echo ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.stdout.strip() == "0" and "Traceback" not in done.stderr
 
 
@@ -152,12 +168,15 @@ def test_two_runs_writing_the_same_out_refuse_the_second(tiny_checkpoint, tmp_pa
     out = tmp_path / "out.jsonl"
     first = subprocess.Popen(
         [*DID, "draft", "-m", str(tiny_checkpoint), "-n", "400", "--batch-size", "1", "--out", str(out)],
-        env=_env(), stderr=subprocess.PIPE, text=True,
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_for_lines(tmp_path / "out.jsonl.partial", 1, first)
-        second = subprocess.run([*DID, "draft", "-m", str(tiny_checkpoint), "--out", str(out)], env=_env(),
-                                capture_output=True, text=True)
+        second = subprocess.run(
+            [*DID, "draft", "-m", str(tiny_checkpoint), "--out", str(out)], env=_env(), capture_output=True, text=True
+        )
         assert second.returncode != 0
         assert second.stderr.count("\n") == 1 and "another did run is writing" in second.stderr
     finally:
