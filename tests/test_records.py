@@ -213,7 +213,10 @@ def test_a_full_tmpfs_leaves_whole_lines_only(tmp_path):
 
 
 def test_records_to_a_full_device_as_stdout_are_one_line_errors():
-    code = "from did_cli.records import RecordWriter, Record\nRecordWriter(None).open().write(Record(0, [0, 1], [1.0, 0.5], 1))"
+    code = (
+        "from did_cli.records import RecordWriter, Record\n"
+        "RecordWriter(None).open().write(Record(0, [0, 1], [1.0, 0.5], 1))"
+    )
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, text=True)
     assert done.returncode != 0 and "No space left on device" in done.stderr
