@@ -225,7 +225,8 @@ def test_records_to_a_full_device_as_stdout_are_one_line_errors():
 def test_a_closed_stdout_is_an_output_error():
     code = (
         "import sys\nfrom did_cli.records import RecordWriter\n"
-        "try:\n    RecordWriter(None).open()\nexcept Exception as e:\n    sys.stderr.write(type(e).__name__ + ': ' + str(e))"
+        "try:\n    RecordWriter(None).open()\n"
+        "except Exception as e:\n    sys.stderr.write(type(e).__name__ + ': ' + str(e))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
