@@ -564,7 +564,7 @@ def _load(path: str, settings: SweepSettings) -> tuple[Any, Any]:
 def _write_records(path: Path, records: Iterable[Record]) -> list[Record]:
     """Write records line by line (an interrupted run keeps what is finished) and return them."""
     kept = []
-    with RecordWriter(path) as writer:
+    with RecordWriter(path, replace_partial=True) as writer:  # an interrupted variant is redone whole
         for record in records:
             writer.write(record)
             kept.append(record)

@@ -2,7 +2,7 @@
 # Rebuild the embedded models from scratch: corpus, tokenizer, diffusion pretrain, mix-scale and no-mix
 # fine-tunes, the GPT-2 judge, then ship did-tiny and did-tiny-judge into the package and measure them.
 # Everything is seeded; on the same library versions and thread count the shipped files come out bit for bit.
-# About an hour on 2 CPU cores. Run from the repository root with the project installed (pip install -e .).
+# About 85 minutes on 2 CPU cores (docs/tiny-models.md times each run). Run from the repository root with the project installed (pip install -e .).
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 

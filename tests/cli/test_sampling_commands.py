@@ -38,9 +38,56 @@ def test_draft_writes_one_record_per_sample_with_provenance(tiny_checkpoint):
 
 
 def test_batch_size_does_not_change_cli_samples(tiny_checkpoint):
+    # The README's guarantee, exactly: tokens identical, confidences equal to float32 rounding (1e-5).
     one = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "4", "--batch-size", "1"])
     four = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "4", "--batch-size", "4"])
     assert [r["tokens"] for r in _lines(one.stdout)] == [r["tokens"] for r in _lines(four.stdout)]
+    for a, b in zip(_lines(one.stdout), _lines(four.stdout), strict=True):
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5, rel=1e-5)
+
+
+def test_each_stage_records_the_model_dtype_and_device_that_ran_it(tiny_checkpoint, tmp_path):
+    drafts = tmp_path / "d.jsonl"
+    runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "1", "--out", str(drafts)])
+    result = runner.invoke(app, ["refine", str(drafts), "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.stderr
+    draft_stage, refine_stage = _lines(result.stdout)[0]["stages"]
+    assert draft_stage["dtype"] == "float32" and refine_stage["dtype"] == "bfloat16"
+    assert refine_stage["device"] == "cpu" and refine_stage["model"]["path"] == str(tiny_checkpoint.resolve())
+
+
+def test_refine_without_model_uses_the_records_model_from_another_directory(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(tiny_checkpoint, tmp_path / "runs" / "final")
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["draft", "-m", "runs/final", "--out", "d.jsonl"]).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["refine", "../d.jsonl"])
+    assert result.exit_code == 0, result.stderr
+    record = _lines(result.stdout)[0]
+    assert record["model"]["name"] == "runs/final"
+    assert record["stages"][-1]["model"]["path"] == str((tmp_path / "runs" / "final").resolve())
+
+
+def test_draft_streams_its_work_without_building_every_job(tiny_checkpoint):
+    import tracemalloc
+
+    from did_cli import api
+    from did_cli.checkpoints import load_model, load_tokenizer
+    from did_cli.config import DraftSettings
+
+    model = load_model(str(tiny_checkpoint))
+    tokenizer = load_tokenizer(model)
+    tracemalloc.start()
+    stream = api.draft(model, tokenizer, DraftSettings(length=8), num_samples=10**8, batch_size=2)
+    first = next(stream)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert first.id == 0 and peak < 20 * 2**20  # a list of 10**8 jobs alone would take gigabytes
 
 
 def test_no_kv_cache_flag_gives_the_same_tokens(tiny_checkpoint):
