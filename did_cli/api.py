@@ -99,20 +99,35 @@ def draft(
     provenance = _provenance(model, tokenizer)
     stage_settings = {
         "kind": "draft",
+        "length": settings.length,
         "block_size": settings.block_size,
         "kv_cache": settings.kv_cache,
         **dataclasses.asdict(settings.unmasking),
+        "reject_entropy": settings.reject_entropy,
+        "max_tries": settings.max_tries,
+        "var_length": settings.var_length,
         "seed": seed,
     }
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         on_call = _call_progress(on_progress, "draft", start, len(jobs))
-        result = draft_batch(model, [ids for _, _, ids in batch], [i for i, _, _ in batch], settings, seed, on_call)
-        tokens, confidence = result.tokens.tolist(), result.confidence.tolist()
+        result = draft_batch(
+            model,
+            [ids for _, _, ids in batch],
+            [i for i, _, _ in batch],
+            settings,
+            seed,
+            on_call,
+            eos_id=tokenizer.eos_token_id,
+        )
+        # A variable-length sample ends at its own length; the rest of its row is unused.
+        tokens = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths, strict=True)]
+        confidence = [row[:n] for row, n in zip(result.confidence.tolist(), result.lengths, strict=True)]
         for row, (sample_id, text, _) in enumerate(batch):
             prompt_len = result.prompt_lengths[row]
             stage = {
                 **stage_settings,
+                "tries": result.tries[row],
                 "nfes": result.nfes[row],
                 "model_calls": result.model_calls,
                 "cache_calls": result.cache_calls,
