@@ -85,3 +85,19 @@ def test_generate_with_var_length_refines_each_sample_at_its_own_length(eos_chec
         draft_tokens = record["draft_tokens"]
         assert len(record["tokens"]) == len(draft_tokens) == len(record["confidence"])
         assert record["stages"][1]["kind"] == "refine" and record["stages"][1]["block_size"] == len(draft_tokens)
+
+
+def test_eval_ppl_records_the_cut_and_the_space_clean_up(tmp_path):
+    from tests.evaluation.tiny_judge import save_tiny_judge
+
+    judge = str(save_tiny_judge(tmp_path / "judge"))
+    (tmp_path / "s.txt").write_text("it is n't here , he said .\n")
+    report = tmp_path / "r.json"
+    args = ["eval-ppl", str(tmp_path / "s.txt"), "--judge", judge, "--json", str(report), "-q"]
+    result = runner.invoke(app, [*args, "--max-tokens", "12", "--clean-up-spaces"])
+    assert result.exit_code == 0, result.stderr
+    body = json.loads(report.read_text())
+    assert body["settings"]["max_tokens"] == 12 and body["settings"]["clean_up_tokenization_spaces"] is True
+    assert body["files"][str(tmp_path / "s.txt")]["mean_tokens"] == 11  # 12 ids with BOS
+    bad = runner.invoke(app, [*args, "--max-tokens", "-1"])
+    assert bad.exit_code == 2 and "--max-tokens" in bad.stderr
