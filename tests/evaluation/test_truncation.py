@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from did_cli.errors import UsageError
 from did_cli.evaluation import EvalSettings, Sample, Window, eval_ppl, read_samples, score_samples, sliding_windows
 from did_cli.records import Record
 
@@ -102,7 +103,5 @@ def test_clean_up_spaces_scores_the_text_paper_era_decoding_would_give(judge, ju
 
 
 def test_negative_max_tokens_is_a_usage_error():
-    from did_cli.errors import UsageError
-
     with pytest.raises(UsageError, match="max-tokens"):
         EvalSettings(max_tokens=-1)
