@@ -84,9 +84,13 @@ def draft_stage_settings(settings: DraftSettings, seed: int) -> dict[str, Any]:
     """The settings a draft stage records: what must agree for two drafts to be the same samples."""
     return {
         "kind": "draft",
+        "length": settings.length,
         "block_size": settings.block_size,
         "kv_cache": settings.kv_cache,
         **dataclasses.asdict(settings.unmasking),
+        "reject_entropy": settings.reject_entropy,
+        "max_tries": settings.max_tries,
+        "var_length": settings.var_length,
         "seed": seed,
     }
 
@@ -107,7 +111,10 @@ def refine_stage_settings(settings: RefineSettings, seed: int, length: int) -> d
 def _check_draft_inputs(model: BD3LM, settings: DraftSettings, encoded: list[tuple[str | None, list[int]]]) -> None:
     # Every prompt is checked before the first sample, so a bad fifth prompt cannot stop a run halfway.
     if settings.length > model.config.model_length:
-        raise UsageError(f"length={settings.length} exceeds the model's model_length={model.config.model_length}")
+        raise UsageError(
+            f"length={settings.length} exceeds the model's model_length={model.config.model_length}; generating past "
+            "the model's context (BD3-LM's sliding KV window) is not supported"
+        )
     for number, (text, ids) in enumerate(encoded, start=1):
         if len(ids) >= settings.length:
             raise UsageError(
@@ -151,12 +158,23 @@ def draft(
     done = sum(1 for i in set(skip_ids) if 0 <= i < total)  # a resumed run counts what it already has
     while batch := list(itertools.islice(jobs, batch_size)):
         on_call = _call_progress(on_progress, "draft", done, total)
-        result = draft_batch(model, [ids for _, _, ids in batch], [i for i, _, _ in batch], settings, seed, on_call)
-        tokens, confidence = result.tokens.tolist(), result.confidence.tolist()
+        result = draft_batch(
+            model,
+            [ids for _, _, ids in batch],
+            [i for i, _, _ in batch],
+            settings,
+            seed,
+            on_call,
+            eos_id=tokenizer.eos_token_id,
+        )
+        # A variable-length sample ends at its own length; the rest of its row is unused.
+        tokens = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths, strict=True)]
+        confidence = [row[:n] for row, n in zip(result.confidence.tolist(), result.lengths, strict=True)]
         for row, (sample_id, text, _) in enumerate(batch):
             prompt_len = result.prompt_lengths[row]
             stage = {
                 **stage_settings,
+                "tries": result.tries[row],
                 "nfes": result.nfes[row],
                 "model_calls": result.model_calls,
                 "cache_calls": result.cache_calls,

@@ -167,17 +167,40 @@ class DraftSettings:
     """Stage 1: semi-autoregressive drafting with block size B1 (`block_size`) over `length` tokens.
 
     `length` counts the whole sequence, BOS and prompt included, like BD3-LM's `model.length`.
+
+    Attributes:
+        length: sequence length L.
+        block_size: draft block size B1.
+        kv_cache: use the KV cache (False runs the uncached oracle).
+        unmasking: unmasking order and token sampling.
+        reject_entropy: after each block, once the sequence so far is longer than `entropy_window` tokens, a
+            sample whose last `entropy_window` tokens have a unigram entropy below this (nats) is discarded and
+            drawn again, as BD3-LM's sampler does (4.0); 0 turns the check off.
+        max_tries: draws per sample before sampling fails (BD3-LM: 10).
+        entropy_window: tokens the entropy check looks at (BD3-LM: 256).
+        var_length: stop each sample at its first generated EOS, keeping it; on low entropy, drop the last
+            `entropy_window` tokens and stop instead of redrawing (BD3-LM's `sampling.var_length`).
     """
 
     length: int
     block_size: int = 4
     kv_cache: bool = True
     unmasking: UnmaskingSettings = field(default_factory=UnmaskingSettings)
+    reject_entropy: float = 4.0
+    max_tries: int = 10
+    entropy_window: int = 256
+    var_length: bool = False
 
     def __post_init__(self) -> None:
         if self.length < 2:
             raise UsageError(f"length must be at least 2, got {self.length}")
         check_block_size(self.block_size, self.length)
+        if not self.reject_entropy >= 0.0:
+            raise UsageError(f"--reject-entropy must be at least 0 (0 turns it off), got {self.reject_entropy}")
+        if self.max_tries < 1:
+            raise UsageError(f"--max-tries must be at least 1, got {self.max_tries}")
+        if self.entropy_window < 1:
+            raise UsageError(f"the entropy window must be at least 1 token, got {self.entropy_window}")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ class DataError(DidError):
     exit_code = 2
 
 
+class SamplingError(DidError):
+    """A sample could not be drawn, e.g. it stayed degenerate (low entropy) in every allowed try."""
+
+    exit_code = 3
+
+
 class TrainingDivergedError(DidError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 

@@ -4,9 +4,15 @@ The protocol follows BD3-LM's `metrics.record_generative_perplexity` (research n
 
 * Each sample's decoded text is re-tokenised with the judge's tokenizer and preceded by the judge's BOS/EOS id,
   since upstream's decoded samples start with `<|endoftext|>`. A record's prompt follows BOS as unscored context.
-* Next-token NLL uses a context of 1024 tokens. Longer samples use a sliding window with stride 512: the first
-  window covers [0, 1024), and each later window scores only the tokens past the previous one. Every token is
-  therefore scored exactly once, with at least context - stride tokens of context.
+* The re-tokenised ids (BOS included) are cut to the sampling length, as upstream re-tokenises with
+  `truncation=True, max_length=model.length`: a did record's own length, `max_tokens` for plain text (1024 by
+  default); `max_tokens=0` scores everything. Entropy is computed on the same cut ids.
+* Optionally the text is first cleaned up as transformers' `clean_up_tokenization_spaces=True` decoding does (the
+  default of the transformers release the paper used; later releases decode GPT-2 without it).
+* Next-token NLL uses a context of 1024 tokens. Longer samples use upstream's sliding window with stride 512:
+  window 0 covers [0, 1024); window i >= 1 covers [i·512, i·512 + 1024), cut at the end of the sample, and scores
+  the positions from i·512 + 512 on. Every token is scored exactly once, with at least context - stride tokens of
+  context.
 * Every EOS id among the targets is excluded.
 * `gen_ppl` is the paper pipeline's aggregate: the arithmetic mean of per-sample perplexities. `gen_ppl_pooled`
   is the token-weighted exp(mean NLL) that upstream prints.
@@ -60,6 +66,9 @@ __all__ = [
     "unigram_entropy",
 ]
 
+# Upstream's max_length for texts that carry no length of their own: BD3-LM's model length.
+PLAIN_TEXT_MAX_TOKENS = 1024
+
 # (input_ids [B, T] long, attention_mask [B, T] long) -> logits [B, T, V]; right padding, 1 marks real tokens.
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (windows done, windows total) after each judge call.
@@ -75,12 +84,18 @@ class EvalSettings:
         stride: tokens each later sliding window advances; None means half the context (512 upstream).
         batch_size: windows per judge call. Changes speed and memory, not the numbers (beyond float noise).
         degenerate_entropy: samples with a unigram entropy (nats) below this are counted as degenerate.
+        max_tokens: cut each sample's judge ids (BOS included) to this many, as upstream's `max_length`. None: a did
+            record's own length (its draft length), `PLAIN_TEXT_MAX_TOKENS` for other texts; 0: never cut.
+        clean_up_spaces: apply transformers' `clean_up_tokenization` to each text before re-tokenising it, which
+            is what decoding with `clean_up_tokenization_spaces=True` (the paper-era default) would have produced.
     """
 
     context: int = 1024
     stride: int | None = None
     batch_size: int = 8
     degenerate_entropy: float = 4.0
+    max_tokens: int | None = None
+    clean_up_spaces: bool = False
 
     def __post_init__(self) -> None:
         if self.context < 2:
@@ -89,6 +104,8 @@ class EvalSettings:
             raise UsageError(f"--stride must be at least 1, got {self.stride}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise UsageError(f"--max-tokens must be at least 0 (0 scores everything), got {self.max_tokens}")
 
     def windows_for(self, max_positions: int | None) -> tuple[int, int]:
         """The (context, stride) used with a judge that accepts at most `max_positions` tokens."""
@@ -114,10 +131,11 @@ class Window:
 def sliding_windows(num_tokens: int, context: int, stride: int, first_target: int = 1) -> list[Window]:
     """The judge calls that score positions [first_target, num_tokens) of a sequence, each position exactly once.
 
-    The first window covers [0, min(num_tokens, context)). Each later window ends `stride` tokens further (or at the
-    end of the sequence), spans `context` tokens, and scores only the positions past the previous window. For a
-    length that is a multiple of the stride this is upstream's layout: window i covers [i·stride, i·stride + context)
-    and scores its last `stride` positions. Windows that would score nothing (inside a prompt) are left out.
+    Upstream's layout (`metrics.record_generative_perplexity`): there are max(1, ceil((N - context + stride) /
+    stride)) windows. Window 0 covers [0, min(N, context)) and scores from position 1; window i >= 1 starts at
+    i·stride, ends at min(i·stride + context, N) and scores the positions from i·stride + context - stride on. The
+    last window therefore starts at a multiple of the stride even when the sample ends before it is full, so it may
+    see less than `context` tokens. Windows that would score nothing (inside a prompt) are left out.
 
     Args:
         num_tokens: length of the sequence, BOS included.
@@ -132,14 +150,13 @@ def sliding_windows(num_tokens: int, context: int, stride: int, first_target: in
         raise UsageError(f"a sliding window needs 1 <= stride < context, got stride {stride}, context {context}")
     first_target = max(first_target, 1)
     windows = []
-    begin, end, scored_from = 0, min(num_tokens, context), 1
-    while True:
+    for i in range(max(1, math.ceil((num_tokens - context + stride) / stride))):
+        begin = i * stride
+        end = min(begin + context, num_tokens)
+        scored_from = 1 if i == 0 else begin + context - stride
         if end > first_target:
             windows.append(Window(begin, end, max(scored_from, first_target)))
-        if end >= num_tokens:
-            return windows
-        scored_from, end = end, min(end + stride, num_tokens)
-        begin = end - context
+    return windows
 
 
 def target_nlls(
@@ -218,6 +235,7 @@ class SampleResult:
         nll_sum: summed NLL (nats) of the scored tokens.
         entropy: unigram entropy (nats) of BOS + the text's judge tokens, as upstream's retokenised ids.
         degenerate: entropy below the threshold in the settings.
+        truncated: judge tokens cut off the end by `max_tokens` (not scored, not in the entropy).
     """
 
     line: int | None
@@ -227,6 +245,7 @@ class SampleResult:
     nll_sum: float
     entropy: float
     degenerate: bool
+    truncated: int = 0
 
     @property
     def nll(self) -> float:
@@ -249,6 +268,7 @@ class SampleResult:
             "scored_tokens": self.scored_tokens,
             "entropy": self.entropy,
             "degenerate": self.degenerate,
+            "truncated": self.truncated,
         }
         return {key: _json_number(value) for key, value in body.items()}
 
@@ -262,6 +282,7 @@ def score_sequence(
     degenerate_entropy: float = 4.0,
     line: int | None = None,
     id: Any = None,
+    truncated: int = 0,
 ) -> SampleResult:
     """One sample's result from its judge ids (BOS first) and the per-position NLLs of `target_nlls`.
 
@@ -273,12 +294,15 @@ def score_sequence(
         degenerate_entropy: threshold below which the sample is flagged.
         line: input line, for reporting.
         id: record id, for reporting.
+        truncated: tokens cut off before scoring, for reporting.
     """
     text_ids = list(token_ids[first_target:])
     counted = torch.tensor([t not in eos_ids for t in text_ids], dtype=torch.bool)
     nll_sum = float(nlls[first_target:][counted].sum()) if text_ids else 0.0
     entropy = unigram_entropy([token_ids[0], *text_ids]) if token_ids else 0.0
-    return SampleResult(line, id, len(text_ids), int(counted.sum()), nll_sum, entropy, entropy < degenerate_entropy)
+    return SampleResult(
+        line, id, len(text_ids), int(counted.sum()), nll_sum, entropy, entropy < degenerate_entropy, truncated
+    )
 
 
 @dataclass(frozen=True)
@@ -350,12 +374,16 @@ def _json_number(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Sample:
-    """One text to score, with an optional prompt that conditions it without being scored."""
+    """One text to score, with an optional prompt that conditions it without being scored.
+
+    `max_tokens` is the length the text was sampled at (a did record's draft length), used to cut it as upstream.
+    """
 
     text: str
     prompt: str | None = None
     line: int | None = None
     id: Any = None
+    max_tokens: int | None = None
 
 
 def read_samples(source: str | Path) -> list[Sample]:
@@ -393,9 +421,15 @@ def _open_input(source: str | Path, name: str) -> Iterator[IO[str]]:
         yield sys.stdin
         return
     path = Path(source)
+    if path.is_dir():
+        raise InputError(f"input {name} is a directory, not a samples file")
     if not path.is_file():
         raise InputError(f"input file {name} does not exist")
-    with open(path, encoding="utf-8") as stream:
+    try:
+        stream = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InputError(f"cannot read {name}: {exc.strerror}") from None
+    with stream:
         yield stream
 
 
@@ -413,7 +447,18 @@ def _parse_sample(line: str, name: str, lineno: int, first: bool) -> Sample:
         raise InputError(f"{where}: no text field (a string) to score")
     if prompt is not None and not isinstance(prompt, str):
         raise InputError(f"{where}: prompt must be a string or null")
-    return Sample(text, prompt, lineno, body.get("id"))
+    return Sample(text, prompt, lineno, body.get("id"), _sampled_length(body))
+
+
+def _sampled_length(body: dict[str, Any]) -> int | None:
+    """A did record's sampling length: its draft stage's `length`, else its token count; None for other JSON."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list):
+        return None
+    stages = body.get("stages")
+    first = stages[0] if isinstance(stages, list) and stages and isinstance(stages[0], dict) else {}
+    length = first.get("length")
+    return length if isinstance(length, int) and length > 0 else len(tokens)
 
 
 # --- API -----------------------------------------------------------------------------------------------------------
@@ -439,14 +484,14 @@ def score_samples(
     settings = settings or EvalSettings()
     context, stride = settings.windows_for(judge.max_positions)
     items = [s if isinstance(s, Sample) else Sample(s) for s in samples]
-    encoded = [_encode(judge, s) for s in items]
+    encoded = [_encode(judge, s, settings) for s in items]
     nlls = target_nlls(
-        [ids for ids, _ in encoded],
+        [ids for ids, _, _ in encoded],
         judge,
         context=context,
         stride=stride,
         batch_size=settings.batch_size,
-        first_targets=[first for _, first in encoded],
+        first_targets=[first for _, first, _ in encoded],
         on_progress=on_progress,
     )
     results = [
@@ -458,20 +503,26 @@ def score_samples(
             degenerate_entropy=settings.degenerate_entropy,
             line=s.line,
             id=s.id,
+            truncated=truncated,
         )
-        for s, (ids, first), nll in zip(items, encoded, nlls, strict=True)
+        for s, (ids, first, truncated), nll in zip(items, encoded, nlls, strict=True)
     ]
     return summarize(source, results)
 
 
-def _encode(judge: Judge, sample: Sample) -> tuple[list[int], int]:
-    """(BOS + prompt + text ids, position of the first text token)."""
-    text_ids = judge.encode(sample.text)
+def _encode(judge: Judge, sample: Sample, settings: EvalSettings) -> tuple[list[int], int, int]:
+    """(BOS + prompt + text ids cut to the sample's token limit, position of the first text token, tokens cut)."""
+    text = judge.tokenizer.clean_up_tokenization(sample.text) if settings.clean_up_spaces else sample.text
+    text_ids = judge.encode(text)
     prompt_ids = judge.encode(sample.prompt) if sample.prompt else []
     if not prompt_ids and text_ids[:1] == [judge.bos_id]:
         # Text decoded the upstream way already starts with <|endoftext|>; a second one would change its context.
         text_ids = text_ids[1:]
-    return [judge.bos_id, *prompt_ids, *text_ids], 1 + len(prompt_ids)
+    ids = [judge.bos_id, *prompt_ids, *text_ids]
+    limit = settings.max_tokens if settings.max_tokens is not None else sample.max_tokens or PLAIN_TEXT_MAX_TOKENS
+    if limit and len(ids) > limit:
+        return ids[:limit], 1 + len(prompt_ids), len(ids) - limit
+    return ids, 1 + len(prompt_ids), 0
 
 
 @dataclass
@@ -543,6 +594,9 @@ def eval_ppl(
         "stride": stride,
         "batch_size": settings.batch_size,
         "degenerate_entropy": settings.degenerate_entropy,
+        # None: each did record's own length, 1024 for plain text; 0: nothing cut.
+        "max_tokens": settings.max_tokens,
+        "clean_up_tokenization_spaces": settings.clean_up_spaces,
         "device": device_info(parameter.device),
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "eos_ids": sorted(judge.eos_ids),

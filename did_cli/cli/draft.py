@@ -20,6 +20,17 @@ Length = Annotated[
 BlockSize = Annotated[int, typer.Option("--block-size", help="Draft block size B1; must divide the length.")]
 Prompt = Annotated[str | None, typer.Option("--prompt", help="Condition every sample on this text.")]
 PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="One prompt per line (UTF-8).")]
+RejectEntropy = Annotated[
+    float,
+    typer.Option(
+        "--reject-entropy",
+        help="Redraw a sample whose last 256 tokens fall below this unigram entropy (nats), as BD3-LM; 0 = off.",
+    ),
+]
+MaxTries = Annotated[int, typer.Option("--max-tries", help="Draws per sample before failing (BD3-LM: 10).")]
+VarLength = Annotated[
+    bool, typer.Option("--var-length", help="Stop each sample at its first generated EOS, kept (BD3-LM var_length).")
+]
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | None:
@@ -70,6 +81,9 @@ def draft(
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
+    reject_entropy: RejectEntropy = 4.0,
+    max_tries: MaxTries = 10,
+    var_length: VarLength = False,
     prompt: Prompt = None,
     prompt_file: PromptFile = None,
     out: o.Out = None,
@@ -93,6 +107,9 @@ def draft(
             block_size=block_size,
             kv_cache=not no_kv_cache,
             unmasking=sampling,
+            reject_entropy=reject_entropy,
+            max_tries=max_tries,
+            var_length=var_length,
         )
         skip = api.check_resumable(writer.kept, [api.draft_stage_settings(settings, seed)], loaded)
         total = num_samples * (len(prompts) if prompts else 1)

@@ -37,6 +37,21 @@ Stride = Annotated[
 DegenerateEntropy = Annotated[
     float, typer.Option("--degenerate-entropy", help="Count samples whose unigram entropy (nats) is below this.")
 ]
+MaxTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        help="Cut each sample's judge tokens (BOS included) to this many, as BD3-LM's max_length. Default: a did "
+        "record's own length, 1024 for plain text; 0 scores everything.",
+    ),
+]
+CleanUpSpaces = Annotated[
+    bool,
+    typer.Option(
+        "--clean-up-spaces",
+        help="Clean up tokenization spaces (' .' -> '.') before scoring, as the paper-era transformers decoded.",
+    ),
+]
 JsonOut = Annotated[
     Path | None, typer.Option("--json", help="Write the results, judge, settings and versions here (- for stdout).")
 ]
@@ -58,13 +73,15 @@ def eval_ppl(
     context: Context = 1024,
     stride: Stride = None,
     degenerate_entropy: DegenerateEntropy = 4.0,
+    max_tokens: MaxTokens = None,
+    clean_up_spaces: CleanUpSpaces = False,
     json_out: JsonOut = None,
     per_sample: PerSample = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Generative perplexity (BD3-LM protocol) and entropy of each file's samples under a judge LM."""
     _check_outputs(files, json_out, per_sample)
-    settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy)
+    settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
     with _progress(quiet) as on_progress:
         result = evaluation.eval_ppl(
             files, judge, settings, revision=revision, device=device, dtype=dtype, on_progress=on_progress

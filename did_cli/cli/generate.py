@@ -9,7 +9,17 @@ import typer
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import Reporter, load, output, unmasking, write_records
-from did_cli.cli.draft import Length, NumSamples, Prompt, PromptFile, check_num_samples, read_prompts
+from did_cli.cli.draft import (
+    Length,
+    MaxTries,
+    NumSamples,
+    Prompt,
+    PromptFile,
+    RejectEntropy,
+    VarLength,
+    check_num_samples,
+    read_prompts,
+)
 from did_cli.config import DraftSettings, RefineSettings, check_block_size
 from did_cli.errors import UsageError
 
@@ -71,6 +81,9 @@ def generate(
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
+    reject_entropy: RejectEntropy = 4.0,
+    max_tries: MaxTries = 10,
+    var_length: VarLength = False,
     prompt: Prompt = None,
     prompt_file: PromptFile = None,
     out: o.Out = None,
@@ -99,7 +112,18 @@ def generate(
         for size in sizes:
             check_block_size(size, length)
         gammas = parse_gammas(gamma, len(sizes) - 1)
-        draft_settings = DraftSettings(length=length, block_size=sizes[0], kv_cache=not no_kv_cache, unmasking=sampling)
+        if var_length and any(size < length for size in sizes[1:]):
+            # A variable-length sample's length is not a multiple of a smaller B2; one global block fits any length.
+            raise UsageError("--var-length works only with global refine stages (block size = the length)")
+        draft_settings = DraftSettings(
+            length=length,
+            block_size=sizes[0],
+            kv_cache=not no_kv_cache,
+            unmasking=sampling,
+            reject_entropy=reject_entropy,
+            max_tries=max_tries,
+            var_length=var_length,
+        )
         refine_settings = [
             RefineSettings(
                 gamma=g,

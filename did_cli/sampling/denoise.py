@@ -27,6 +27,8 @@ from did_cli.sampling.schedules import first_hitting_calls, fixed_step_calls, mo
 
 # on_call(tokens committed so far, tokens to commit in total); the CLI turns it into a progress bar.
 CallCallback = Callable[[int, int], None]
+# on_block_end(end, tokens [B, L]) after each denoised block: None, or a CPU bool [B] of rows to stop generating.
+BlockEndHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -59,6 +61,7 @@ def denoise(
     settings: UnmaskingSettings,
     kv_cache: bool = True,
     on_call: CallCallback | None = None,
+    on_block_end: BlockEndHook | None = None,
 ) -> DenoiseResult:
     """Fill every masked position, block by block.
 
@@ -72,6 +75,9 @@ def denoise(
         settings: unmasking order and token sampling.
         kv_cache: use the KV cache (True) or recompute the prefix at every call (the oracle).
         on_call: optional progress callback.
+        on_block_end: optional hook called after each block that had masked positions, with the block's end and
+            the tokens so far; rows it returns True for are stopped: their later masked positions are left as
+            [MASK] and cost no model call of their own (variable-length sampling, early stop).
 
     Returns:
         A DenoiseResult; the inputs are not modified.
@@ -89,6 +95,9 @@ def denoise(
             model.extend_cache(loop.tokens[:, cache.length : start - block_size], cache, block_size)
             loop.cache_calls += 1
         loop.denoise_block(start, end, cache)
+        stop = on_block_end(end, loop.tokens) if on_block_end is not None else None
+        if stop is not None:
+            loop.masked[stop, end:] = False
     return DenoiseResult(loop.tokens, loop.confidence, loop.nfes, loop.model_calls, loop.cache_calls)
 
 

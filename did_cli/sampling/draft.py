@@ -2,6 +2,14 @@
 
 Every sample starts as its prompt (BOS alone when unconditional, as BD3-LM) followed by [MASK]s up to the length.
 Blocks are denoised left to right; each token's snapshot confidence is recorded at the call that commits it.
+
+Stop conditions follow BD3-LM's `_check_stop_conds`, checked after every block that holds generated tokens:
+
+* entropy rejection: once the sequence so far is longer than the window (256), a sample whose last 256 tokens have
+  a unigram entropy below `reject_entropy` (4.0 nats) is discarded and drawn again from a fresh stream that depends
+  only on (seed, id, attempt); after `max_tries` draws sampling fails, as upstream raises `Sampling failed`.
+* variable length: a sample stops at its first generated EOS, which it keeps; on low entropy it stops and drops its
+  last 256 tokens instead of being redrawn.
 """
 
 from __future__ import annotations
@@ -12,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from did_cli.config import DraftSettings
-from did_cli.errors import UsageError
+from did_cli.errors import SamplingError, UsageError
 from did_cli.model import BD3LM
-from did_cli.sampling.denoise import CallCallback, denoise
-from did_cli.sampling.primitives import draw_uniforms
+from did_cli.sampling.denoise import CallCallback, DenoiseResult, denoise
+from did_cli.sampling.primitives import draw_uniforms, window_entropy
 
 
 @dataclass
@@ -23,11 +31,13 @@ class DraftResult:
     """A drafted batch.
 
     Attributes:
-        tokens: [B, L] int64, prompt included.
+        tokens: [B, L] int64, prompt included; positions at or past `lengths[i]` are not part of sample i.
         confidence: [B, L] float32 snapshot confidence; 1.0 at prompt positions.
         prompt_lengths: prompt tokens per sample (BOS included); these positions are never remasked.
-        nfes: per-sample model calls that committed one of its tokens.
-        model_calls: batched denoiser calls.
+        lengths: tokens per sample: L, or less when a variable-length sample stopped early.
+        tries: draws per sample (1 unless entropy rejection redrew it).
+        nfes: per-sample model calls that committed one of its tokens, in the accepted draw.
+        model_calls: batched denoiser calls, rejected draws included.
         cache_calls: KV-cache append calls (no logits).
         seconds: wall-clock for the batch.
     """
@@ -35,6 +45,8 @@ class DraftResult:
     tokens: torch.Tensor
     confidence: torch.Tensor
     prompt_lengths: list[int]
+    lengths: list[int]
+    tries: list[int]
     nfes: list[int]
     model_calls: int
     cache_calls: int
@@ -49,36 +61,98 @@ def draft(
     settings: DraftSettings,
     seed: int,
     on_call: CallCallback | None = None,
+    *,
+    eos_id: int | None = None,
 ) -> DraftResult:
-    """Draft one batch.
+    """Draft one batch, redrawing samples that entropy rejection discards.
 
     Args:
         model: the denoiser.
         prompts: token ids per sample, each starting with BOS (at least one token, shorter than the length).
-        sample_ids: global sample ids; sample i's randomness depends only on (seed, sample_ids[i]).
-        settings: length, B1, cache use and unmasking.
+        sample_ids: global sample ids; sample i's randomness depends only on (seed, sample_ids[i], attempt).
+        settings: length, B1, cache use, unmasking and stop conditions.
         seed: the run's seed.
         on_call: optional progress callback.
+        eos_id: the EOS id, needed with `settings.var_length`.
 
     Returns:
         A DraftResult.
+
+    Raises:
+        SamplingError: a sample was rejected in all `settings.max_tries` draws.
     """
     if len(prompts) != len(sample_ids):
         raise ValueError("one prompt per sample id is needed")
-    length, device = settings.length, model.device
+    length = settings.length
     if length > model.config.model_length:
-        raise UsageError(f"--length {length} exceeds the model's length {model.config.model_length}")
+        raise UsageError(
+            f"--length {length} exceeds the model's length {model.config.model_length}; generating past the "
+            "model's context (BD3-LM's sliding KV window) is not supported"
+        )
+    if settings.var_length and eos_id is None:
+        raise UsageError("--var-length needs a tokenizer with an EOS token")
     for prompt in prompts:
         if not 1 <= len(prompt) < length:
             raise UsageError(f"a prompt of {len(prompt)} tokens leaves nothing to generate within --length {length}")
     start = time.perf_counter()
+    batch = len(prompts)
+    tokens = torch.full((batch, length), model.mask_id, dtype=torch.long, device=model.device)
+    confidence = torch.zeros(batch, length, device=model.device)
+    lengths, tries, nfes = [length] * batch, [0] * batch, [0] * batch
+    model_calls = cache_calls = 0
+    pending = list(range(batch))
+    for attempt in range(settings.max_tries):
+        rows = [prompts[i] for i in pending]
+        result, stops = _draw(model, rows, [sample_ids[i] for i in pending], settings, seed, attempt, on_call, eos_id)
+        model_calls += result.model_calls
+        cache_calls += result.cache_calls
+        index = torch.tensor(pending, device=tokens.device)
+        tokens[index] = result.tokens
+        confidence[index] = result.confidence
+        for row, i in enumerate(pending):
+            lengths[i], tries[i], nfes[i] = stops.lengths[row], attempt + 1, int(result.nfes[row])
+        pending = [i for row, i in enumerate(pending) if stops.rejected[row]]
+        if not pending:
+            break
+    if pending:
+        raise SamplingError(
+            f"sample {sample_ids[pending[0]]} fell below {settings.reject_entropy} nats of entropy in all "
+            f"{settings.max_tries} tries (BD3-LM fails here too); raise --max-tries or lower --reject-entropy"
+        )
+    return DraftResult(
+        tokens=tokens,
+        confidence=confidence,
+        prompt_lengths=[len(p) for p in prompts],
+        lengths=lengths,
+        tries=tries,
+        nfes=nfes,
+        model_calls=model_calls,
+        cache_calls=cache_calls,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _draw(
+    model: BD3LM,
+    prompts: list[list[int]],
+    sample_ids: list[int],
+    settings: DraftSettings,
+    seed: int,
+    attempt: int,
+    on_call: CallCallback | None,
+    eos_id: int | None,
+) -> tuple[DenoiseResult, _StopConditions]:
+    """One draw of every sample in `prompts` from its (seed, id, attempt) stream, with the stop conditions applied."""
+    length, device = settings.length, model.device
     tokens = torch.full((len(prompts), length), model.mask_id, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    is_masked = torch.arange(length, device=device)[None, :] >= lengths[:, None]
+    prompt_lengths = [len(p) for p in prompts]
+    is_masked = torch.arange(length, device=device)[None, :] >= torch.tensor(prompt_lengths, device=device)[:, None]
     confidence = torch.where(is_masked, 0.0, 1.0).float()
-    uniforms = draw_uniforms(seed, sample_ids, 0, length, 2)  # stays on the CPU, where positions are scheduled
+    # Stays on the CPU, where positions are scheduled.
+    uniforms = draw_uniforms(seed, sample_ids, 0, length, 2, attempt=attempt)
+    stops = _StopConditions(prompt_lengths, settings, eos_id)
     result = denoise(
         model,
         tokens,
@@ -89,13 +163,58 @@ def draft(
         settings=settings.unmasking,
         kv_cache=settings.kv_cache,
         on_call=on_call,
+        on_block_end=stops if stops.active else None,
     )
-    return DraftResult(
-        tokens=result.tokens,
-        confidence=result.confidence,
-        prompt_lengths=[len(p) for p in prompts],
-        nfes=result.nfes.tolist(),
-        model_calls=result.model_calls,
-        cache_calls=result.cache_calls,
-        seconds=time.perf_counter() - start,
-    )
+    stops.finish()
+    return result, stops
+
+
+class _StopConditions:
+    """BD3-LM's per-block stop checks for one draw, kept per row so that no sample depends on its neighbours.
+
+    A row is checked at a block end `end` only if the block holds generated tokens (end > its prompt length).
+    Rejection flags stay on the device until the draw ends, so plain drafting never waits on the device; only
+    variable-length sampling, which must stop rows as it goes, reads them back after each block.
+    """
+
+    def __init__(self, prompt_lengths: list[int], settings: DraftSettings, eos_id: int | None) -> None:
+        self.settings, self.eos_id = settings, eos_id
+        self.prompt_lengths = torch.tensor(prompt_lengths)
+        self.lengths = [settings.length] * len(prompt_lengths)
+        self.rejected = [False] * len(prompt_lengths)
+        self.stopped = torch.zeros(len(prompt_lengths), dtype=torch.bool)
+        self.entropy_on = settings.reject_entropy > 0 and settings.length > settings.entropy_window
+        self.active = settings.var_length or self.entropy_on
+        self._low: torch.Tensor | None = None  # [B] bool on the device: rows that failed a check
+
+    def __call__(self, end: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        checked = (end > self.prompt_lengths) & ~self.stopped  # B (CPU)
+        low = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        if self.entropy_on and end > self.settings.entropy_window:
+            low = window_entropy(tokens, end, self.settings.entropy_window) < self.settings.reject_entropy
+            low &= checked.to(tokens.device)
+        if not self.settings.var_length:
+            self._low = low if self._low is None else self._low | low
+            return None
+        return self._stop_variable_length(end, tokens, checked, low.cpu())
+
+    def _stop_variable_length(
+        self, end: int, tokens: torch.Tensor, checked: torch.Tensor, low: torch.Tensor
+    ) -> torch.Tensor:
+        is_eos = (tokens[:, :end] == self.eos_id).cpu()
+        is_eos &= torch.arange(end)[None, :] >= self.prompt_lengths[:, None]  # generated EOS only
+        has_eos = is_eos.any(dim=1)
+        stop = checked & (has_eos | low)
+        for row in stop.nonzero().flatten().tolist():
+            # Upstream truncates after the first generated EOS; low entropy overrides it with end - window.
+            cut = int(is_eos[row].int().argmax()) + 1 if has_eos[row] else end
+            if low[row]:
+                cut = end - self.settings.entropy_window
+            self.lengths[row] = max(cut, int(self.prompt_lengths[row]))
+        self.stopped |= stop
+        return stop
+
+    def finish(self) -> None:
+        """Read the rejection flags back once the draw is over."""
+        if self._low is not None:
+            self.rejected = self._low.cpu().tolist()

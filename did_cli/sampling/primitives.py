@@ -15,14 +15,25 @@ import hashlib
 import torch
 
 
-def sample_seed(seed: int, sample_id: int, stage: int) -> int:
-    """A 63-bit seed for one sample at one stage, by hashing: no two (seed, id, stage) triples share a stream."""
-    digest = hashlib.sha256(f"did:{seed}:{sample_id}:{stage}".encode()).digest()
+def sample_seed(seed: int, sample_id: int, stage: int, attempt: int = 0) -> int:
+    """A 63-bit seed for one sample at one stage and attempt, by hashing: no two such tuples share a stream.
+
+    Attempt 0 is the first draw; a sample redrawn after entropy rejection uses attempt 1, 2, ... so a redraw depends
+    only on (seed, id, attempt) and never on which other samples were rejected.
+    """
+    key = f"did:{seed}:{sample_id}:{stage}" + (f":try{attempt}" if attempt else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def draw_uniforms(
-    seed: int, sample_ids: list[int], stage: int, length: int, count: int, device: torch.device | str = "cpu"
+    seed: int,
+    sample_ids: list[int],
+    stage: int,
+    length: int,
+    count: int,
+    device: torch.device | str = "cpu",
+    attempt: int = 0,
 ) -> torch.Tensor:
     """Uniforms in [0, 1) for every sample and position.
 
@@ -33,13 +44,14 @@ def draw_uniforms(
         length: positions per sample (L).
         count: uniforms per position.
         device: where the result goes.
+        attempt: 0 for a first draw, k for the k-th redraw of a rejected sample.
 
     Returns:
         [B, L, count] float64.
     """
     draws = []
     for sample_id in sample_ids:
-        generator = torch.Generator().manual_seed(sample_seed(seed, sample_id, stage))
+        generator = torch.Generator().manual_seed(sample_seed(seed, sample_id, stage, attempt))
         draws.append(torch.rand(length, count, generator=generator, dtype=torch.float64))
     return torch.stack(draws).to(device)
 
@@ -111,3 +123,23 @@ def _descending(probs: torch.Tensor, top_p: float, first_k: int = 1024) -> tuple
         if bool((values.sum(dim=-1) > top_p).all()):
             return values, order
     return torch.sort(probs, dim=-1, descending=True)  # a flat distribution: the nucleus is most of the vocabulary
+
+
+def window_entropy(tokens: torch.Tensor, end: int, window: int) -> torch.Tensor:
+    """Unigram entropy (nats) of each row's `window` tokens before `end`, without a device sync.
+
+    With p(v) the frequency of token v in the window, H = -sum_v p(v) log p(v) = -mean over positions of
+    log p(token at that position), which needs only each position's count: a fixed-shape computation, so the
+    result can stay on the device until someone reads it.
+
+    Args:
+        tokens: [B, L] int64.
+        end: one past the window's last position (window <= end <= L).
+        window: tokens in the window (W).
+
+    Returns:
+        [B] float64 entropies, on the tokens' device.
+    """
+    span = tokens[:, end - window : end]  # B, W
+    counts = (span[:, :, None] == span[:, None, :]).sum(dim=-1).double()  # B, W: occurrences of each position's token
+    return -(counts / window).log().mean(dim=-1)

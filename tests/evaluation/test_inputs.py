@@ -16,7 +16,7 @@ def test_did_records_give_their_text_prompt_and_id(tmp_path):
         Record(id=5, tokens=[67, 2, 3], confidence=[1.0, 1.0, 0.5], prompt_len=2, text="d", prompt="c"),
     ]
     path.write_text("".join(r.to_json() + "\n" for r in records))
-    assert read_samples(path) == [Sample("ab", None, 1, 4), Sample("d", "c", 2, 5)]
+    assert read_samples(path) == [Sample("ab", None, 1, 4, 3), Sample("d", "c", 2, 5, 3)]
 
 
 def test_jsonl_with_a_text_field_and_blank_lines(tmp_path):

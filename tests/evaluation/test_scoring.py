@@ -48,12 +48,10 @@ def test_sliding_window_gives_each_token_the_context_of_its_window(judge, text):
     ids = _ids(judge, text)
     n = len(ids)
 
-    # Written out for context 16, stride 8: [0,16) scores 1..15, then each window spans 16 tokens and scores the
-    # next 8 (or the rest); for n = 37 the last window is [21, 37) and scores 32..36.
+    # Written out for context 16, stride 8 (upstream's layout): [0,16) scores 1..15, then window i starts at 8i and
+    # scores 8i + 8 .. 8i + 15; for n = 37 the last window is [24, 37), 13 tokens, and scores 32..36.
     def begin(t):
-        if t < 16:
-            return 0
-        return n - 16 if t >= n - n % 8 and n % 8 else 8 * (t // 8 - 1)
+        return 0 if t < 16 else 8 * (t // 8 - 1)
 
     expected = [_nll_given(judge, ids[begin(t) : t], ids[t]) for t in range(1, n)]
     (nll,) = target_nlls([ids], judge, context=16, stride=8)
