@@ -71,6 +71,33 @@ def _local_files(path: Path) -> dict[str, list[str]]:
     return by_builder
 
 
+def looks_like_path(source: str) -> bool:
+    """Whether a `--data` value is meant as a local path rather than a Hub dataset id (`name` or `org/name`).
+
+    Path-like: starts with `.`, `/` or `~`, has a backslash or more than one `/`, or ends in a data file suffix.
+    """
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in _SUFFIXES
+    )
+
+
+def check_data_source(source: str, flag: str = "--data") -> None:
+    """Refuse, before any work, a path-like data source that does not exist or is neither a file nor a folder.
+
+    Raises:
+        DataError: naming `flag` and the path.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path.is_file() or path.is_dir()):
+            raise DataError(f"{flag} {source} is neither a file nor a folder")
+    elif looks_like_path(source):
+        raise DataError(f"file not found: {flag} {source} does not exist")
+
+
 def load_documents(spec: DataSpec) -> Any:
     """A `datasets.Dataset` with one document per row in column `text`."""
     import datasets
@@ -81,6 +108,7 @@ def load_documents(spec: DataSpec) -> Any:
 
     hub_logging.set_verbosity_error()
 
+    check_data_source(spec.source)
     path = Path(spec.source).expanduser()
     field = spec.text_field
     try:
@@ -91,8 +119,6 @@ def load_documents(spec: DataSpec) -> Any:
                 field = "text"
                 kwargs["sample_by"] = "document" if spec.txt_documents == "file" else "line"
             dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        elif spec.source.startswith((".", "/", "~")):
-            raise DataError(f"data path {spec.source} does not exist")
         else:
             dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
     except DataError:
@@ -119,13 +145,22 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _content_sha256(file: str) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _fingerprint(spec: DataSpec, tokenizer: Any) -> str:
+    """The cache key: data spec, each local file's content hash, and the tokenizer's vocabulary.
+
+    Files are keyed by content, not by size and mtime: a corpus replaced by other text of the same size within the
+    same second must not reuse the old tokens. Hashing reads the file once, far cheaper than tokenising it.
+    """
     path = Path(spec.source).expanduser()
     files = []
     if path.exists():
         for file in next(iter(_local_files(path).values())):
-            stat = os.stat(file)
-            files.append((file, stat.st_size, int(stat.st_mtime)))
+            files.append((file, _content_sha256(file)))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     body = {
