@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,15 @@ def check_data_source(source: str, flag: str = "--data") -> None:
         raise DataError(f"file not found: {flag} {source} does not exist")
 
 
-def load_documents(spec: DataSpec) -> Any:
-    """A `datasets.Dataset` with one document per row in column `text`."""
+def load_documents(spec: DataSpec, cache_dir: Path | None = None) -> Any:
+    """A `datasets.Dataset` with one document per row in column `text`.
+
+    Args:
+        spec: where the text comes from.
+        cache_dir: a private `datasets` cache for local files. `datasets` keys its cache of local files by path and
+            modification time, so a corpus replaced by other text of the same size and mtime would come back stale
+            from the shared cache; `tokenize_corpus` passes a fresh folder. Hub datasets always use the shared cache.
+    """
     import datasets
 
     datasets.disable_progress_bars()  # did reports its own progress; datasets' bars would flood stderr
@@ -118,7 +126,8 @@ def load_documents(spec: DataSpec) -> Any:
             if builder == "text":
                 field = "text"
                 kwargs["sample_by"] = "document" if spec.txt_documents == "file" else "line"
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            cache = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs, **cache)
         else:
             dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
     except DataError:
@@ -197,7 +206,6 @@ def tokenize_corpus(
 def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | None) -> None:
     import datasets
 
-    documents = load_documents(spec)
     eos = tokenizer.eos_token_id
     dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
 
@@ -206,6 +214,7 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
         return {"ids": [row + [eos] for row in ids]}
 
     with atomic_folder(folder) as staging:
+        documents = load_documents(spec, staging / "datasets")
         # The intermediate Arrow table lives in the staging folder (deleted below) with the final integer width,
         # instead of an int64 copy of the whole tokenised corpus left in the datasets cache.
         features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name))})
@@ -242,9 +251,10 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
             "vocab_size": len(tokenizer),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        del encoded
+        del encoded, documents
         for arrow in staging.glob("tokenized*.arrow"):
             arrow.unlink()
+        shutil.rmtree(staging / "datasets", ignore_errors=True)
 
 
 class PackedRows:
