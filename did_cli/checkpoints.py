@@ -135,7 +135,12 @@ def _refuse_constant(name: str) -> None:
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `model`, failing on any missing, unexpected or mis-shaped tensor (naming it)."""
-    expected = model.state_dict()
+    check_state_dict(model.state_dict(), state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Fail on any missing, unexpected or mis-shaped tensor of `state` (naming it); `expected` may be on meta."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -148,7 +153,6 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
                 f"{source}: weight {key} has shape {tuple(tensor.shape)}, "
                 f"the config implies {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(state, strict=True)
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
@@ -225,14 +229,17 @@ def load_model(
         # The config says the metadata buffers are absent (BD3-LM registers them only with var_min); a file that
         # has them anyway carries nothing the model uses.
         state = {k: v for k, v in state.items() if k not in _VAR_MIN_BUFFERS}
-    check_finite(state, str(weights))
     with torch.device("meta"):
         model = BD3LM(config)
+    # Checked on the meta model, before allocating: a config that disagrees with the file (a hidden_dim of 10**5)
+    # fails here in one line instead of in a huge allocation.
+    check_state_dict(model.state_dict(), state, str(weights))
+    check_finite(state, str(weights))
     model = model.to_empty(device="cpu")
     # to_empty leaves buffers outside the state dict uninitialised: give the metadata its config values.
     model.sampling_eps_min.fill_(config.sampling_eps_min)
     model.sampling_eps_max.fill_(config.sampling_eps_max)
-    load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, str(weights))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model = model.to(device=pick_device(device), dtype=parse_dtype(dtype)).eval()
     model.source = ModelSource(name_or_path, str(folder), file_sha256(weights), revision)
     return model

@@ -127,3 +127,12 @@ def test_a_model_saved_with_nan_weights_is_refused_when_loaded(tmp_path):
     folder = save_model(model, tmp_path / "nan")
     with pytest.raises(ModelLoadError, match="output_layer.linear.bias"):
         load_model(str(folder))
+
+
+def test_config_that_disagrees_with_the_weights_fails_before_allocating_the_model(tmp_path, monkeypatch):
+    from did_cli.model import BD3LM
+
+    folder = _write_bd3lm_folder(tmp_path / "big", config=HUB_CONFIG | {"hidden_dim": 100_000, "n_heads": 4})
+    monkeypatch.setattr(BD3LM, "to_empty", lambda *a, **k: pytest.fail("allocated the configured model"))
+    with pytest.raises(ModelLoadError, match=r"weight backbone\.\S+ has shape .*, the config implies"):
+        load_model(str(folder))
