@@ -79,7 +79,7 @@ def _download(repo_id: str, revision: str | None, what: str) -> Path:
     patterns = ["config.json", "*.safetensors", *_TOKENIZER_FILES]
     try:
         # Without a reachable Hub only the cache is asked: huggingface_hub would otherwise retry for ~50 s.
-        local_only = _hub_unreachable() is not None
+        local_only = hub_unreachable() is not None
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_only))
     except LocalEntryNotFoundError:
         raise ModelLoadError(
@@ -334,7 +334,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the Hub cannot be asked right now (offline mode, no route), or None; answers in seconds, never retries.
 
     Without this, huggingface_hub retries an unreachable Hub for about 50 s before giving up.
@@ -477,7 +477,7 @@ def _load_hub(repo_id: str) -> Any:
         )
     except ValueError:  # huggingface_hub's HFValidationError: not a valid repository id
         raise ModelLoadError(f"tokenizer {repo_id!r} is neither an existing folder nor a valid Hub id") from None
-    offline = _hub_unreachable()
+    offline = hub_unreachable()
     if offline is not None and not cached:
         raise ModelLoadError(
             f"tokenizer {repo_id!r} is not in the local Hugging Face cache and {offline}; "

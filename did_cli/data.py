@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,7 @@ def load_documents(spec: DataSpec, cache_dir: Path | None = None) -> Any:
     check_data_source(spec.source)
     path = Path(spec.source).expanduser()
     field = spec.text_field
+    offline: str | None = None
     try:
         if path.exists():
             builder, files = next(iter(_local_files(path).items()))
@@ -129,13 +132,17 @@ def load_documents(spec: DataSpec, cache_dir: Path | None = None) -> Any:
             cache = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
             dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs, **cache)
         else:
-            dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
+            from did_cli.checkpoints import hub_unreachable
+
+            offline = hub_unreachable()
+            with _datasets_offline(offline is not None):
+                dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
     except DataError:
         raise
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
+        why = f"not cached and {offline}" if offline else f"{_first_line(exc)}; offline and not cached?"
         raise DataError(
-            f"cannot load dataset {spec.source!r} ({_first_line(exc)}); offline and not cached? "
-            "pass --data PATH to local .txt, .jsonl or .parquet files instead"
+            f"cannot load dataset {spec.source!r} ({why}); pass --data PATH to local .txt, .jsonl or .parquet files"
         ) from None
     except Exception as exc:  # datasets raises many types (DatasetNotFoundError, builder errors) for a bad source
         raise DataError(f"cannot load dataset {spec.source!r}: {_first_line(exc)}") from None
@@ -147,6 +154,23 @@ def load_documents(spec: DataSpec, cache_dir: Path | None = None) -> Any:
     if len(dataset) == 0:
         raise DataError(f"{spec.source} holds no text")
     return dataset
+
+
+@contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """Put `datasets` in offline mode for one call when the Hub cannot be reached.
+
+    Against an unreachable Hub `datasets` retries for ~30 s; offline it answers from its cache at once. Its flag is a
+    module global read at call time, so it is set here and restored afterwards.
+    """
+    import datasets
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _first_line(exc: BaseException) -> str:

@@ -98,3 +98,26 @@ def test_missing_path_like_data_is_file_not_found_not_a_hub_error(tmp_path, char
     with pytest.raises(DataError, match="file not found") as info:
         tokenize_corpus(DataSpec(source), char_tokenizer, tmp_path / "c")
     assert "\n" not in str(info.value) and "Hub" not in str(info.value) and "dataset" not in str(info.value)
+
+
+def test_unreachable_hub_dataset_fails_in_seconds(tmp_path, char_tokenizer, monkeypatch):
+    import socket
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def no_route(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"not cached and huggingface.co cannot be reached\); pass --data PATH"):
+        tokenize_corpus(DataSpec("some-org/not-cached-dataset"), char_tokenizer, tmp_path / "c")
+    assert time.perf_counter() - started < 10
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored after the call
