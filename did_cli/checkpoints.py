@@ -5,7 +5,12 @@ for did's own checkpoints, the tokenizer files. Released BD3-LM repositories car
 (`gpt2`) with the [MASK] id one past its vocabulary (50257).
 
 Loading is strict on purpose: BD3-LM's own loader uses `strict=False`, which silently leaves weights random and
-is a known source of garbled samples. Here a missing, unexpected or mis-shaped tensor is an error naming it.
+is a known source of garbled samples. Here a missing, unexpected, mis-shaped or non-finite tensor is an error naming
+it. Strictness follows the config: the `sampling_eps_min/max` metadata buffers exist only when `var_min` is true.
+
+Tokenizers: a config.json is data, so the tokenizer folder it names is resolved inside the checkpoint folder and
+never elsewhere; only the user's own `--tokenizer` may point anywhere. Each loaded tokenizer carries a
+`TokenizerSource` (`tokenizer_source`) saying what was loaded, and saving records its portable name in config.json.
 """
 
 from __future__ import annotations
