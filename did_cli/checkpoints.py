@@ -354,8 +354,11 @@ def hub_unreachable() -> str | None:
     if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # behind a proxy only a real request can tell
     endpoint = urlparse(constants.ENDPOINT)
+    if not endpoint.hostname:
+        return None
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        socket.create_connection((endpoint.hostname, port), timeout=3).close()
     except OSError:
         return f"{endpoint.hostname} cannot be reached"
     return None
