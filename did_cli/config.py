@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from did_cli.errors import ModelLoadError, UsageError
+from did_cli.errors import InputError, ModelLoadError, UsageError
 
 # Named shapes for `did finetune --init`. `small` is the 110M BD3-LM/MDLM DiT; `tiny` is what fits CPU training.
 PRESETS: dict[str, dict[str, int]] = {
@@ -37,9 +37,12 @@ class ModelConfig:
         block_size: the block size the checkpoint was trained with (metadata; any block size can be run).
         time_conditioning: BD3-LM's released models set this false, so sigma is zero at every call.
         mlp_ratio: MLP width over `hidden_dim`.
-        tokenizer: a tokenizer id or folder to use when the checkpoint does not ship one.
+        tokenizer: the tokenizer the checkpoint was trained with, used when the folder ships no tokenizer files: an
+            embedded name, a Hub id, or a folder relative to the checkpoint folder (never outside it).
         sampling_eps_min: lower end of the clipped noise interval the checkpoint was trained with (metadata).
         sampling_eps_max: upper end of that interval (metadata).
+        var_min: BD3-LM's flag for the learned noise interval; only when it is true does the weights file hold the
+            `sampling_eps_min/max` buffers.
     """
 
     vocab_size: int
@@ -56,9 +59,11 @@ class ModelConfig:
     tokenizer: str | None = None
     sampling_eps_min: float = 1e-3
     sampling_eps_max: float = 1.0
+    var_min: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.mask_id is None:
             object.__setattr__(self, "mask_id", self.vocab_size - 1)
         if self.hidden_dim % self.n_heads:
@@ -67,6 +72,11 @@ class ModelConfig:
             raise UsageError("the head dimension must be even for rotary embeddings")
         if not 0 <= self.mask_id < self.vocab_size:
             raise UsageError(f"mask_id {self.mask_id} is outside the vocabulary of size {self.vocab_size}")
+        if not 0.0 <= self.sampling_eps_min <= self.sampling_eps_max <= 1.0:
+            raise UsageError(
+                f"sampling_eps_min {self.sampling_eps_min} and sampling_eps_max {self.sampling_eps_max} must satisfy "
+                "0 <= min <= max <= 1"
+            )
         if self.time_conditioning:
             # Released BD3-LM models and the DiD paper use a time-independent denoiser; per-block noise levels
             # have no single sigma per sequence, so honouring this flag would silently compute something else.
@@ -93,15 +103,21 @@ class ModelConfig:
             "attn_backend": "sdpa",
             "cross_attn": True,
             "adaln": True,
-            "var_min": True,
             "return_dict": False,
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"},
         }
         return {**self.extra, **body}
 
     @classmethod
-    def from_json_dict(cls, body: dict[str, Any]) -> ModelConfig:
-        """Read a BD3-LM or did `config.json`, keeping unknown fields in `extra` so a round trip loses nothing."""
+    def from_json_dict(cls, body: Any) -> ModelConfig:
+        """Read a BD3-LM or did `config.json`, keeping unknown fields in `extra` so a round trip loses nothing.
+
+        Raises:
+            InputError: the body is not an object, lacks `vocab_size`, or has a field of the wrong type or range.
+            ModelLoadError: a well-formed config for a model did does not run (autoregressive, time-conditioned).
+        """
+        if not isinstance(body, dict):
+            raise InputError(f"config.json must hold a JSON object, not a {type(body).__name__}")
         if body.get("model_type") not in ("bd3lm", None):
             raise ModelLoadError(f"config.json has model_type {body.get('model_type')!r}; expected 'bd3lm'")
         if body.get("adaln") is False:
@@ -110,10 +126,13 @@ class ModelConfig:
             raise ModelLoadError("config.json sets causal=true (an autoregressive model); did needs a denoiser")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if "vocab_size" not in body:
-            raise ModelLoadError("config.json has no vocab_size")
+            raise InputError("config.json has no vocab_size")
         kwargs = {k: v for k, v in body.items() if k in known}
         extra = {k: v for k, v in body.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        try:
+            return cls(**kwargs, extra=extra)
+        except UsageError as exc:
+            raise InputError(f"config.json: {exc}") from None
 
     @classmethod
     def from_preset(cls, preset: str, *, vocab_size: int, model_length: int, **overrides: Any) -> ModelConfig:
@@ -122,6 +141,42 @@ class ModelConfig:
             raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         shape = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(vocab_size=vocab_size, model_length=model_length, **shape)
+
+
+_INT_FIELDS = ("vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "block_size", "mlp_ratio")
+
+
+def _check_field_types(config: ModelConfig) -> None:
+    """Types and ranges of every field, so a hand-edited or foreign config.json fails in one line, not deep in torch.
+
+    JSON integers are accepted for float fields and normalised to float (BD3-LM writes `sampling_eps_max: 1`).
+    """
+    for name in _INT_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if config.mask_id is not None and (isinstance(config.mask_id, bool) or not isinstance(config.mask_id, int)):
+        raise UsageError(f"mask_id must be an integer, got {config.mask_id!r}")
+    for name in ("dropout", "sampling_eps_min", "sampling_eps_max"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number, got {value!r}")
+        object.__setattr__(config, name, float(value))
+    if not 0.0 <= config.dropout < 1.0:
+        raise UsageError(f"dropout must be in [0, 1), got {config.dropout}")
+    for name in ("time_conditioning", "var_min"):
+        if not isinstance(getattr(config, name), bool):
+            raise UsageError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if config.tokenizer is not None and (not isinstance(config.tokenizer, str) or not config.tokenizer.strip()):
+        raise UsageError(f"tokenizer must be a name or a folder, got {config.tokenizer!r}")
+
+
+def default_micro_batch_size(rows_per_process: int, cap: int = 16) -> int:
+    """The default rows per forward pass: the largest divisor of the per-process batch that is at most `cap`.
+
+    So `--batch-size 8` trains with micro-batches of 8, 512 on one process with 16, and 24 with 12, no flag needed.
+    """
+    return max(size for size in range(1, min(cap, rows_per_process) + 1) if rows_per_process % size == 0)
 
 
 UNMASKING_ORDERS = ("first-hitting", "steps", "confidence")
@@ -253,7 +308,8 @@ class FinetuneSettings:
         mix: block-size mix, e.g. "4:0.9,1024:0.1" (a single "16:1" is plain BD3-LM training).
         steps: optimizer steps in total (a resumed run continues to this number).
         batch_size: global batch per optimizer step (all processes and accumulation steps together).
-        micro_batch_size: rows per forward pass per process.
+        micro_batch_size: rows per forward pass per process; None picks `default_micro_batch_size` of the
+            per-process batch (at most 16).
         lr: peak learning rate (AdamW, betas 0.9/0.999, no weight decay).
         warmup: linear warmup steps; constant afterwards.
         seq_len: sequence length L (default: the model's length).
@@ -271,7 +327,7 @@ class FinetuneSettings:
         mixed_precision: `auto` (bf16 where supported on GPU, else none), `no`, `bf16` or `fp16`.
         cache_dir: where tokenised corpora are cached.
         num_proc: processes for tokenisation.
-        report_to: accelerate trackers (e.g. tensorboard, wandb) besides metrics.jsonl.
+        report_to: accelerate trackers (e.g. tensorboard, wandb) besides metrics.jsonl; each must be installed.
     """
 
     out: str = "runs/did-finetune"
@@ -289,7 +345,7 @@ class FinetuneSettings:
     mix: str = "4:0.9,1024:0.1"
     steps: int = 40_000
     batch_size: int = 512
-    micro_batch_size: int = 16
+    micro_batch_size: int | None = None
     lr: float = 3e-4
     warmup: int = 2500
     seq_len: int | None = None
@@ -313,7 +369,7 @@ class FinetuneSettings:
         positive = {
             "steps": self.steps,
             "batch_size": self.batch_size,
-            "micro_batch_size": self.micro_batch_size,
+            "micro_batch_size": 1 if self.micro_batch_size is None else self.micro_batch_size,
             "save_every": self.save_every,
             "keep_last": self.keep_last,
             "log_every": self.log_every,
@@ -321,11 +377,40 @@ class FinetuneSettings:
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0 or self.warmup < 0 or self.val_every < 0 or self.grad_clip <= 0:
-            raise UsageError("--lr and --grad-clip must be positive, --warmup and --val-every non-negative")
+        if self.warmup < 0 or self.val_every < 0:
+            raise UsageError("--warmup and --val-every must be non-negative")
+        # `not x > 0` rather than `x <= 0`: NaN compares false both ways and must be refused too.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive finite number, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if not 0.0 <= self.ema < 1.0:
+            raise UsageError(f"--ema must be in [0, 1) (0 exports the last weights), got {self.ema}")
+        dropout = self.init_overrides.get("dropout")
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
+        check_trackers(self.report_to)
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise UsageError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.txt_documents not in ("lines", "file"):
             raise UsageError(f"--txt-documents must be lines or file, got {self.txt_documents!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def check_trackers(names: tuple[str, ...]) -> None:
+    """Refuse an unknown `--report-to` name, or a tracker whose package is not installed, before any work starts."""
+    if not names:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [kind.value for kind in LoggerType]
+    available = {str(getattr(kind, "value", kind)) for kind in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise UsageError(f"unknown --report-to {name!r}; choose from {', '.join(known)}")
+        if name == "all" and not available:
+            raise UsageError("--report-to all: no tracker is installed (pip install tensorboard, or wandb, ...)")
+        if name != "all" and name not in available:
+            raise UsageError(f"--report-to {name}: the {name} package is not installed; install it or drop the flag")

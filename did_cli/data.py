@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +74,42 @@ def _local_files(path: Path) -> dict[str, list[str]]:
     return by_builder
 
 
-def load_documents(spec: DataSpec) -> Any:
-    """A `datasets.Dataset` with one document per row in column `text`."""
+def looks_like_path(source: str) -> bool:
+    """Whether a `--data` value is meant as a local path rather than a Hub dataset id (`name` or `org/name`).
+
+    Path-like: starts with `.`, `/` or `~`, has a backslash or more than one `/`, or ends in a data file suffix.
+    """
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in _SUFFIXES
+    )
+
+
+def check_data_source(source: str, flag: str = "--data") -> None:
+    """Refuse, before any work, a path-like data source that does not exist or is neither a file nor a folder.
+
+    Raises:
+        DataError: naming `flag` and the path.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path.is_file() or path.is_dir()):
+            raise DataError(f"{flag} {source} is neither a file nor a folder")
+    elif looks_like_path(source):
+        raise DataError(f"file not found: {flag} {source} does not exist")
+
+
+def load_documents(spec: DataSpec, cache_dir: Path | None = None) -> Any:
+    """A `datasets.Dataset` with one document per row in column `text`.
+
+    Args:
+        spec: where the text comes from.
+        cache_dir: a private `datasets` cache for local files. `datasets` keys its cache of local files by path and
+            modification time, so a corpus replaced by other text of the same size and mtime would come back stale
+            from the shared cache; `tokenize_corpus` passes a fresh folder. Hub datasets always use the shared cache.
+    """
     import datasets
 
     datasets.disable_progress_bars()  # did reports its own progress; datasets' bars would flood stderr
@@ -81,8 +118,10 @@ def load_documents(spec: DataSpec) -> Any:
 
     hub_logging.set_verbosity_error()
 
+    check_data_source(spec.source)
     path = Path(spec.source).expanduser()
     field = spec.text_field
+    offline: str | None = None
     try:
         if path.exists():
             builder, files = next(iter(_local_files(path).items()))
@@ -90,17 +129,20 @@ def load_documents(spec: DataSpec) -> Any:
             if builder == "text":
                 field = "text"
                 kwargs["sample_by"] = "document" if spec.txt_documents == "file" else "line"
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        elif spec.source.startswith((".", "/", "~")):
-            raise DataError(f"data path {spec.source} does not exist")
+            cache = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs, **cache)
         else:
-            dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
+            from did_cli.checkpoints import hub_unreachable
+
+            offline = hub_unreachable()
+            with _datasets_offline(offline is not None):
+                dataset = datasets.load_dataset(spec.source, spec.config, split=spec.split)
     except DataError:
         raise
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
+        why = f"not cached and {offline}" if offline else f"{_first_line(exc)}; offline and not cached?"
         raise DataError(
-            f"cannot load dataset {spec.source!r} ({_first_line(exc)}); offline and not cached? "
-            "pass --data PATH to local .txt, .jsonl or .parquet files instead"
+            f"cannot load dataset {spec.source!r} ({why}); pass --data PATH to local .txt, .jsonl or .parquet files"
         ) from None
     except Exception as exc:  # datasets raises many types (DatasetNotFoundError, builder errors) for a bad source
         raise DataError(f"cannot load dataset {spec.source!r}: {_first_line(exc)}") from None
@@ -114,18 +156,44 @@ def load_documents(spec: DataSpec) -> Any:
     return dataset
 
 
+@contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """Put `datasets` in offline mode for one call when the Hub cannot be reached.
+
+    Against an unreachable Hub `datasets` retries for ~30 s; offline it answers from its cache at once. Its flag is a
+    module global read at call time, so it is set here and restored afterwards.
+    """
+    import datasets
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _content_sha256(file: str) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _fingerprint(spec: DataSpec, tokenizer: Any) -> str:
+    """The cache key: data spec, each local file's content hash, and the tokenizer's vocabulary.
+
+    Files are keyed by content, not by size and mtime: a corpus replaced by other text of the same size within the
+    same second must not reuse the old tokens. Hashing reads the file once, far cheaper than tokenising it.
+    """
     path = Path(spec.source).expanduser()
     files = []
     if path.exists():
         for file in next(iter(_local_files(path).values())):
-            stat = os.stat(file)
-            files.append((file, stat.st_size, int(stat.st_mtime)))
+            files.append((file, _content_sha256(file)))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     body = {
@@ -162,7 +230,6 @@ def tokenize_corpus(
 def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | None) -> None:
     import datasets
 
-    documents = load_documents(spec)
     eos = tokenizer.eos_token_id
     dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
 
@@ -171,6 +238,7 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
         return {"ids": [row + [eos] for row in ids]}
 
     with atomic_folder(folder) as staging:
+        documents = load_documents(spec, staging / "datasets")
         # The intermediate Arrow table lives in the staging folder (deleted below) with the final integer width,
         # instead of an int64 copy of the whole tokenised corpus left in the datasets cache.
         features = datasets.Features({"ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name))})
@@ -207,9 +275,10 @@ def _build_cache(spec: DataSpec, tokenizer: Any, folder: Path, num_proc: int | N
             "vocab_size": len(tokenizer),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        del encoded
+        del encoded, documents
         for arrow in staging.glob("tokenized*.arrow"):
             arrow.unlink()
+        shutil.rmtree(staging / "datasets", ignore_errors=True)
 
 
 class PackedRows:

@@ -3,8 +3,8 @@
 Design choices, each for compatibility or speed:
 
 * Module and parameter names are BD3-LM's (`backbone.blocks.0.attn_qkv.weight`, ...), including the
-  `sampling_eps_min/max` buffers, so a released `model.safetensors` loads strictly with no key surgery and a `did`
-  checkpoint loads back into BD3-LM's own class.
+  `sampling_eps_min/max` buffers (saved only when the config's `var_min` is true, as in BD3-LM), so a released
+  `model.safetensors` loads strictly with no key surgery and a `did` checkpoint loads back into BD3-LM's own class.
 * Pre-LN blocks with weight-only LayerNorm computed in fp32, fused qkv without bias, rotary embeddings (rotate-half,
   base 10000) on q and k only, GELU(tanh) MLP, adaLN shift/scale/gate from `silu(sigma_map(sigma))`. Released
   models are time-independent, so sigma is always zero; the adaLN weights still act through the constant vector.
@@ -197,8 +197,9 @@ class BD3LM(nn.Module):
         self.config = config
         self.backbone = DITBackbone(config)
         # Metadata buffers kept for a strict 1:1 state dict with BD3-LM checkpoints; sampling never reads them.
-        self.register_buffer("sampling_eps_min", torch.tensor(config.sampling_eps_min))
-        self.register_buffer("sampling_eps_max", torch.tensor(config.sampling_eps_max))
+        # BD3-LM registers them only when `var_min` is true, so otherwise they stay out of the state dict.
+        self.register_buffer("sampling_eps_min", torch.tensor(config.sampling_eps_min), persistent=config.var_min)
+        self.register_buffer("sampling_eps_max", torch.tensor(config.sampling_eps_max), persistent=config.var_min)
 
     @property
     def mask_id(self) -> int:

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
-from did_cli.errors import ModelLoadError
+from did_cli.errors import InputError, ModelLoadError
 from tests.bd3lm_reference import reference_sample_mode
 from tests.conftest import TINY, make_tiny_model, randomize
 
@@ -123,7 +123,7 @@ def test_missing_config_and_bad_json_are_clear_errors(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
-    with pytest.raises(ModelLoadError, match="not valid JSON"):
+    with pytest.raises(InputError, match="not valid JSON"):
         load_model(str(bad))
 
 
@@ -186,6 +186,7 @@ def test_bf16_saving_keeps_buffers_exact_and_rotary_uses_fp32(tmp_path, char_tok
     torch.testing.assert_close(cos[:, :4], exact, atol=1e-5, rtol=0)
 
 
-def test_tokenizer_of_a_checkpoint_folder_without_tokenizer_files_comes_from_its_config(tmp_path, tiny_checkpoint):
-    folder = _write_bd3lm_folder(tmp_path / "bare", config=HUB_CONFIG | {"tokenizer": str(tiny_checkpoint)})
+def test_tokenizer_of_a_checkpoint_folder_without_tokenizer_files_comes_from_its_config(tmp_path, char_tokenizer):
+    folder = _write_bd3lm_folder(tmp_path / "bare", config=HUB_CONFIG | {"tokenizer": "tok"})
+    char_tokenizer.save_pretrained(str(folder / "tok"))
     assert len(load_tokenizer(str(folder))) == 68

@@ -74,3 +74,50 @@ def test_packed_rows_cover_every_row_once_per_epoch_in_a_seeded_order():
     again = PackedRows(np.arange(103, dtype=np.uint16), 10, seed=3)
     assert again.batch(8, 4).tolist() == rows.batch(8, 4).tolist()
     assert sorted(rows.batch(10, 10)[:, 0].tolist()) == list(range(0, 100, 10))
+
+
+def test_replaced_corpus_of_same_size_and_mtime_is_retokenised(tmp_path, char_tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text("aaaa bbbb\ncccc dddd\n")
+    stamp = os.stat(path).st_mtime_ns
+    first = tokenize_corpus(DataSpec(str(path), val_fraction=0.0), char_tokenizer, tmp_path / "cache")
+    path.write_text("zzzz yyyy\nxxxx wwww\n")  # same size
+    os.utime(path, ns=(stamp, stamp))  # same mtime
+    second = tokenize_corpus(DataSpec(str(path), val_fraction=0.0), char_tokenizer, tmp_path / "cache")
+    expected = [
+        t for line in ("zzzz yyyy", "xxxx wwww") for t in char_tokenizer(line, add_special_tokens=False)["input_ids"]
+    ]
+    eos = char_tokenizer.eos_token_id
+    assert np.asarray(second.train)[np.asarray(second.train) != eos].tolist() == expected
+    assert second.folder != first.folder and not (second.folder / "datasets").exists()
+
+
+@pytest.mark.parametrize("source", ["nonexist.txt", "corpus.jsonl", "data/train.parquet", "a/b/c", "./x", "~/no-such"])
+def test_missing_path_like_data_is_file_not_found_not_a_hub_error(tmp_path, char_tokenizer, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="file not found") as info:
+        tokenize_corpus(DataSpec(source), char_tokenizer, tmp_path / "c")
+    assert "\n" not in str(info.value) and "Hub" not in str(info.value) and "dataset" not in str(info.value)
+
+
+def test_unreachable_hub_dataset_fails_in_seconds(tmp_path, char_tokenizer, monkeypatch):
+    import socket
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def no_route(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"not cached and huggingface.co cannot be reached\); pass --data PATH"):
+        tokenize_corpus(DataSpec("some-org/not-cached-dataset"), char_tokenizer, tmp_path / "c")
+    assert time.perf_counter() - started < 10
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored after the call

@@ -11,6 +11,7 @@ from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import stderr
 from did_cli.config import FinetuneSettings
+from did_cli.errors import UsageError
 from did_cli.noise import parse_clip
 
 _D = FinetuneSettings()
@@ -73,8 +74,12 @@ def finetune(
         int, typer.Option("--batch-size", help="Global batch per optimizer step (all processes).")
     ] = _D.batch_size,  # noqa: E501
     micro_batch_size: Annotated[
-        int, typer.Option("--micro-batch-size", help="Rows per forward pass per process.")
-    ] = _D.micro_batch_size,  # noqa: E501
+        int | None,
+        typer.Option(
+            "--micro-batch-size",
+            help="Rows per forward pass per process (default: the largest divisor of the per-process batch up to 16).",
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = _D.lr,
     warmup: Annotated[int, typer.Option("--warmup", help="Linear warmup steps, then constant.")] = _D.warmup,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Sequence length (default: the model's).")] = None,
@@ -110,7 +115,15 @@ def finetune(
     quiet: o.Quiet = False,
 ) -> None:
     """Fine-tune with the block-diffusion NELBO at block sizes drawn per step from --mix (mix-scale training)."""
+    from did_cli.data import check_data_source
     from did_cli.training.loop import finetune as run_finetune
+
+    check_data_source(data, "--data")
+    if valid_data is not None:
+        check_data_source(valid_data, "--valid-data")
+    for flag, folder in (("--out", out), ("--cache-dir", cache_dir)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag} {folder} is a file; pass a folder")
 
     overrides = {
         k: v

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
-from did_cli.config import FinetuneSettings, ModelConfig
+from did_cli.config import FinetuneSettings, ModelConfig, default_micro_batch_size
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
 from did_cli.errors import DataError, TrainingDivergedError, UsageError
 from did_cli.model import BD3LM
@@ -144,6 +144,13 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     )
     emit = on_event if (on_event is not None and accelerator.is_main_process) else (lambda event: None)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if settings.batch_size % world:
+        raise UsageError(f"--batch-size {settings.batch_size} must be a multiple of the number of processes ({world})")
+    if settings.micro_batch_size is None:
+        # Resolved here, where the number of processes is known, so settings.json records the size used.
+        settings = dataclasses.replace(
+            settings, micro_batch_size=default_micro_batch_size(settings.batch_size // world)
+        )
     if settings.batch_size % (world * settings.micro_batch_size):
         raise UsageError(
             f"--batch-size {settings.batch_size} must be a multiple of processes ({world}) x --micro-batch-size "
