@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model
+from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
 from did_cli.config import DraftSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_ppl
@@ -156,6 +156,7 @@ def draft(
     provenance = _provenance(model, tokenizer)
     stage_settings = {**draft_stage_settings(settings, seed), **_stage_provenance(model)}
     done = sum(1 for i in set(skip_ids) if 0 <= i < total)  # a resumed run counts what it already has
+    vocab_size = tokenizer_vocab_size(tokenizer)
     while batch := list(itertools.islice(jobs, batch_size)):
         on_call = _call_progress(on_progress, "draft", done, total)
         result = draft_batch(
@@ -166,6 +167,7 @@ def draft(
             seed,
             on_call,
             eos_id=tokenizer.eos_token_id,
+            vocab_size=vocab_size,
         )
         # A variable-length sample ends at its own length; the rest of its row is unused.
         tokens = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths, strict=True)]
@@ -263,6 +265,7 @@ def _refine_batch(
         settings,
         seed,
         _call_progress(on_progress, "refine", done, None),
+        vocab_size=tokenizer_vocab_size(tokenizer),
     )
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
     stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **_stage_provenance(model)}

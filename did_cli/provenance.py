@@ -72,14 +72,17 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
     A tokenizer that ships with an embedded model is named by that model's name, not by the folder it was installed
     to, so records stay comparable across installations.
     """
-    from did_cli.checkpoints import EMBEDDED
+    from did_cli.checkpoints import EMBEDDED, tokenizer_source
 
-    name = getattr(tokenizer, "name_or_path", None) or "<in-memory>"
+    source = tokenizer_source(tokenizer)
+    name = source.name
     for embedded, folder in EMBEDDED.items():
         if name == str(folder):
             name = embedded
-    folder = local_folder(name)
-    return {"name": folder or name, "vocab_size": len(tokenizer)}
+    info = {"name": local_folder(name) or name, "vocab_size": len(tokenizer)}
+    if source.path is not None and name not in EMBEDDED:
+        info["path"] = str(Path(source.path).resolve())  # the folder actually read
+    return info
 
 
 def device_info(device: torch.device) -> str:

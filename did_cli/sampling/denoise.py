@@ -62,6 +62,7 @@ def denoise(
     kv_cache: bool = True,
     on_call: CallCallback | None = None,
     on_block_end: BlockEndHook | None = None,
+    vocab_size: int | None = None,
 ) -> DenoiseResult:
     """Fill every masked position, block by block.
 
@@ -73,6 +74,7 @@ def denoise(
         confidence: [B, L] float32; kept at unmasked positions, overwritten where tokens are committed.
         block_size: B (any value >= L means one global block).
         settings: unmasking order and token sampling.
+        vocab_size: ids at or above it are never drawn (see `sample_from_logits`).
         kv_cache: use the KV cache (True) or recompute the prefix at every call (the oracle).
         on_call: optional progress callback.
         on_block_end: optional hook called after each block that had masked positions, with the block's end and
@@ -84,6 +86,7 @@ def denoise(
     """
     batch, length = tokens.shape
     loop = _Loop(model, tokens, is_masked, uniforms, confidence, block_size, settings, on_call)
+    loop.vocab_size = vocab_size
     cache = model.new_cache(batch, length) if kv_cache and block_size < length else None
     for start in range(0, length, block_size):
         end = min(start + block_size, length)
@@ -141,6 +144,7 @@ class _Loop:
         self.cache_calls = 0
         self.total = int(self.masked.sum())
         self.done = 0
+        self.vocab_size: int | None = None
 
     def denoise_block(self, start: int, end: int, cache: KVCache | None) -> None:
         masked = self.masked[:, start:end]
@@ -197,6 +201,7 @@ class _Loop:
             mask_id=self.model.mask_id,
             top_p=self.settings.top_p,
             temperature=self.settings.temperature,
+            vocab_size=self.vocab_size,
         )
         return tokens.view(batch, k), confidence.view(batch, k)
 

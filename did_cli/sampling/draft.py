@@ -63,6 +63,7 @@ def draft(
     on_call: CallCallback | None = None,
     *,
     eos_id: int | None = None,
+    vocab_size: int | None = None,
 ) -> DraftResult:
     """Draft one batch, redrawing samples that entropy rejection discards.
 
@@ -73,6 +74,7 @@ def draft(
         settings: length, B1, cache use, unmasking and stop conditions.
         seed: the run's seed.
         on_call: optional progress callback.
+        vocab_size: ids at or above it are never drawn (the tokenizer's size; see `sample_from_logits`).
         eos_id: the EOS id, needed with `settings.var_length`.
 
     Returns:
@@ -103,7 +105,9 @@ def draft(
     pending = list(range(batch))
     for attempt in range(settings.max_tries):
         rows = [prompts[i] for i in pending]
-        result, stops = _draw(model, rows, [sample_ids[i] for i in pending], settings, seed, attempt, on_call, eos_id)
+        result, stops = _draw(
+            model, rows, [sample_ids[i] for i in pending], settings, seed, attempt, on_call, eos_id, vocab_size
+        )
         model_calls += result.model_calls
         cache_calls += result.cache_calls
         index = torch.tensor(pending, device=tokens.device)
@@ -141,6 +145,7 @@ def _draw(
     attempt: int,
     on_call: CallCallback | None,
     eos_id: int | None,
+    vocab_size: int | None,
 ) -> tuple[DenoiseResult, _StopConditions]:
     """One draw of every sample in `prompts` from its (seed, id, attempt) stream, with the stop conditions applied."""
     length, device = settings.length, model.device
@@ -164,6 +169,7 @@ def _draw(
         kv_cache=settings.kv_cache,
         on_call=on_call,
         on_block_end=stops if stops.active else None,
+        vocab_size=vocab_size,
     )
     stops.finish()
     return result, stops

@@ -63,6 +63,7 @@ def sample_from_logits(
     mask_id: int,
     top_p: float = 1.0,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and report the model's probability of it.
 
@@ -74,6 +75,8 @@ def sample_from_logits(
         logits: [N, V] raw logits (any float dtype).
         uniforms: [N] float64 uniforms in [0, 1), one per row.
         mask_id: the [MASK] id.
+        vocab_size: the tokenizer's ids (one past the largest); the rows beyond it (an embedding padded to a multiple
+            of 64, say) are never drawn, so every sampled id decodes. None: every row but [MASK].
         top_p: nucleus mass in (0, 1]; 1 disables the filter.
         temperature: divides the logits before the nucleus filter.
 
@@ -83,6 +86,8 @@ def sample_from_logits(
     """
     logits = logits.double()
     logits[:, mask_id] = float("-inf")
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits[:, vocab_size:] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
     sampling = probs if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:

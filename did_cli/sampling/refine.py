@@ -53,6 +53,8 @@ def refine(
     settings: RefineSettings,
     seed: int,
     on_call: CallCallback | None = None,
+    *,
+    vocab_size: int | None = None,
 ) -> RefineResult:
     """Refine one batch.
 
@@ -66,6 +68,7 @@ def refine(
         settings: gamma, B2, remask strategy, unmasking.
         seed: the run's seed.
         on_call: optional progress callback.
+        vocab_size: ids at or above it are never drawn (the tokenizer's size; see `sample_from_logits`).
 
     Returns:
         A RefineResult.
@@ -90,6 +93,7 @@ def refine(
         settings=settings.unmasking,
         kv_cache=settings.kv_cache,
         on_call=on_call,
+        vocab_size=vocab_size,
     )
     scoring_calls = 1 if settings.remask == "posthoc" else 0
     return RefineResult(

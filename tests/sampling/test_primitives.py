@@ -81,3 +81,36 @@ def test_top_k_shortcut_gives_the_same_draws_as_a_full_sort(monkeypatch):
             patch.setattr(primitives, "_descending", lambda p, top_p: torch.sort(p, dim=-1, descending=True))
             slow = sample_from_logits(logits, u, mask_id=2999, top_p=0.9)
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_padded_vocabulary_rows_are_never_drawn():
+    logits = torch.zeros(64, 12)
+    logits[:, 8:11] = 20.0  # padding rows the model (wrongly) favours
+    uniforms = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tokens, confidence = sample_from_logits(logits, uniforms, mask_id=11, top_p=1.0, vocab_size=8)
+    assert int(tokens.max()) < 8
+    torch.testing.assert_close(confidence, torch.full((64,), 1 / 8), atol=1e-6, rtol=0)
+
+
+def test_did_drafts_only_tokenizer_ids_and_refines_its_own_drafts_with_a_padded_embedding(char_tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from did_cli.checkpoints import save_model
+    from did_cli.cli import app
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(vocab_size=128, mask_id=68, dropout=0.0)  # 68 tokenizer ids, [MASK], 59 padding rows
+    with torch.no_grad():
+        model.backbone.output_layer.linear.bias[69:] = 50.0
+    save_model(model, tmp_path / "padded", char_tokenizer)
+    runner = CliRunner()
+    drafts = runner.invoke(
+        app, ["draft", "-m", str(tmp_path / "padded"), "-n", "2", "--out", str(tmp_path / "d.jsonl")]
+    )
+    assert drafts.exit_code == 0, drafts.stderr
+    for line in (tmp_path / "d.jsonl").read_text().splitlines():
+        import json
+
+        assert max(json.loads(line)["tokens"]) < 68
+    refined = runner.invoke(app, ["refine", str(tmp_path / "d.jsonl")])
+    assert refined.exit_code == 0, refined.stderr
