@@ -17,6 +17,7 @@ import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
 from did_cli.config import DraftSettings, RefineSettings
+from did_cli.distributed import Shard
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_ppl
 from did_cli.model import BD3LM
@@ -133,14 +134,15 @@ def draft(
     batch_size: int = 1,
     prompts: list[str] | None = None,
     skip_ids: Collection[int] = (),
+    shard: Shard = Shard(),
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft `num_samples` samples per prompt (or unconditionally), yielding each record when its batch finishes.
 
     Sample ids run from 0 in order (prompt by prompt); sample `id` depends only on (seed, id), so any batch size
     gives the same tokens (confidences agree to float rounding, see README) and `skip_ids` (samples a resumed run
-    already has) can be left out without changing the others. Work is produced lazily: a huge `num_samples` costs
-    no memory up front.
+    already has) can be left out without changing the others; `shard` keeps the ids this process draws when several
+    share the work. Work is produced lazily: a huge `num_samples` costs no memory up front.
 
     Raises:
         UsageError: num_samples or batch_size below 1, length above the model's, a prompt that fills the length.
@@ -152,10 +154,11 @@ def draft(
     encoded = encode_prompts(tokenizer, prompts)
     _check_draft_inputs(model, settings, encoded)
     total = num_samples * len(encoded)
-    jobs = ((i, *encoded[i // num_samples]) for i in range(total) if i not in skip_ids)  # (id, prompt text, prompt ids)
+    # (id, prompt text, prompt ids), made as they are consumed
+    jobs = ((i, *encoded[i // num_samples]) for i in range(total) if shard.owns(i) and i not in skip_ids)
     provenance = _provenance(model, tokenizer)
-    stage_settings = {**draft_stage_settings(settings, seed), **_stage_provenance(model)}
-    done = sum(1 for i in set(skip_ids) if 0 <= i < total)  # a resumed run counts what it already has
+    stage_settings = {**draft_stage_settings(settings, seed), **_stage_provenance(model), "processes": shard.world}
+    done = sum(1 for i in set(skip_ids) if 0 <= i < total and shard.owns(i))  # what a resumed run already has
     vocab_size = tokenizer_vocab_size(tokenizer)
     while batch := list(itertools.islice(jobs, batch_size)):
         on_call = _call_progress(on_progress, "draft", done, total)
@@ -210,13 +213,17 @@ def refine(
     batch_size: int = 1,
     force: bool = False,
     skip_ids: Collection[int] = (),
+    shard: Shard = Shard(),
+    processes: int | None = None,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Refine records (from `draft` or an earlier `refine`), yielding refined records in input order.
 
     Records are batched in arrival order; a change of sequence length starts a new batch. Each record's stage
     index (its number of earlier stages) selects fresh random streams, so chained refinements never reuse them.
-    Records whose id is in `skip_ids` (what a resumed run already has) are passed over.
+    Records whose id is in `skip_ids` (what a resumed run already has) are passed over, and so are the input
+    positions another process owns (`shard`). `processes` (default `shard.world`) is recorded in the stage as
+    information; it never changes a token.
 
     Raises:
         UsageError: batch_size below 1.
@@ -224,13 +231,15 @@ def refine(
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if shard.world > 1:
+        records = (r for position, r in enumerate(records) if shard.owns(position))
     if skip_ids:
         records = (r for r in records if r.id not in skip_ids)
     done = 0
     for batch in _batches(records, batch_size):
         for record in batch:
             check_record(record, model, tokenizer, force)
-        yield from _refine_batch(model, tokenizer, batch, settings, seed, on_progress, done)
+        yield from _refine_batch(model, tokenizer, batch, settings, seed, on_progress, done, processes or shard.world)
         done += len(batch)
         if on_progress is not None:
             on_progress(Progress("refine", done, None))
@@ -244,6 +253,7 @@ def _refine_batch(
     seed: int,
     on_progress: ProgressFn | None,
     done: int,
+    processes: int,
 ) -> Iterator[Record]:
     device = model.device
     tokens = torch.tensor([r.tokens for r in batch], dtype=torch.long, device=device)
@@ -252,7 +262,7 @@ def _refine_batch(
     # Records at different stage depths are refined one by one so each keeps its own stage index.
     if len(stages) > 1:
         for record in batch:
-            yield from _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done)
+            yield from _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done, processes)
         return
     stage_index = stages.pop()
     result = refine_batch(
@@ -269,6 +279,7 @@ def _refine_batch(
     )
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
     stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **_stage_provenance(model)}
+    stage_settings["processes"] = processes
     for row, record in enumerate(batch):
         remasked = result.remasked[row].nonzero().flatten().tolist()
         stage = {
@@ -305,9 +316,13 @@ def generate(
     batch_size: int = 1,
     prompts: list[str] | None = None,
     skip_ids: Collection[int] = (),
+    shard: Shard = Shard(),
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
-    """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write."""
+    """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write.
+
+    `shard` splits the drafts between processes; each process refines its own drafts.
+    """
     drafts = draft(
         model,
         tokenizer,
@@ -317,12 +332,17 @@ def generate(
         batch_size=batch_size,
         prompts=prompts,
         skip_ids=skip_ids,
+        shard=shard,
         on_progress=on_progress,
     )
     for batch in _batches(drafts, batch_size):
         records: Iterable[Record] = batch
         for settings in refine_settings:
-            records = list(refine(model, tokenizer, records, settings, seed=seed, batch_size=batch_size))
+            records = list(
+                refine(
+                    model, tokenizer, records, settings, seed=seed, batch_size=batch_size, processes=shard.world
+                )
+            )
         yield from records
 
 

@@ -8,11 +8,13 @@ functions so `did --help` and option errors answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +23,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from did_cli.config import UnmaskingSettings
+from did_cli.distributed import Shard, current_shard, interleave, launched_world, part_path, part_paths
 from did_cli.errors import UsageError
-from did_cli.records import Record, RecordWriter
+from did_cli.records import PARTIAL_SUFFIX, Record, RecordWriter, read_complete_records
 
 if TYPE_CHECKING:
     from did_cli.api import Progress as ProgressEvent
@@ -73,8 +76,10 @@ def _plain_interval() -> float:
 class Reporter:
     """Progress and the closing summary on stderr (see the module docstring); silent with `quiet`."""
 
-    def __init__(self, quiet: bool, total: int | None) -> None:
+    def __init__(self, quiet: bool, total: int | None, others: Callable[[], int] | None = None) -> None:
         self.quiet = quiet
+        self._others = others  # samples finished by other processes (one bar counts every process)
+        self._others_done, self._others_read = 0, 0.0
         self.live = not quiet and stderr.is_terminal
         self._progress: Progress | None = None
         self._task: Any = None
@@ -112,10 +117,11 @@ class Reporter:
         if self.quiet:
             return
         total = event.samples_total or self._total
+        done = event.samples_done + self._count_others()
         if self._progress is not None:
             tokens = f"batch tokens {event.tokens_done}/{event.tokens_total}" if event.tokens_total else ""
             self._progress.update(
-                self._task, completed=event.samples_done, description=event.stage, tokens=tokens, total=total
+                self._task, completed=done, description=event.stage, tokens=tokens, total=total
             )
             return
         now = time.perf_counter()
@@ -123,7 +129,13 @@ class Reporter:
             return
         self._last_line = now
         of_total = f"/{total}" if total else ""
-        say(f"{event.stage}: {event.samples_done}{of_total} samples finished, {now - self.started:.0f}s elapsed")
+        say(f"{event.stage}: {done}{of_total} samples finished, {now - self.started:.0f}s elapsed")
+
+    def _count_others(self) -> int:
+        now = time.perf_counter()
+        if self._others is not None and now - self._others_read > 1.0:  # reads files: at most once a second
+            self._others_done, self._others_read = self._others(), now
+        return self._others_done
 
     def summary(self, records: int, generated: int, nfes: int, extra: str = "") -> None:
         """One line on stderr: samples, generated tokens, tokens/s (generated only), NFEs."""
@@ -136,35 +148,114 @@ class Reporter:
         )
 
 
+@dataclass
+class Run:
+    """Where this process's records go, and its share of the work when several processes were launched.
+
+    Attributes:
+        writer: this process's RecordWriter (`--out`, stdout, or its part file beside `--out`).
+        shard: which positions this process draws (`Shard()` alone).
+        state: accelerate's PartialState with several processes, else None.
+        out: the final output file (None for stdout).
+    """
+
+    writer: RecordWriter
+    shard: Shard
+    state: Any
+    out: Path | None
+    reporter: Reporter | None = None
+    new_stages: int = 1
+
+    def device(self, requested: str) -> str:
+        """Each launched process takes its own accelerator (`cuda:LOCAL_RANK`) unless told otherwise."""
+        if self.state is not None and requested in ("auto", "cuda"):
+            return str(self.state.device)
+        return requested
+
+    def others_done(self) -> int:
+        """Records the other processes have written so far (read from their part files, for one progress bar)."""
+        if self.out is None or self.shard.world == 1:
+            return 0
+        done = 0
+        for rank, path in enumerate(part_paths(self.out, self.shard.world)):
+            if rank == self.shard.rank:
+                continue
+            for candidate in (path, path.with_name(path.name + PARTIAL_SUFFIX)):
+                with contextlib.suppress(OSError):
+                    done += candidate.read_bytes().count(b"\n")
+        return done
+
+    def merge(self) -> list[Record]:
+        """Main process, after every part is finished: interleave the parts into `out` (atomically); drop them."""
+        assert self.out is not None
+        paths = part_paths(self.out, self.shard.world)
+        parts = [read_complete_records(path)[0] if path.is_file() else [] for path in paths]
+        records = interleave(parts)
+        with RecordWriter(self.out, replace_partial=True) as writer:
+            for record in records:
+                writer.write(record)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return records
+
+
 @contextmanager
-def output(out: Path | None, *, resume: bool = False) -> Iterator[RecordWriter]:
-    """Open `--out` (or stdout) before any work; on failure or Ctrl-C say on stderr what was kept, then re-raise."""
-    writer = RecordWriter(out, resume=resume).open()
+def output(out: Path | None, *, resume: bool = False) -> Iterator[Run]:
+    """Open `--out` (or stdout, or this process's part file) before any work; merge the parts at the end.
+
+    On failure or Ctrl-C it says on stderr what was kept, then re-raises.
+    """
+    if launched_world() > 1 and out is None:
+        raise UsageError(f"with {launched_world()} processes, pass --out FILE: each writes a part, merged there")
+    shard, state = current_shard()
+    target = out if shard.world == 1 or out is None else part_path(out, shard)
+    writer = RecordWriter(target, resume=resume).open()
+    run = Run(writer, shard, state, out)
     try:
-        yield writer
+        yield run
     except BaseException:
         note = writer.abort()
         if note:
             say(f"kept: {note}")
         raise
     writer.commit()
+    if state is None:
+        return
+    state.wait_for_everyone()
+    if shard.is_main:
+        records = run.merge()
+        if run.reporter is not None:
+            run.reporter.summary(len(records), *_totals(records, run.new_stages), f" on {shard.world} processes")
+    state.wait_for_everyone()
 
 
-def write_records(records: Iterable[Record], writer: RecordWriter, reporter: Reporter, *, new_stages: int) -> int:
-    """Stream records to the writer, one flushed line each; returns how many were written.
-
-    `new_stages` is how many stages this command ran (their generated tokens and NFEs go into the summary).
-    """
+def _totals(records: Iterable[Record], new_stages: int) -> tuple[int, int]:
+    """Generated tokens and NFEs of the stages this command ran (the summary's numbers)."""
     generated = nfes = 0
     for record in records:
-        writer.write(record)
         for stage in record.stages[-new_stages:]:
             is_refine = stage.get("kind") == "refine"
             generated += len(stage.get("remasked", [])) if is_refine else len(record.generated)
             nfes += int(stage.get("nfes", 0))
-    kept = f" ({len(writer.kept)} kept from the interrupted run)" if writer.kept else ""
-    reporter.summary(writer.count, generated, nfes, kept)
-    return writer.count
+    return generated, nfes
+
+
+def write_records(records: Iterable[Record], run: Run, reporter: Reporter, *, new_stages: int) -> int:
+    """Stream records to this process's writer, one flushed line each; returns how many were written.
+
+    `new_stages` is how many stages this command ran (their generated tokens and NFEs go into the summary). With
+    several processes the summary waits for the merge, where the main process prints it for all of them.
+    """
+    generated = nfes = 0
+    for record in records:
+        run.writer.write(record)
+        more_generated, more_nfes = _totals([record], new_stages)
+        generated, nfes = generated + more_generated, nfes + more_nfes
+    run.reporter, run.new_stages = reporter, new_stages
+    if run.shard.world == 1:
+        kept = f" ({len(run.writer.kept)} kept from the interrupted run)" if run.writer.kept else ""
+        reporter.summary(run.writer.count, generated, nfes, kept)
+    return run.writer.count
 
 
 def stdout_is_terminal() -> bool:

@@ -100,8 +100,8 @@ def draft(
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
     if length is not None:
         DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
-    with output(out, resume=resume) as writer:
-        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, device, dtype)
+    with output(out, resume=resume) as run:
+        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype)
         settings = DraftSettings(
             length=loaded.config.model_length if length is None else length,
             block_size=block_size,
@@ -111,9 +111,9 @@ def draft(
             max_tries=max_tries,
             var_length=var_length,
         )
-        skip = api.check_resumable(writer.kept, [api.draft_stage_settings(settings, seed)], loaded)
+        skip = api.check_resumable(run.writer.kept, [api.draft_stage_settings(settings, seed)], loaded)
         total = num_samples * (len(prompts) if prompts else 1)
-        with Reporter(quiet, total) as reporter:
+        with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:
             records = api.draft(
                 loaded,
                 tok,
@@ -123,6 +123,7 @@ def draft(
                 batch_size=batch_size,
                 prompts=prompts,
                 skip_ids=skip,
+                shard=run.shard,
                 on_progress=reporter,
             )
-            write_records(records, writer, reporter, new_stages=1)
+            write_records(records, run, reporter, new_stages=1)

@@ -105,8 +105,8 @@ def generate(
             check_block_size(size, length)
         for g in parse_gammas(gamma, len(parse_stages(stages, block_size, length)) - 1):
             RefineSettings(gamma=g, remask=remask)
-    with output(out, resume=resume) as writer:
-        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, device, dtype)
+    with output(out, resume=resume) as run:
+        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype)
         length = loaded.config.model_length if length is None else length
         sizes = parse_stages(stages, block_size, length)
         for size in sizes:
@@ -136,9 +136,9 @@ def generate(
         ]
         expected = [api.draft_stage_settings(draft_settings, seed)]
         expected += [api.refine_stage_settings(s, seed, length) for s in refine_settings]
-        skip = api.check_resumable(writer.kept, expected, loaded)
+        skip = api.check_resumable(run.writer.kept, expected, loaded)
         total = num_samples * (len(prompts) if prompts else 1)
-        with Reporter(quiet, total) as reporter:
+        with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:
             records = api.generate(
                 loaded,
                 tok,
@@ -149,6 +149,7 @@ def generate(
                 batch_size=batch_size,
                 prompts=prompts,
                 skip_ids=skip,
+                shard=run.shard,
                 on_progress=reporter,
             )
-            write_records(records, writer, reporter, new_stages=len(sizes))
+            write_records(records, run, reporter, new_stages=len(sizes))

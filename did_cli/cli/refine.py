@@ -67,14 +67,14 @@ def refine(
     records = read_records(input)
     first = next(records)
     records = itertools.chain([first], records)
-    with output(out, resume=resume) as writer:
+    with output(out, resume=resume) as run:
         name = model or record_model(first)
         if name is None:
             raise InputError("the records do not name the model that made them; pass --model")
-        loaded, tok = load(name, tokenizer, revision, device, dtype)
+        loaded, tok = load(name, tokenizer, revision, run.device(device), dtype)
         stage = api.refine_stage_settings(settings, seed, len(first.tokens))
-        skip = api.check_resumable(writer.kept, [stage], loaded)
-        with Reporter(quiet, total) as reporter:
+        skip = api.check_resumable(run.writer.kept, [stage], loaded)
+        with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:
             refined = api.refine(
                 loaded,
                 tok,
@@ -84,6 +84,7 @@ def refine(
                 batch_size=batch_size,
                 force=force,
                 skip_ids=skip,
+                shard=run.shard,
                 on_progress=reporter,
             )
-            write_records(refined, writer, reporter, new_stages=1)
+            write_records(refined, run, reporter, new_stages=1)

@@ -1,0 +1,104 @@
+"""Sampling on several processes (accelerate launch, torchrun; gloo on CPU) equals a one-process run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from did_cli.cli import app
+from did_cli.distributed import Shard, interleave
+
+runner = CliRunner()
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+ACCELERATE += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "did_cli"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "did_cli"]
+INFORMATION = ("seconds", "batch_size", "model_calls", "cache_calls", "processes")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _records(path: Path) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        for stage in record["stages"]:
+            for key in INFORMATION:
+                stage.pop(key, None)
+    return records
+
+
+def _assert_same(two: Path, one: Path) -> None:
+    a, b = _records(two), _records(one)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["tokens"] == y["tokens"] and x["text"] == y["text"]
+        assert x["confidence"] == pytest.approx(y["confidence"], abs=1e-6)
+        assert x["stages"] == y["stages"]
+
+
+def _launch(launcher: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300, env=_env())
+
+
+def test_interleave_undoes_the_round_robin_split():
+    items = list(range(7))
+    parts = [[p for p in items if Shard(rank, 3).owns(p)] for rank in range(3)]
+    assert interleave(parts) == items
+
+
+def test_two_process_draft_with_accelerate_equals_one_process(tiny_checkpoint, tmp_path):
+    args = ["draft", "-m", str(tiny_checkpoint), "-n", "5", "--batch-size", "2"]  # 2 does not divide 5
+    done = _launch(ACCELERATE, [*args, "--out", str(tmp_path / "two.jsonl")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "5 samples" in done.stderr and "on 2 processes" in done.stderr
+    assert runner.invoke(app, [*args, "-q", "--out", str(tmp_path / "one.jsonl")]).exit_code == 0
+    _assert_same(tmp_path / "two.jsonl", tmp_path / "one.jsonl")
+    assert json.loads((tmp_path / "two.jsonl").read_text().splitlines()[0])["stages"][0]["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # parts merged and removed
+
+
+def test_two_process_refine_and_generate_with_torchrun_equal_one_process(tiny_checkpoint, tmp_path):
+    model = str(tiny_checkpoint)
+    drafts = tmp_path / "drafts.jsonl"
+    assert runner.invoke(app, ["draft", "-m", model, "-n", "3", "-q", "--out", str(drafts)]).exit_code == 0
+    done = _launch(TORCHRUN, ["refine", str(drafts), "-q", "--out", str(tmp_path / "r2.jsonl")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert runner.invoke(app, ["refine", str(drafts), "-q", "--out", str(tmp_path / "r1.jsonl")]).exit_code == 0
+    _assert_same(tmp_path / "r2.jsonl", tmp_path / "r1.jsonl")
+    # More processes than samples: one process has nothing to do.
+    args = ["generate", "-m", model, "-n", "1", "-q"]
+    done = _launch(TORCHRUN, [*args, "--out", str(tmp_path / "g2.jsonl")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "g1.jsonl")]).exit_code == 0
+    _assert_same(tmp_path / "g2.jsonl", tmp_path / "g1.jsonl")
+
+
+def test_two_process_draft_killed_and_resumed_equals_an_unbroken_run(tiny_checkpoint, tmp_path):
+    args = ["draft", "-m", str(tiny_checkpoint), "-n", "40", "--batch-size", "1", "-q"]
+    out = tmp_path / "two.jsonl"
+    process = subprocess.Popen(
+        [*TORCHRUN, *args, "--out", str(out)], env=_env(), start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    partials = [tmp_path / f"two.jsonl.part{rank}-of-2.partial" for rank in range(2)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(p.exists() and p.read_text().count("\n") >= 2 for p in partials):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    done = _launch(TORCHRUN, [*args, "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "one.jsonl")]).exit_code == 0
+    _assert_same(out, tmp_path / "one.jsonl")
+
+
+def test_several_processes_need_an_output_file(tiny_checkpoint):
+    done = _launch(TORCHRUN, ["draft", "-m", str(tiny_checkpoint)])
+    assert done.returncode != 0 and "pass --out FILE" in done.stderr
