@@ -17,7 +17,7 @@ import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
 from did_cli.config import DraftSettings, RefineSettings
-from did_cli.distributed import Shard
+from did_cli.distributed import ONE_PROCESS, Shard
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_ppl
 from did_cli.model import BD3LM
@@ -134,7 +134,7 @@ def draft(
     batch_size: int = 1,
     prompts: list[str] | None = None,
     skip_ids: Collection[int] = (),
-    shard: Shard = Shard(),
+    shard: Shard = ONE_PROCESS,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft `num_samples` samples per prompt (or unconditionally), yielding each record when its batch finishes.
@@ -213,7 +213,7 @@ def refine(
     batch_size: int = 1,
     force: bool = False,
     skip_ids: Collection[int] = (),
-    shard: Shard = Shard(),
+    shard: Shard = ONE_PROCESS,
     processes: int | None = None,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
@@ -316,7 +316,7 @@ def generate(
     batch_size: int = 1,
     prompts: list[str] | None = None,
     skip_ids: Collection[int] = (),
-    shard: Shard = Shard(),
+    shard: Shard = ONE_PROCESS,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write.
@@ -339,9 +339,7 @@ def generate(
         records: Iterable[Record] = batch
         for settings in refine_settings:
             records = list(
-                refine(
-                    model, tokenizer, records, settings, seed=seed, batch_size=batch_size, processes=shard.world
-                )
+                refine(model, tokenizer, records, settings, seed=seed, batch_size=batch_size, processes=shard.world)
             )
         yield from records
 

@@ -35,6 +35,9 @@ class Shard:
         return self.rank == 0
 
 
+ONE_PROCESS = Shard()
+
+
 def launched_world() -> int:
     """How many processes the launcher started (`WORLD_SIZE`; 1 when run directly)."""
     try:
@@ -79,5 +82,5 @@ def interleave(parts: list[list[Any]]) -> list[Any]:
     for rank, part in enumerate(parts):
         expected = len(range(rank, total, world))
         if len(part) != expected:
-            raise UsageError(f"part {rank} of {world} holds {len(part)} records, expected {expected}; rerun with --resume")
+            raise UsageError(f"part {rank} of {world} holds {len(part)} records, not {expected}; rerun with --resume")
     return [parts[p % world][p // world] for p in range(total)]

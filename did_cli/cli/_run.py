@@ -120,9 +120,7 @@ class Reporter:
         done = event.samples_done + self._count_others()
         if self._progress is not None:
             tokens = f"batch tokens {event.tokens_done}/{event.tokens_total}" if event.tokens_total else ""
-            self._progress.update(
-                self._task, completed=done, description=event.stage, tokens=tokens, total=total
-            )
+            self._progress.update(self._task, completed=done, description=event.stage, tokens=tokens, total=total)
             return
         now = time.perf_counter()
         if now - self._last_line < self._interval:
