@@ -221,3 +221,53 @@ def test_report_keeps_compatible_variants_of_earlier_runs(tiny_checkpoint, judge
     variants = {row["variant"] for row in result.rows}
     assert {"draft", "random-g0.5-b32", "snapshot-g0.25-b32"} <= variants
     assert "random" in (out / "report.md").read_text()
+
+
+# --- Plots: what a reader sees ------------------------------------------------------------------------------------
+
+
+def _plot_rows() -> list[dict]:
+    """Two models, the draft and three strategies at γ 0.5 plus a γ slice for snapshot, with nearby points."""
+    rows = []
+    for model, shift in (("mix", 0.0), ("nomix", 1.5)):
+        variants = [(None, None, 127, 73.0)] + [("snapshot", g, 127 + round(128 * g), 60 - 30 * g) for g in (0.1, 0.5)]
+        variants += [("posthoc", 0.5, 192, 43.5), ("random", 0.5, 191, 75.0), ("snapshot", 1.0, 254, 110.0)]
+        for remask, gamma, nfes, ppl in variants:
+            variant = "draft" if remask is None else f"{remask}-g{gamma:g}-b128"
+            rows.append(
+                {"model": model, "variant": variant, "remask": remask, "gamma": gamma, "refine_block_size": 128,
+                 "length": 128, "nfes": nfes, "gen_ppl": ppl + shift, "judge": {"name": "did-tiny-judge"}}
+            )  # fmt: skip
+    return rows
+
+
+def test_plots_give_each_strategy_its_own_colour_and_marker_and_a_legend():
+    classes = report._figure_classes()
+    figure = report.gamma_figure(classes, _plot_rows(), None)
+    lines = [line for line in figure.axes[0].get_lines() if ": " in str(line.get_label())]
+    by_strategy = {}
+    for line in lines:
+        model, strategy = line.get_label().split(": ")
+        by_strategy.setdefault(strategy, set()).add((line.get_color(), line.get_marker()))
+        assert line.get_linestyle() == ("-" if model == "mix" else "--")
+    assert set(by_strategy) == {"snapshot", "posthoc", "random"}
+    assert all(len(styles) == 1 for styles in by_strategy.values())  # a strategy looks the same for every model
+    styles = [next(iter(s)) for s in by_strategy.values()]
+    assert len({c for c, _ in styles}) == 3 and len({m for _, m in styles}) == 3
+    labels = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+    assert labels == ["none (draft only)", "random", "post-hoc", "snapshot", "mix", "nomix"]
+
+
+def test_pareto_plot_colours_points_by_strategy_and_its_labels_never_overlap():
+    classes = report._figure_classes()
+    figure = report.pareto_figure(classes, _plot_rows())
+    axes = figure.axes[0]
+    colours = {tuple(c.get_facecolor()[0][:3]) for c in axes.collections}
+    assert len(colours) == 4  # draft, snapshot, post-hoc, random
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    assert len(boxes) >= 2
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    names = [text.get_text() for text in axes.texts]
+    assert len(names) == len(set(names))  # a variant on both models' fronts is labelled once
+    assert [t.get_text() for t in figure.legends[0].get_texts()][-2:] == ["mix", "nomix"]
