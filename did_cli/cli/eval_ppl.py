@@ -142,13 +142,16 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
         yield None
         return
     bar = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # a file name is never rich markup
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("windows"),
         TimeElapsedColumn(),
         console=stderr,
         transient=True,
+        # stdout carries data (--json -): the bar must never take it over, whatever stderr is.
+        redirect_stdout=False,
+        redirect_stderr=False,
     )
     tasks: dict[str, Any] = {}
 

@@ -141,14 +141,16 @@ def _events(quiet: bool) -> Iterator[EventFn]:
     bar = None
     if not quiet and sys.stderr.isatty():
         bar = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("variants"),
-            TextColumn("{task.fields[detail]}"),
+            TextColumn("{task.fields[detail]}", markup=False),
             TimeElapsedColumn(),
             console=stderr,
             transient=True,
+            redirect_stdout=False,  # stdout stays empty or data, whatever stderr is
+            redirect_stderr=False,
         )
     task = bar.add_task("sweep", total=None, detail="") if bar is not None else None
 

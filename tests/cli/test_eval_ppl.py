@@ -1,6 +1,7 @@
 import importlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -230,3 +231,21 @@ def test_short_names_and_fit_name():
     ]
     assert short_names(["a/draft.jsonl", "b/refined.jsonl"]) == ["draft.jsonl", "refined.jsonl"]
     assert fit_name("abcdefghij", 10) == "abcdefghij" and fit_name("abcdefghijk", 7) == "abc…ijk"
+
+
+def test_stdout_holds_only_the_json_when_stderr_is_a_terminal(judge_folder, inputs, tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "did_cli", "eval-ppl", *inputs, "--judge", judge_folder, "--json", "-"]
+    shell = f"{shlex.join(command)} > out.json"  # stderr (progress, table) stays on the pseudo-terminal
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env["PYTHONPATH"]
+    done = subprocess.run(
+        ["script", "-qec", shell, "/dev/null"], cwd=tmp_path, env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace")
+    assert list(json.loads((tmp_path / "out.json").read_text())["files"]) == inputs
+    assert b"gen PPL" in done.stdout  # the table went to the terminal
