@@ -246,9 +246,16 @@ def _ablation_row(rows: list[Row], strategy: str | None, base_gamma: float, base
 def _series_table(
     rows: list[Row], axis: str, key: str, on_slice: Callable[[Row], bool], label: Callable[[Any], str]
 ) -> str:
-    """One row per value of `key` on the slice, a (gen PPL, entropy) column pair per strategy; best PPL in bold."""
+    """One row per value of `key` on the slice, a (gen PPL, entropy) column pair per swept strategy; best in bold.
+
+    Strategies with a single value on the slice (run at the base point only) are left out unless none has more.
+    """
     refined = [r for r in rows if r.get("remask") is not None and on_slice(r)]
     strategies = [s for s in _SERIES_ORDER if any(r["remask"] == s for r in refined)]
+    # A strategy run only at the base point is in the strategy table; here it would be one value among dashes.
+    swept = [s for s in strategies if len({r[key] for r in refined if r["remask"] == s}) > 1]
+    strategies = swept or strategies
+    refined = [r for r in refined if r["remask"] in strategies]
     values = sorted({r[key] for r in refined})
     headers = [axis] + [f"{_NAMES[s]} {what}" for s in strategies for what in ("gen PPL", "entropy")]
     best = {s: _best([r for r in refined if r["remask"] == s]) for s in strategies}

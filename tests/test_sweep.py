@@ -323,3 +323,11 @@ def test_pareto_plot_colours_points_by_strategy_and_its_labels_never_overlap():
     names = [text.get_text() for text in axes.texts]
     assert len(names) == len(set(names))  # a variant on both models' fronts is labelled once
     assert [t.get_text() for t in figure.legends[0].get_texts()][-2:] == ["mix", "nomix"]
+
+
+def test_gamma_table_shows_only_the_strategies_swept_over_gamma():
+    text = render_report([r for r in _plot_rows() if r["model"] == "mix"], base_gamma=0.5)
+    gamma_table = text.split("### γ sweep")[1].split("###")[0]
+    assert "snapshot gen PPL" in gamma_table and "post-hoc" not in gamma_table and "random" not in gamma_table
+    strategy_table = text.split("### Remask strategy")[1].split("###")[0]
+    assert "| post-hoc |" in strategy_table and "| random |" in strategy_table
