@@ -340,16 +340,15 @@ def _tooltip(view: TokenView) -> str:
 
 
 def _html_token(view: TokenView) -> str:
-    classes = ["tok", "prompt" if view.is_prompt else f"c{confidence_bin(view.confidence)}"]
-    if view.remasked:
-        classes.append("remasked")
+    # The colour sits on the current text alone, so a struck-through draft token stays grey on the page background.
+    colour = "prompt" if view.is_prompt else f"c{confidence_bin(view.confidence)}"
+    classes = "tok remasked" if view.remasked else "tok"
     draft = ""
     if view.draft_text is not None:
         draft = f'<del class="draft">{html.escape(visible(view.draft_text))}</del><span class="arrow">{_ARROW}</span>'
-
     title = html.escape(_tooltip(view), quote=True)
-    text = html.escape(visible(view.text))
-    return f'<span class="{" ".join(classes)}" title="{title}">{draft}{text}</span>{line_breaks(view)}'
+    text = f'<span class="{colour}">{html.escape(visible(view.text))}</span>'
+    return f'<span class="{classes}" title="{title}">{draft}{text}</span>{line_breaks(view)}'
 
 
 def _html_legend(refined: bool) -> str:

@@ -205,13 +205,13 @@ def test_html_tooltip_gives_token_confidence_and_draft():
     titles = _titles(page)
     assert "#2 token 'c' · confidence 0.7000 · draft 'b' · remasked by the last refinement" in titles
     assert "#3 token 'c' · confidence 0.9000 · draft: same token" in titles
-    assert '<del class="draft">b</del><span class="arrow">→</span>c</span>' in page
+    assert '<del class="draft">b</del><span class="arrow">→</span><span class="c3">c</span></span>' in page
 
 
 def test_html_newline_token_keeps_its_line_break():
     record = Record(id=0, tokens=[0, 5], confidence=[1.0, 0.5], prompt_len=1)
     page = display.render_html(record, TEXTS)
-    assert "⏎</span>\n" in page
+    assert "⏎</span></span>\n" in page
     assert "#1 token '\\n' · confidence 0.5000 · draft: same token" in _titles(page)
 
 
@@ -293,7 +293,7 @@ def test_a_changed_newline_token_keeps_its_brackets_and_arrow_on_one_line():
 
 def test_html_newline_token_breaks_the_line_after_its_span():
     page = display.render_html(_newline_refined(), TEXTS)
-    assert '<del class="draft">b</del><span class="arrow">→</span>⏎</span>\n' in page
+    assert '<del class="draft">b</del><span class="arrow">→</span><span class="c2">⏎</span></span>\n' in page
     sample = page[page.index('<div class="sample">') :]
     assert all(line.count("<span") == line.count("</span>") for line in sample.splitlines())
 
@@ -305,7 +305,8 @@ def test_the_prompt_is_marked_in_every_rendering():
     prompt_styles = {str(span.style) for span in body.spans if span.end <= len("<bos>a")}
     assert prompt_styles and all(display.PROMPT_COLORS[0] in style for style in prompt_styles)
     page = display.render_html(record, TEXTS)
-    assert page.count('class="tok prompt"') == 2 and f"background: {display.PROMPT_COLORS[0]}" in page
+    sample = page[page.index('<div class="sample">') :]
+    assert sample.count('class="prompt"') == 2 and f"background: {display.PROMPT_COLORS[0]}" in page
     assert "«prompt»" in _lines(display.render_sample(record, TEXTS, styled=False))[2]
 
 

@@ -101,7 +101,7 @@ def test_show_html_writes_a_self_contained_page_atomically(samples, tmp_path):
     assert result.stdout == "" and result.stderr == f"wrote {out}\n"
     page = out.read_text(encoding="utf-8")
     assert_well_formed_and_self_contained(page)
-    assert 'class="tok c' in page and '<del class="draft">' in page
+    assert '<span class="c' in page and '<del class="draft">' in page
     assert [p.name for p in out.parent.iterdir()] == ["sample.html"]
 
 
