@@ -233,6 +233,7 @@ def test_short_names_and_fit_name():
     assert fit_name("abcdefghij", 10) == "abcdefghij" and fit_name("abcdefghijk", 7) == "abc…ijk"
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers: ~5 s
 def test_stdout_holds_only_the_json_when_stderr_is_a_terminal(judge_folder, inputs, tmp_path):
     import os
     import shlex
