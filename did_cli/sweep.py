@@ -679,9 +679,19 @@ def _earlier_compatible(
     ]
 
 
+# Configuration keys added after rows were first written, with the value every earlier row was made with.
+_CONFIG_DEFAULTS = {"kv_cache": True}
+
+
 def _index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Rows by (model label, variant id, configuration): rows of other settings stay in the file and are skipped."""
-    return {_key(row.get("model"), row.get("variant"), row.get("config")): row for row in rows}
+    index = {}
+    for row in rows:
+        config = row.get("config")
+        if isinstance(config, dict):
+            config = {**_CONFIG_DEFAULTS, **config}
+        index[_key(row.get("model"), row.get("variant"), config)] = row
+    return index
 
 
 def _dtype_name(dtype: str) -> str:

@@ -1,12 +1,14 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from did_cli import report
 from did_cli.config import RefineSettings
 from did_cli.errors import ModelLoadError, UsageError
+from did_cli.evaluation import EvalSettings
 from did_cli.report import pareto_front, read_results, render_report, write_report
 from did_cli.sweep import DRAFT, SweepSettings, Variant, parse_model, plan_variants, refine_block_sizes, run_sweep
 from tests.evaluation.tiny_judge import save_tiny_judge
@@ -331,3 +333,27 @@ def test_gamma_table_shows_only_the_strategies_swept_over_gamma():
     assert "snapshot gen PPL" in gamma_table and "post-hoc" not in gamma_table and "random" not in gamma_table
     strategy_table = text.split("### Remask strategy")[1].split("###")[0]
     assert "| post-hoc |" in strategy_table and "| random |" in strategy_table
+
+
+def test_results_of_earlier_versions_are_still_reused(tmp_path):
+    # docs/ablations/results.jsonl predates the kv_cache setting; its mix rows were made with the embedded did-tiny.
+    docs = Path(__file__).resolve().parents[1] / "docs" / "ablations" / "results.jsonl"
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(docs, out / "results.jsonl")
+    settings = SweepSettings(
+        models=["mix=did-tiny"],
+        judge="did-tiny-judge",
+        out=out,
+        num_samples=64,
+        remask=["snapshot", "posthoc", "random"],
+        gammas=[0.5],
+        refine_block_sizes=[128],
+        evaluation=EvalSettings(degenerate_entropy=3.5),
+    )
+
+    def refuse_work(event):  # fail at once rather than after minutes of sampling
+        assert not event.message.startswith("loading the judge"), "the rows were not recognised"
+
+    result = run_sweep(settings, refuse_work)
+    assert (result.drafted, result.refined, result.scored, result.reused) == (0, 0, 0, 4)

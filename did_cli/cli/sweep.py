@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import unmasking
+from did_cli.cli.eval_ppl import DegenerateEntropy
 from did_cli.errors import UsageError
 from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings
 from did_cli.sweep import EventFn, SweepEvent, SweepSettings, run_sweep
@@ -97,9 +98,7 @@ def sweep(
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     out: OutDir = Path("sweep"),
-    degenerate_entropy: Annotated[
-        float, typer.Option("--degenerate-entropy", help="Flag samples whose unigram entropy (nats) is below this.")
-    ] = 4.0,
+    degenerate_entropy: DegenerateEntropy = 4.0,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
