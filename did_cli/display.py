@@ -212,7 +212,8 @@ def summary_line(summary: SampleSummary) -> str:
     if summary.last_refine is None:
         return f"draft: {summary.generated} generated tokens; mean confidence {_fmt(summary.mean_confidence)}"
     stage = summary.last_refine
-    settings = f"{stage.get('remask', '?')}, γ={stage.get('gamma', '?')}, B2={stage.get('block_size', '?')}"
+    remask, gamma, size = (_field(stage.get(key, "?")) for key in ("remask", "gamma", "block_size"))
+    settings = f"{remask}, γ={gamma}, B2={size}"
     changed = "?" if summary.changed is None else summary.changed
     before = "(before not recorded)" if summary.mean_remasked_before is None else _fmt(summary.mean_remasked_before)
     plural = "refinement" if summary.refinements == 1 else "refinements"
@@ -223,11 +224,16 @@ def summary_line(summary: SampleSummary) -> str:
     )
 
 
+def _field(value: Any) -> str:
+    # A record field as text on one line: an escape sequence in a model name must not reach the terminal.
+    return visible(str(value))
+
+
 def _header(record: Record) -> str:
-    model = (record.model or {}).get("name", "unknown model")
+    model = _field((record.model or {}).get("name", "unknown model"))
     generated = len(record.tokens) - record.prompt_len
     return (
-        f"sample id {record.id} (seed {record.seed}) from {model}: {len(record.tokens)} tokens, "
+        f"sample id {_field(record.id)} (seed {_field(record.seed)}) from {model}: {len(record.tokens)} tokens, "
         f"{record.prompt_len} prompt + {generated} generated"
     )
 

@@ -272,6 +272,21 @@ def test_terminal_prints_hostile_fields_literally():
         assert f"({HOSTILE}, γ={HOSTILE}, B2={HOSTILE})" in lines[-1]
 
 
+def test_control_characters_in_record_fields_never_reach_the_terminal():
+    record = _refined()
+    record.model = {"name": "evil\x1b[2J\nmodel"}
+    record.stages[-1]["remask"] = "\x1b]0;title\x07"
+    for styled in (True, False):
+        console = Console(width=300, force_terminal=styled, color_system="truecolor" if styled else None)
+        with console.capture() as capture:
+            console.print(display.render_sample(record, TEXTS, styled=styled))
+        plain = Text.from_ansi(capture.get()).plain
+        assert "from evil␛[2J⏎model:" in plain and "(␛]0;title␇, γ=0.5" in plain
+        assert "\x1b[2J" not in capture.get() and "\x07" not in capture.get()
+    page = display.render_html(record, TEXTS)
+    assert "\x1b" not in page and "evil␛[2J⏎model" in page
+
+
 def _newline_refined() -> Record:
     # Position 2 was remasked and changed from "b" to a newline; position 3 is a kept newline.
     return Record(
