@@ -33,8 +33,8 @@ from did_cli.records import Record
 
 __all__ = [
     "BINS",
-    "SampleSummary",
     "PROMPT_COLORS",
+    "SampleSummary",
     "TokenView",
     "confidence_bin",
     "line_breaks",
@@ -66,6 +66,8 @@ _ARROW = "→"  # between a changed token's draft and its new text, in every ren
 # break of a newline is written after the whole token (see `line_breaks`), never inside its marks.
 _CONTROL = {"\n": "⏎", "\t": "⇥", **{chr(c): chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"}}
 _CONTROL["\x7f"] = "␡"
+# C1 controls (0x9b starts an escape sequence on some terminals) have no pictures: show the replacement character.
+_CONTROL.update({chr(c): "\ufffd" for c in range(0x80, 0xA0)})
 _EMPTY = "∅"
 
 

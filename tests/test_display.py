@@ -89,6 +89,7 @@ def test_confidence_bins_cover_the_unit_interval_in_order():
 def test_visible_shows_control_characters_on_one_line():
     assert display.visible("a\nb") == "a⏎b"
     assert display.visible("\t\x00") == "⇥␀"
+    assert display.visible("a\x9b2Jb\x1b") == "a\ufffd2Jb␛"
     assert display.visible("") == "∅"
     assert display.visible("plain text") == "plain text"
 
