@@ -274,8 +274,10 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
             raise UsageError(f"gamma must be in [0, 1], got {self.gamma}")
-        if self.remask not in REMASK_STRATEGIES:
-            raise UsageError(f"unknown remask strategy {self.remask!r}; choose one of {', '.join(REMASK_STRATEGIES)}")
+        # Imported here: the strategies live with the sampler, which imports this module.
+        from did_cli.sampling.remask import canonical_remask
+
+        object.__setattr__(self, "remask", canonical_remask(self.remask))
         if self.block_size is not None and self.block_size < 1:
             raise UsageError(f"block_size must be positive, got {self.block_size}")
 

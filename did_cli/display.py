@@ -5,9 +5,14 @@ committed, updated by each refinement). For refined records the positions remask
 underlined and every token that differs from the stage-1 draft is shown after its struck-through draft token,
 so one view answers "what did refinement change, and how sure was the model?".
 
-The colour scale is ColorBrewer's 5-class RdYlBu (red = low, yellow = middle, blue = high): its lightness is
-ordered and it stays readable for red-green colour-blind readers, which a red-to-green scale is not. Five bins
-rather than a continuous ramp, so the legend states exactly which range each colour means.
+The colour scale is five bins of viridis (dark purple = low, teal = middle, yellow-green = high), each token's
+text in black or white, whichever contrasts more. Viridis's lightness rises monotonically, so the order survives
+colour-blindness and greyscale, and no bin is near white or near black, so every bin stands out on light and dark
+terminals alike (a diverging scale such as RdYlBu has a near-white middle that vanishes on a light background).
+Five bins rather than a continuous ramp, so the legend states exactly which range each colour means.
+
+The prompt is marked: on a grey background in colour, between « and » without colour. A token holding a newline
+shows it as ⏎ and the line break follows the whole token, so a token's draft, arrow and brackets stay on one line.
 
 Everything here is pure: a Record and the text of each token id in, a rich renderable or an HTML string out.
 Decoding token ids needs a tokenizer (`token_texts`), and reading files and printing are the CLI's job. Only
@@ -28,9 +33,11 @@ from did_cli.records import Record
 
 __all__ = [
     "BINS",
+    "PROMPT_COLORS",
     "SampleSummary",
     "TokenView",
     "confidence_bin",
+    "line_breaks",
     "render_html",
     "render_sample",
     "summarize",
@@ -41,19 +48,26 @@ __all__ = [
 ]
 
 # (upper edge, label, background, text colour); text colour picked for contrast against each background.
+# Viridis at 0.1, 0.3, 0.5, 0.7 and 0.9.
 BINS: tuple[tuple[float, str, str, str], ...] = (
-    (0.2, "0–0.2", "#d7191c", "#ffffff"),
-    (0.4, "0.2–0.4", "#fdae61", "#000000"),
-    (0.6, "0.4–0.6", "#ffffbf", "#000000"),
-    (0.8, "0.6–0.8", "#abd9e9", "#000000"),
-    (float("inf"), "0.8–1", "#2c7bb6", "#ffffff"),
+    (0.2, "0–0.2", "#482475", "#ffffff"),
+    (0.4, "0.2–0.4", "#355f8d", "#ffffff"),
+    (0.6, "0.4–0.6", "#21918c", "#000000"),
+    (0.8, "0.6–0.8", "#44bf70", "#000000"),
+    (float("inf"), "0.8–1", "#bddf26", "#000000"),
 )
-_PROMPT_STYLE = "dim"
+# A neutral grey, apart from every bin's hue; black text on it.
+PROMPT_COLORS = ("#c6c6c6", "#000000")
+_PROMPT_STYLE = f"italic {PROMPT_COLORS[1]} on {PROMPT_COLORS[0]}"
+_PROMPT_OPEN, _PROMPT_CLOSE = "«", "»"
 _DRAFT_STYLE = "strike dim"
-# Control characters would move the cursor or vanish; Unicode's "control pictures" show them instead. A newline
-# keeps its line break after the picture so the sample keeps its layout.
-_CONTROL = {"\n": "↵\n", "\t": "⇥", **{chr(c): chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"}}
+_ARROW = "→"  # between a changed token's draft and its new text, in every rendering
+# Control characters would move the cursor or vanish; Unicode's "control pictures" show them instead. The line
+# break of a newline is written after the whole token (see `line_breaks`), never inside its marks.
+_CONTROL = {"\n": "⏎", "\t": "⇥", **{chr(c): chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"}}
 _CONTROL["\x7f"] = "␡"
+# C1 controls (0x9b starts an escape sequence on some terminals) have no pictures: show the replacement character.
+_CONTROL.update({chr(c): "\ufffd" for c in range(0x80, 0xA0)})
 _EMPTY = "∅"
 
 
@@ -119,10 +133,15 @@ def token_texts(tokenizer: Any, ids: Iterable[int]) -> dict[int, str]:
 
 
 def visible(text: str) -> str:
-    """`text` with control characters made visible (newlines keep their line break) and "" shown as ∅."""
+    """`text` on one line: control characters as visible pictures (a newline is ⏎) and "" shown as ∅."""
     if not text:
         return _EMPTY
     return "".join(_CONTROL.get(c, c) for c in text)
+
+
+def line_breaks(view: TokenView) -> str:
+    """The line breaks to write after a token so the sample keeps its layout: one per newline in its text."""
+    return "\n" * view.text.count("\n")
 
 
 def confidence_bin(confidence: float) -> int:
@@ -195,7 +214,8 @@ def summary_line(summary: SampleSummary) -> str:
     if summary.last_refine is None:
         return f"draft: {summary.generated} generated tokens; mean confidence {_fmt(summary.mean_confidence)}"
     stage = summary.last_refine
-    settings = f"{stage.get('remask', '?')}, γ={stage.get('gamma', '?')}, B2={stage.get('block_size', '?')}"
+    remask, gamma, size = (_field(stage.get(key, "?")) for key in ("remask", "gamma", "block_size"))
+    settings = f"{remask}, γ={gamma}, B2={size}"
     changed = "?" if summary.changed is None else summary.changed
     before = "(before not recorded)" if summary.mean_remasked_before is None else _fmt(summary.mean_remasked_before)
     plural = "refinement" if summary.refinements == 1 else "refinements"
@@ -206,11 +226,16 @@ def summary_line(summary: SampleSummary) -> str:
     )
 
 
+def _field(value: Any) -> str:
+    # A record field as text on one line: an escape sequence in a model name must not reach the terminal.
+    return visible(str(value))
+
+
 def _header(record: Record) -> str:
-    model = (record.model or {}).get("name", "unknown model")
+    model = _field((record.model or {}).get("name", "unknown model"))
     generated = len(record.tokens) - record.prompt_len
     return (
-        f"sample id {record.id} (seed {record.seed}) from {model}: {len(record.tokens)} tokens, "
+        f"sample id {_field(record.id)} (seed {_field(record.seed)}) from {model}: {len(record.tokens)} tokens, "
         f"{record.prompt_len} prompt + {generated} generated"
     )
 
@@ -219,12 +244,14 @@ def _styled_token(view: TokenView) -> Text:
     piece = Text()
     if view.draft_text is not None:
         piece.append(visible(view.draft_text), style=_DRAFT_STYLE)
+        piece.append(_ARROW, style="dim")
     if view.is_prompt:
         style = _PROMPT_STYLE
     else:
         _, _, background, foreground = BINS[confidence_bin(view.confidence)]
         style = f"{foreground} on {background}" + (" underline" if view.remasked else "")
     piece.append(visible(view.text), style=style)
+    piece.append(line_breaks(view))
     return piece
 
 
@@ -232,8 +259,8 @@ def _plain_token(view: TokenView) -> str:
     # Without colour, brackets and arrows carry what underline and strikethrough would.
     text = visible(view.text)
     if view.draft_text is not None:
-        text = f"{visible(view.draft_text)}→{text}"
-    return f"[{text}]" if view.remasked else text
+        text = f"{visible(view.draft_text)}{_ARROW}{text}"
+    return (f"[{text}]" if view.remasked else text) + line_breaks(view)
 
 
 def _legend(refined: bool, styled: bool) -> Text:
@@ -243,17 +270,21 @@ def _legend(refined: bool, styled: bool) -> Text:
         for _, label, background, foreground in BINS:
             legend.append(f" {label} ", style=f"{foreground} on {background}")
         legend.append("  ")
-        legend.append("prompt", style=_PROMPT_STYLE)
+        legend.append(" prompt ", style=_PROMPT_STYLE)
         if refined:
+            _, _, background, foreground = BINS[-1]
             legend.append("  ")
             legend.append("remasked by the last refinement", style="underline")
-            legend.append("  ")
-            legend.append("draft", style=_DRAFT_STYLE)
-            legend.append("new = token changed from the draft")
+            legend.append("  changed from the draft: ")
+            legend.append("old", style=_DRAFT_STYLE)
+            legend.append(_ARROW, style="dim")
+            legend.append("new", style=f"{foreground} on {background}")
+            legend.append(" (struck through: the draft's token)")
         return legend
-    legend.append("no colour here, so confidence is not shown (use a colour terminal or --html)")
+    legend.append("no colour here, so confidence is not shown (use a colour terminal or --html); ")
+    legend.append(f"{_PROMPT_OPEN}prompt{_PROMPT_CLOSE}")
     if refined:
-        legend.append("; [token] remasked by the last refinement; draft→new token changed from the draft")
+        legend.append("; [token] remasked by the last refinement; old→new token changed from the draft")
     return legend
 
 
@@ -272,7 +303,11 @@ def render_sample(record: Record, texts: Mapping[int, str], *, styled: bool = Tr
     views = token_views(record, texts)
     body = Text()
     for view in views:
+        if not styled and view.position == 0 and view.is_prompt:
+            body.append(_PROMPT_OPEN)
         body.append_text(_styled_token(view) if styled else Text(_plain_token(view)))
+        if not styled and view.is_prompt and view.position == record.prompt_len - 1:
+            body.append(_PROMPT_CLOSE)
     refined = _last_refine(record) is not None
     return Group(
         Text(_header(record), style="bold" if styled else ""),
@@ -288,10 +323,13 @@ h1 { font-size: 1.2em; }
 .sample { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre-wrap;
   word-break: break-word; line-height: 1.9; border: 1px solid #ddd; padding: 1em; }
 .tok { border-radius: 2px; }
-.prompt { color: #888; }
+.prompt { background: #c6c6c6; color: #000000; font-style: italic; }
 .remasked { text-decoration: underline; text-decoration-thickness: 2px; text-underline-offset: 3px; }
-del.draft { color: #888; margin-right: 1px; }
-.legend span { padding: 0 0.4em; margin-right: 0.3em; font-family: ui-monospace, monospace; }
+del.draft { color: #666; }
+.arrow { color: #666; }
+.legend span { padding: 0 0.4em; font-family: ui-monospace, monospace; }
+.legend .item, .legend .arrow { padding: 0; }
+.legend .item { margin-right: 1em; }
 """.strip()
 
 
@@ -310,21 +348,28 @@ def _tooltip(view: TokenView) -> str:
 
 
 def _html_token(view: TokenView) -> str:
-    classes = ["tok", "prompt" if view.is_prompt else f"c{confidence_bin(view.confidence)}"]
-    if view.remasked:
-        classes.append("remasked")
-    draft = f'<del class="draft">{html.escape(visible(view.draft_text))}</del>' if view.draft_text is not None else ""
+    # The colour sits on the current text alone, so a struck-through draft token stays grey on the page background.
+    colour = "prompt" if view.is_prompt else f"c{confidence_bin(view.confidence)}"
+    classes = "tok remasked" if view.remasked else "tok"
+    draft = ""
+    if view.draft_text is not None:
+        draft = f'<del class="draft">{html.escape(visible(view.draft_text))}</del><span class="arrow">{_ARROW}</span>'
     title = html.escape(_tooltip(view), quote=True)
-    return f'<span class="{" ".join(classes)}" title="{title}">{draft}{html.escape(visible(view.text))}</span>'
+    text = f'<span class="{colour}">{html.escape(visible(view.text))}</span>'
+    return f'<span class="{classes}" title="{title}">{draft}{text}</span>{line_breaks(view)}'
 
 
 def _html_legend(refined: bool) -> str:
-    items = [f'<span class="c{i}">{label}</span>' for i, (_, label, _, _) in enumerate(BINS)]
-    items.append('<span class="prompt">prompt</span>')
+    bins = "".join(f'<span class="c{i}">{html.escape(label)}</span>' for i, (_, label, _, _) in enumerate(BINS))
+    items = [f'<span class="item">confidence {bins}</span>', '<span class="prompt">prompt</span>']
     if refined:
         items.append('<span class="remasked">remasked by the last refinement</span>')
-        items.append('<span><del class="draft">draft</del>new = token changed from the draft</span>')
-    return f'<p class="legend">confidence: {"".join(items)} (hover a token for its details)</p>'
+        items.append(
+            '<span class="item">changed from the draft: <del class="draft">old</del>'
+            f'<span class="arrow">{_ARROW}</span><span class="c{len(BINS) - 1}">new</span>'
+            " (struck through: the draft's token)</span>"
+        )
+    return f'<p class="legend">{" ".join(items)} (hover a token for its details)</p>'
 
 
 def render_html(record: Record, texts: Mapping[int, str]) -> str:
@@ -346,7 +391,7 @@ def render_html(record: Record, texts: Mapping[int, str]) -> str:
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>did sample {record.id}</title>\n"
+        f"<title>did sample {html.escape(str(record.id))}</title>\n"
         f"<style>\n{_CSS}\n{_bin_css()}\n</style>\n</head>\n<body>\n"
         f"<h1>{header}</h1>\n"
         f'<p class="summary">{html.escape(summary_line(summarize(record)))}</p>\n'

@@ -17,8 +17,10 @@ The protocol follows BD3-LM's `metrics.record_generative_perplexity` (research n
 * `gen_ppl` is the paper pipeline's aggregate: the arithmetic mean of per-sample perplexities. `gen_ppl_pooled`
   is the token-weighted exp(mean NLL) that upstream prints.
 * `entropy` is the unigram entropy (nats) of each sample's judge tokens, averaged over samples. Samples whose
-  entropy falls below `degenerate_entropy` (4.0 upstream) are counted, not hidden, because repetitive text gets a
-  low perplexity.
+  entropy falls below `degenerate_threshold` are counted, not hidden, because repetitive text gets a low
+  perplexity. Upstream rejects a sample when the entropy of its last 256 tokens is below 4 nats; an n-token
+  sample's entropy is at most log n, so for n < 256 the threshold is scaled by log n / log 256 (4.0 becomes
+  3.5 at 128 tokens) and a short sample is judged as upstream would judge 256 tokens.
 
 Layout: the pure functions over token ids and a logits callable (`sliding_windows`, `target_nlls`,
 `unigram_entropy`, `score_sequence`, `summarize`) come first and know nothing of files or transformers. Then come
@@ -55,6 +57,7 @@ __all__ = [
     "Sample",
     "SampleResult",
     "Window",
+    "degenerate_threshold",
     "eval_ppl",
     "load_judge",
     "read_samples",
@@ -83,7 +86,8 @@ class EvalSettings:
         context: most tokens the judge sees at once (capped at the judge's own limit); 1024 upstream.
         stride: tokens each later sliding window advances; None means half the context (512 upstream).
         batch_size: windows per judge call. Changes speed and memory, not the numbers (beyond float noise).
-        degenerate_entropy: samples with a unigram entropy (nats) below this are counted as degenerate.
+        degenerate_entropy: samples with a unigram entropy (nats) below this are counted as degenerate; it is
+            the threshold at 256 tokens or more, scaled down for shorter samples (see `degenerate_threshold`).
         max_tokens: cut each sample's judge ids (BOS included) to this many, as upstream's `max_length`. None: a did
             record's own length (its draft length), `PLAIN_TEXT_MAX_TOKENS` for other texts; 0: never cut.
         clean_up_spaces: apply transformers' `clean_up_tokenization` to each text before re-tokenising it, which
@@ -106,6 +110,10 @@ class EvalSettings:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise UsageError(f"--max-tokens must be at least 0 (0 scores everything), got {self.max_tokens}")
+        if not (math.isfinite(self.degenerate_entropy) and self.degenerate_entropy >= 0):
+            raise UsageError(
+                f"--degenerate-entropy must be a finite number of nats >= 0, got {self.degenerate_entropy}"
+            )
 
     def windows_for(self, max_positions: int | None) -> tuple[int, int]:
         """The (context, stride) used with a judge that accepts at most `max_positions` tokens."""
@@ -223,6 +231,21 @@ def unigram_entropy(token_ids: Sequence[int]) -> float:
     return -math.fsum(n / total * math.log(n / total) for n in Counter(token_ids).values())
 
 
+# Upstream's entropy check looks at a sample's last 256 tokens (research notes, bd3lm.md §3).
+DEGENERATE_WINDOW = 256
+
+
+def degenerate_threshold(threshold: float, num_tokens: int) -> float:
+    """The entropy below which an n-token sample is degenerate: `threshold` × min(1, log n / log 256).
+
+    The entropy of n tokens is at most log n, so a fixed threshold would flag most short samples (4.0 nats
+    exceeds 80% of log 127); scaling by log n keeps the bar at the same fraction of the maximum as at 256 tokens.
+    """
+    if num_tokens < 2:
+        return 0.0
+    return threshold * min(1.0, math.log(num_tokens) / math.log(DEGENERATE_WINDOW))
+
+
 @dataclass(frozen=True)
 class SampleResult:
     """The judge's verdict on one sample.
@@ -234,7 +257,7 @@ class SampleResult:
         scored_tokens: tokens whose NLL counts: the text's tokens that are not EOS.
         nll_sum: summed NLL (nats) of the scored tokens.
         entropy: unigram entropy (nats) of BOS + the text's judge tokens, as upstream's retokenised ids.
-        degenerate: entropy below the threshold in the settings.
+        degenerate: entropy below the settings' threshold scaled to the sample's length (`degenerate_threshold`).
         truncated: judge tokens cut off the end by `max_tokens` (not scored, not in the entropy).
     """
 
@@ -291,7 +314,7 @@ def score_sequence(
         nlls: float [N] from `target_nlls`; entries from `first_target` on are used.
         first_target: position of the first text token.
         eos_ids: ids never counted as targets (upstream excludes every EOS, wherever it appears).
-        degenerate_entropy: threshold below which the sample is flagged.
+        degenerate_entropy: threshold at 256 tokens below which the sample is flagged (`degenerate_threshold`).
         line: input line, for reporting.
         id: record id, for reporting.
         truncated: tokens cut off before scoring, for reporting.
@@ -299,10 +322,10 @@ def score_sequence(
     text_ids = list(token_ids[first_target:])
     counted = torch.tensor([t not in eos_ids for t in text_ids], dtype=torch.bool)
     nll_sum = float(nlls[first_target:][counted].sum()) if text_ids else 0.0
-    entropy = unigram_entropy([token_ids[0], *text_ids]) if token_ids else 0.0
-    return SampleResult(
-        line, id, len(text_ids), int(counted.sum()), nll_sum, entropy, entropy < degenerate_entropy, truncated
-    )
+    entropy_ids = [token_ids[0], *text_ids] if token_ids else []
+    entropy = unigram_entropy(entropy_ids)
+    degenerate = entropy < degenerate_threshold(degenerate_entropy, len(entropy_ids))
+    return SampleResult(line, id, len(text_ids), int(counted.sum()), nll_sum, entropy, degenerate, truncated)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,10 @@ def _resolve_judge(name_or_path: str, revision: str | None) -> Path:
     except ModelLoadError as exc:
         message = str(exc)
         if name_or_path not in EMBEDDED and message.endswith("pass a local folder"):
-            raise ModelLoadError(f"{message} with --judge FOLDER (from save_pretrained, with its tokenizer)") from None
+            raise ModelLoadError(
+                f"{message} with --judge FOLDER (from save_pretrained, with its tokenizer), or score offline with "
+                "the embedded --judge did-tiny-judge"
+            ) from None
         raise
 
 

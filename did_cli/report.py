@@ -29,8 +29,11 @@ __all__ = [
     "REPORT",
     "RESULTS",
     "ReportResult",
+    "STRATEGY_STYLES",
     "append_result",
+    "gamma_figure",
     "latest_rows",
+    "pareto_figure",
     "pareto_front",
     "read_results",
     "render_report",
@@ -243,9 +246,16 @@ def _ablation_row(rows: list[Row], strategy: str | None, base_gamma: float, base
 def _series_table(
     rows: list[Row], axis: str, key: str, on_slice: Callable[[Row], bool], label: Callable[[Any], str]
 ) -> str:
-    """One row per value of `key` on the slice, a (gen PPL, entropy) column pair per strategy; best PPL in bold."""
+    """One row per value of `key` on the slice, a (gen PPL, entropy) column pair per swept strategy; best in bold.
+
+    Strategies with a single value on the slice (run at the base point only) are left out unless none has more.
+    """
     refined = [r for r in rows if r.get("remask") is not None and on_slice(r)]
     strategies = [s for s in _SERIES_ORDER if any(r["remask"] == s for r in refined)]
+    # A strategy run only at the base point is in the strategy table; here it would be one value among dashes.
+    swept = [s for s in strategies if len({r[key] for r in refined if r["remask"] == s}) > 1]
+    strategies = swept or strategies
+    refined = [r for r in refined if r["remask"] in strategies]
     values = sorted({r[key] for r in refined})
     headers = [axis] + [f"{_NAMES[s]} {what}" for s in strategies for what in ("gen PPL", "entropy")]
     best = {s: _best([r for r in refined if r["remask"] == s]) for s in strategies}
@@ -345,24 +355,53 @@ def _figure_classes() -> tuple[Any, Any] | None:
 
 def _new_axes(classes: tuple[Any, Any]) -> tuple[Any, Any]:
     figure_class, canvas_class = classes
-    figure = figure_class(figsize=(7, 4.5), layout="constrained")
+    figure = figure_class(figsize=(8, 4.5), layout="constrained")
     canvas_class(figure)
     return figure, figure.add_subplot()
 
 
-def _colors() -> list[str]:
-    from matplotlib import rcParams
+# One colour and marker per strategy (Okabe-Ito: colour-blind safe, and the marker tells them apart in greyscale);
+# one line style per model. The draft (no refinement) is black.
+STRATEGY_STYLES: dict[str | None, tuple[str, str]] = {
+    None: ("#000000", "*"),
+    "snapshot": ("#0072B2", "o"),
+    "posthoc": ("#E69F00", "s"),
+    "random": ("#009E73", "^"),
+}
+_LINE_STYLES = ("-", "--", ":", "-.")
 
-    return rcParams["axes.prop_cycle"].by_key()["color"]
 
-
-def _plot_gamma_curve(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None, path: Path) -> bool:
-    """Gen PPL against γ at the base B2, a line per model × strategy and a dashed line per model for the draft."""
-    figure, axes = _new_axes(classes)
-    markers = {"snapshot": "o", "posthoc": "s", "random": "^"}
-    drawn = []
+def _model_styles(rows: Sequence[Row]) -> dict[str, str]:
     models = list(dict.fromkeys(row["model"] for row in rows))
-    for color, model in zip(_colors() * len(models), models, strict=False):
+    return {model: _LINE_STYLES[i % len(_LINE_STYLES)] for i, model in enumerate(models)}
+
+
+def _legend(figure: Any, strategies: Sequence[str | None], models: dict[str, str], draft_line: bool = False) -> None:
+    """One legend beside the axes: a colour and marker per strategy, a line style per model (when several)."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=STRATEGY_STYLES[s][0], marker=STRATEGY_STYLES[s][1], linestyle="", label=_NAMES[s])
+        if s is not None or not draft_line
+        else Line2D([], [], color=STRATEGY_STYLES[s][0], linewidth=1, label=_NAMES[s])
+        for s in strategies
+    ]
+    if len(models) > 1:
+        handles += [Line2D([], [], color="#555555", linestyle=style, label=model) for model, style in models.items()]
+    figure.legend(handles=handles, loc="outside right upper", fontsize="small")
+
+
+def gamma_figure(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None) -> Any | None:
+    """Gen PPL against γ at the base B2: a line per model × strategy, a horizontal line per model for the draft.
+
+    Returns:
+        The matplotlib Figure, or None when no row has a gen PPL to draw.
+    """
+    figure, axes = _new_axes(classes)
+    drawn: list[float] = []
+    models = _model_styles(rows)
+    strategies: list[str | None] = []
+    for model, linestyle in models.items():
         model_rows = [r for r in rows if r["model"] == model]
         size = _base_size(model_rows, base)
         for strategy in _SERIES_ORDER:
@@ -372,53 +411,106 @@ def _plot_gamma_curve(classes: tuple[Any, Any], rows: Sequence[Row], base: int |
                 if r.get("remask") == strategy and _close(r.get("refine_block_size"), size) and _finite(r["gen_ppl"])
             )
             if points:
+                color, marker = STRATEGY_STYLES[strategy]
                 xs, ys = zip(*points, strict=True)
-                axes.plot(xs, ys, marker=markers[strategy], color=color, label=f"{model}: {_NAMES[strategy]}")
+                axes.plot(xs, ys, marker=marker, color=color, linestyle=linestyle, label=f"{model}: {strategy}")
                 drawn += ys
+                strategies.append(strategy)
         draft = _draft(model_rows)
         if draft is not None and _finite(draft.get("gen_ppl")):
-            axes.axhline(draft["gen_ppl"], color=color, linestyle="--", linewidth=1, label=f"{model}: draft")
+            axes.axhline(draft["gen_ppl"], color=STRATEGY_STYLES[None][0], linestyle=linestyle, linewidth=1)
             drawn.append(draft["gen_ppl"])
+            strategies.append(None)
     if not drawn:
-        return False
+        return None
     _log_if_wide(axes, drawn)
     axes.set_xlabel("γ (fraction of generated tokens remasked)")
     axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
-    axes.set_title("γ sweep at the base refine block size")
-    axes.legend(fontsize="small")
-    _save(figure, path)
-    return True
+    axes.set_title("γ sweep at the base refine block size (draft: horizontal line)")
+    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], models, draft_line=True)
+    return figure
 
 
-def _plot_pareto(classes: tuple[Any, Any], rows: Sequence[Row], path: Path) -> bool:
-    """Gen PPL against NFEs per sample for every variant; the Pareto front of each model joined and labelled."""
+def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
+    """Gen PPL against NFEs per sample for every variant, coloured by strategy; each model's Pareto front joined.
+
+    The front's points are labelled with their variant; a label that would overlap another label is left out
+    (the NFE table of the report lists every variant).
+
+    Returns:
+        The matplotlib Figure, or None when no row has both NFEs and a gen PPL.
+    """
     figure, axes = _new_axes(classes)
-    drawn = []
-    models = list(dict.fromkeys(row["model"] for row in rows))
-    for color, model in zip(_colors() * len(models), models, strict=False):
+    drawn: list[float] = []
+    models = _model_styles(rows)
+    strategies: set[str | None] = set()
+    fronts: list[Row] = []
+    for model, linestyle in models.items():
         scored = [r for r in rows if r["model"] == model and _finite(r.get("gen_ppl")) and _finite(r.get("nfes"))]
-        if not scored:
-            continue
-        axes.scatter([r["nfes"] for r in scored], [r["gen_ppl"] for r in scored], color=color, alpha=0.4, s=18)
+        for strategy in _ABLATION_ORDER:
+            points = [r for r in scored if r.get("remask") == strategy]
+            if points:
+                color, marker = STRATEGY_STYLES[strategy]
+                size = 120 if strategy is None else 30
+                axes.scatter(
+                    [r["nfes"] for r in points],
+                    [r["gen_ppl"] for r in points],
+                    color=color,
+                    marker=marker,
+                    s=size,
+                    zorder=3,
+                    alpha=0.9,
+                )
+                strategies.add(strategy)
         front = sorted(
             (scored[i] for i in pareto_front([(r["nfes"], r["gen_ppl"]) for r in scored])), key=lambda r: r["nfes"]
         )
-        axes.plot([r["nfes"] for r in front], [r["gen_ppl"] for r in front], marker="o", color=color, label=model)
-        for r in front:
-            axes.annotate(
-                r["variant"], (r["nfes"], r["gen_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
-        draft = _draft(scored)
-        if draft is not None:
-            axes.scatter([draft["nfes"]], [draft["gen_ppl"]], color=color, marker="*", s=120, zorder=3)
+        axes.plot(
+            [r["nfes"] for r in front], [r["gen_ppl"] for r in front], color="#555555", linestyle=linestyle, zorder=2
+        )
+        fronts += front
         drawn += [r["gen_ppl"] for r in scored]
     if not drawn:
-        return False
+        return None
     _log_if_wide(axes, drawn)
-    axes.set_xlabel("NFEs per sample (draft + refinement); ★ draft only")
+    axes.set_xlabel("NFEs per sample (draft + refinement)")
     axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
-    axes.set_title("NFEs against gen PPL")
-    axes.legend(fontsize="small")
+    axes.set_title("NFEs against gen PPL (lines: each model's Pareto front)")
+    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], models)
+    _label_without_overlap(figure, axes, fronts)
+    return figure
+
+
+def _label_without_overlap(figure: Any, axes: Any, points: Sequence[Row]) -> None:
+    """Label each point with its variant at the first offset whose box overlaps no label or axes edge; else skip it.
+
+    A variant on several models' fronts is labelled once.
+    """
+    renderer = figure.canvas.get_renderer()
+    figure.draw_without_rendering()  # settle the layout, so the boxes measured below are final
+    inside = axes.get_window_extent(renderer)
+    placed: list[Any] = []
+    for row in {r["variant"]: r for r in points}.values():
+        for offset in ((5, 5), (5, -12), (-5, 5), (-5, -12), (5, 14), (5, -22)):
+            label = axes.annotate(
+                row["variant"],
+                (row["nfes"], row["gen_ppl"]),
+                xytext=offset,
+                textcoords="offset points",
+                fontsize=7,
+                ha="left" if offset[0] > 0 else "right",
+            )
+            box = label.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            label.remove()
+
+
+def _save_figure(figure: Any | None, path: Path) -> bool:
+    if figure is None:
+        return False
     _save(figure, path)
     return True
 
@@ -477,9 +569,9 @@ def write_report(
     if plots and classes is None:
         note = NO_PLOTS
     elif classes is not None:
-        if _plot_gamma_curve(classes, rows, base_refine_block_size, out / GAMMA_PLOT):
+        if _save_figure(gamma_figure(classes, rows, base_refine_block_size), out / GAMMA_PLOT):
             written.append(out / GAMMA_PLOT)
-        if _plot_pareto(classes, rows, out / PARETO_PLOT):
+        if _save_figure(pareto_figure(classes, rows), out / PARETO_PLOT):
             written.append(out / PARETO_PLOT)
     text = render_report(
         rows,

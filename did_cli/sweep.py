@@ -13,8 +13,13 @@ Design choices:
 * Every variant refines the *same* drafts (one draft per model, fixed seed and B1), and refinement randomness
   depends only on (seed, sample id, stage), so variants differ by their settings alone. Such common random numbers
   make differences between variants visible with few samples.
-* Strategies are series, not an axis: each strategy gets its γ slice at the base B2 and its B2 slice at the base γ
-  (one axis at a time around the base point γ = 0.5, B2 = L). `grid=True` runs the full product instead.
+* One axis at a time around the base point (snapshot, γ = 0.5, B2 = L): every strategy at the base γ and B2 (the
+  strategy ablation), then the base strategy alone over the γ values at the base B2 and over the B2 values at the
+  base γ. `grid=True` runs every (strategy, γ, B2) combination instead.
+* Sample files are keyed by their settings: each model's files live in a folder named by a short hash of everything
+  that determines the drafts (weights, L, B1, samples, seed, dtype, unmasking, cache), so a run with other settings
+  writes new files and a results row never cites a file that a later run changed.
+* The judge is loaded (or its absence reported) before any drafting, unless every variant is already scored.
 * Resumable at two levels. A variant with a row in `results.jsonl` for the same configuration is not touched. A
   sample file that is complete and matches its settings (and, for a refinement, the current drafts) is scored
   without sampling again. Sample files are written line by line and results rows appended one at a time, so an
@@ -22,14 +27,15 @@ Design choices:
 * Models and the judge load only when something needs them, so re-running a finished sweep loads nothing and only
   rewrites the report.
 
-Layout of the output folder: `<label>/draft.jsonl` and `<label>/<variant>.jsonl` (sample records),
-`results.jsonl` (one row per scored file, appended), `report.md` and its plots.
+Layout of the output folder: `<label>/<settings hash>/draft.jsonl` and `<label>/<settings hash>/<variant>.jsonl`
+(sample records), `results.jsonl` (one row per scored file, appended), `report.md` and its plots.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import re
@@ -41,12 +47,13 @@ from typing import Any
 
 from did_cli import api
 from did_cli.checkpoints import file_sha256, load_model, load_tokenizer, parse_dtype, read_config, resolve
-from did_cli.config import REMASK_STRATEGIES, DraftSettings, RefineSettings, UnmaskingSettings
+from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings, FileResult, Judge, Sample, load_judge, score_samples
 from did_cli.provenance import versions
 from did_cli.records import Record, RecordWriter, read_records
 from did_cli.report import RESULTS, append_result, read_results, write_report
+from did_cli.sampling.remask import canonical_remask
 
 __all__ = [
     "ModelSpec",
@@ -59,9 +66,11 @@ __all__ = [
     "refine_block_sizes",
     "result_row",
     "run_sweep",
+    "samples_key",
 ]
 
 DEFAULT_REFINE_BLOCK_SIZES = (16, 64)  # and L: the paper's global block
+BASE_REMASK = "snapshot"  # the strategy of the base point, swept over γ and B2 (the paper's)
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Training runs end in generic folder names; the run's own folder says which model it is.
 _GENERIC = re.compile(r"final|last|latest|(checkpoint|step)[-_]?\d*")
@@ -167,11 +176,13 @@ def plan_variants(
     base_gamma: float,
     base_block_size: int,
     grid: bool = False,
+    base_remask: str = BASE_REMASK,
 ) -> list[Variant]:
-    """The draft, then per strategy its γ slice at the base B2 and its B2 slice at the base γ.
+    """The draft, every strategy at the base point, then the base strategy's γ slice and B2 slice: one axis at a time.
 
-    The base point (base γ, base B2) is always run, since the strategy ablation is read there. With `grid` every
-    (γ, B2) pair is run for every strategy.
+    The base point (base strategy, base γ, base B2) is where the strategy ablation is read; the γ slice runs at the
+    base B2 and the B2 slice at the base γ, for the base strategy only (snapshot, or the first listed when snapshot
+    is not). With `grid` every (strategy, γ, B2) combination is run.
 
     Args:
         remask: strategies, in the order to run them.
@@ -180,17 +191,20 @@ def plan_variants(
         base_gamma: γ of the B2 slice and of the strategy ablation.
         base_block_size: resolved B2 of the γ slice and of the strategy ablation.
         grid: run the full product instead of the slices.
+        base_remask: the strategy swept over γ and B2.
 
     Returns:
         Distinct variants, the draft first.
     """
-    pairs = [(base_gamma, base_block_size)]
+    base_point = [Variant(strategy, float(base_gamma), base_block_size) for strategy in remask]
     if grid:
-        pairs += [(gamma, size) for size in block_sizes for gamma in gammas]
+        pairs = [(gamma, size) for size in block_sizes for gamma in gammas]
+        slices = [Variant(strategy, float(gamma), size) for strategy in remask for gamma, size in pairs]
     else:
-        pairs += [(gamma, base_block_size) for gamma in gammas] + [(base_gamma, size) for size in block_sizes]
-    variants = [Variant(strategy, float(gamma), size) for strategy in remask for gamma, size in pairs]
-    return [DRAFT, *dict.fromkeys(variants)]
+        swept = base_remask if base_remask in remask else remask[0]
+        pairs = [(gamma, base_block_size) for gamma in gammas] + [(base_gamma, size) for size in block_sizes]
+        slices = [Variant(swept, float(gamma), size) for gamma, size in pairs]
+    return [DRAFT, *dict.fromkeys([*base_point, *slices])]
 
 
 @dataclass(frozen=True)
@@ -211,6 +225,7 @@ class SweepSettings:
         base_refine_block_size: B2 where the strategy ablation and the γ sweep are read (None: L, global).
         grid: run every (strategy, γ, B2) combination instead of one-axis-at-a-time slices.
         seed: seed of the drafts and of every refinement.
+        kv_cache: draft with the KV cache (False recomputes the prefix at every call, the slow oracle).
         batch_size: samples per model call (never changes the samples).
         device: where the models and the judge run.
         dtype: weights dtype of the models; the judge scores in float32, as upstream.
@@ -231,6 +246,7 @@ class SweepSettings:
     base_refine_block_size: int | None = None
     grid: bool = False
     seed: int = 0
+    kv_cache: bool = True
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "float32"
@@ -253,9 +269,7 @@ class SweepSettings:
             raise UsageError("--num-samples and --batch-size must be at least 1")
         if not self.remask or not self.gammas:
             raise UsageError("give at least one --remask strategy and one --gamma")
-        unknown = [s for s in self.remask if s not in REMASK_STRATEGIES]
-        if unknown:
-            raise UsageError(f"unknown remask strategy {unknown[0]!r}; choose from {', '.join(REMASK_STRATEGIES)}")
+        object.__setattr__(self, "remask", tuple(dict.fromkeys(canonical_remask(s) for s in self.remask)))
         for gamma in (*self.gammas, self.base_gamma):
             if not 0.0 <= gamma <= 1.0:
                 raise UsageError(f"--gamma must be in [0, 1], got {gamma}")
@@ -332,6 +346,21 @@ class _ModelPlan:
     config: dict[str, Any]  # everything besides the variant that determines a row's numbers
     notes: list[str]
 
+    @property
+    def folder(self) -> str:
+        """`<label>/<hash>`: where this plan's sample files live, named by what determines the drafts."""
+        return f"{self.spec.label}/{samples_key(self.config)}"
+
+
+# What determines a model's drafts (and, with each variant's own settings, its refinements).
+_SAMPLE_KEYS = ("sha256", "length", "draft_block_size", "num_samples", "seed", "dtype", "unmasking", "kv_cache")
+
+
+def samples_key(config: dict[str, Any]) -> str:
+    """A short hash of the settings that determine a model's sample files (its drafts and their refinements)."""
+    body = json.dumps({key: config.get(key) for key in _SAMPLE_KEYS}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:10]
+
 
 def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> SweepResult:
     """Draft, refine and score every variant of every model, append the rows to `results.jsonl`, write the report.
@@ -356,6 +385,10 @@ def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> Sweep
         for note in plan.notes:
             emit(SweepEvent("note", f"{plan.spec.label}: {note}"))
     run = _Run(settings, out, emit, _index(read_results(out / RESULTS)), sum(len(p.variants) for p in plans))
+    if any(run.done.get(_key(p.spec.label, v.id, p.config)) is None for p in plans for v in p.variants):
+        # Something will be scored: a judge that cannot load must fail now, not after minutes of drafting.
+        emit(SweepEvent("step", f"loading the judge {settings.judge}", run.step, run.steps))
+        run.judge()
     rows = [row for plan in plans for row in run.model(plan)]
     rows += _earlier_compatible(run.done, plans, rows)
     emit(SweepEvent("step", "writing the report", run.step, run.steps))
@@ -375,7 +408,7 @@ def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
     length = settings.length or model_length
     if length > model_length:
         raise UsageError(f"--length {length} exceeds the length {model_length} model {spec.label} was trained on")
-    draft = DraftSettings(length, settings.draft_block_size, unmasking=settings.unmasking)
+    draft = DraftSettings(length, settings.draft_block_size, kv_cache=settings.kv_cache, unmasking=settings.unmasking)
     sizes, notes = refine_block_sizes(settings.refine_block_sizes, length)
     base_size = refine_block_sizes([settings.base_refine_block_size or length], length)[0][0]
     variants = plan_variants(
@@ -395,6 +428,7 @@ def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
         "seed": settings.seed,
         "dtype": _dtype_name(settings.dtype),
         "unmasking": dataclasses.asdict(settings.unmasking),
+        "kv_cache": settings.kv_cache,
         "judge": settings.judge,
         "context": settings.evaluation.context,
         "stride": settings.evaluation.stride,
@@ -442,7 +476,7 @@ class _Run:
         return rows
 
     def _drafts(self, plan: _ModelPlan, load: Callable[[], tuple[Any, Any]]) -> list[Record]:
-        path = self.out / plan.spec.label / "draft.jsonl"
+        path = self.out / plan.folder / "draft.jsonl"
         records = _read_complete(path)
         if records is not None and _drafts_match(records, plan):
             return records
@@ -462,7 +496,7 @@ class _Run:
     def _refined(
         self, plan: _ModelPlan, variant: Variant, drafts: list[Record], load: Callable[[], tuple[Any, Any]]
     ) -> list[Record]:
-        path = self.out / plan.spec.label / f"{variant.id}.jsonl"
+        path = self.out / plan.folder / f"{variant.id}.jsonl"
         records = _read_complete(path)
         if records is not None and _refined_match(records, drafts, variant, plan):
             return records
@@ -473,6 +507,7 @@ class _Run:
             # None is one global block: what `did generate` passes for B2 = L.
             block_size=None if variant.refine_block_size >= plan.draft.length else variant.refine_block_size,
             remask=variant.remask,
+            kv_cache=self.settings.kv_cache,
             unmasking=self.settings.unmasking,
         )
         stream = api.refine(
@@ -488,7 +523,7 @@ class _Run:
 
     def _score(self, plan: _ModelPlan, variant: Variant, records: list[Record]) -> dict[str, Any]:
         judge: Judge = self.judge()
-        file = f"{plan.spec.label}/{variant.id}.jsonl"
+        file = f"{plan.folder}/{variant.id}.jsonl"
 
         def on_windows(done: int, total: int) -> None:
             self.emit(SweepEvent("progress", "scoring", self.step, self.steps, done, total, "windows"))
@@ -588,7 +623,13 @@ def _has(stage: dict[str, Any], expected: dict[str, Any]) -> bool:
 def _drafts_match(records: list[Record], plan: _ModelPlan) -> bool:
     """Whether a draft file holds exactly the drafts this plan asks for, from these weights."""
     config = plan.config
-    stage = {"kind": "draft", "block_size": config["draft_block_size"], "seed": config["seed"], **config["unmasking"]}
+    stage = {
+        "kind": "draft",
+        "block_size": config["draft_block_size"],
+        "seed": config["seed"],
+        "kv_cache": config["kv_cache"],
+        **config["unmasking"],
+    }
     return len(records) == config["num_samples"] and all(
         r.id == i
         and r.seed == config["seed"]
@@ -638,9 +679,19 @@ def _earlier_compatible(
     ]
 
 
+# Configuration keys added after rows were first written, with the value every earlier row was made with.
+_CONFIG_DEFAULTS = {"kv_cache": True}
+
+
 def _index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Rows by (model label, variant id, configuration): rows of other settings stay in the file and are skipped."""
-    return {_key(row.get("model"), row.get("variant"), row.get("config")): row for row in rows}
+    index = {}
+    for row in rows:
+        config = row.get("config")
+        if isinstance(config, dict):
+            config = {**_CONFIG_DEFAULTS, **config}
+        index[_key(row.get("model"), row.get("variant"), config)] = row
+    return index
 
 
 def _dtype_name(dtype: str) -> str:

@@ -2,6 +2,7 @@ import math
 from html.parser import HTMLParser
 
 from rich.console import Console
+from rich.text import Text
 
 from did_cli import display
 from did_cli.records import Record
@@ -85,9 +86,10 @@ def test_confidence_bins_cover_the_unit_interval_in_order():
     assert display.confidence_bin(math.nan) == 0
 
 
-def test_visible_keeps_line_breaks_and_shows_control_characters():
-    assert display.visible("a\nb") == "a↵\nb"
+def test_visible_shows_control_characters_on_one_line():
+    assert display.visible("a\nb") == "a⏎b"
     assert display.visible("\t\x00") == "⇥␀"
+    assert display.visible("a\x9b2Jb\x1b") == "a\ufffd2Jb␛"
     assert display.visible("") == "∅"
     assert display.visible("plain text") == "plain text"
 
@@ -129,7 +131,7 @@ def test_summary_compares_remasked_confidence_before_and_after_when_recorded():
 def test_plain_rendering_uses_brackets_and_arrows():
     lines = _lines(display.render_sample(_refined(), TEXTS, styled=False))
     assert lines[0].startswith("sample id 3")
-    assert lines[1] == "<bos>a[b→c]c[d]"
+    assert lines[1] == "«<bos>»a[b→c]c[d]"
     assert lines[2].startswith("legend:") and "[token] remasked" in lines[2]
     assert lines[3].startswith("refined (1 refinement)")
 
@@ -137,19 +139,19 @@ def test_plain_rendering_uses_brackets_and_arrows():
 def test_styled_rendering_strikes_the_draft_token_and_underlines_remasked_ones():
     group = display.render_sample(_refined(), TEXTS, styled=True)
     body = group.renderables[1]
-    assert body.plain == "<bos>abccd"
+    assert body.plain == "<bos>ab→ccd"
     styles = {body.plain[span.start : span.end] + f"@{span.start}": str(span.style) for span in body.spans}
     assert "strike" in styles["b@6"]
-    assert "underline" in styles["c@7"] and "underline" in styles["d@9"]
+    assert "underline" in styles["c@8"] and "underline" in styles["d@10"]
     assert "underline" not in styles["a@5"]
-    assert styles["<bos>@0"] == "dim"
+    assert "italic" in styles["<bos>@0"] and display.PROMPT_COLORS[0] in styles["<bos>@0"]
     rendered = "\n".join(_lines(group, force_terminal=True))
     assert "legend: confidence" in rendered and "remasked by the last refinement" in rendered
 
 
 def test_draft_rendering_has_no_refinement_legend():
     lines = _lines(display.render_sample(_draft(), TEXTS, styled=False))
-    assert lines[1] == "<bos>abcd"
+    assert lines[1] == "«<bos>»abcd"
     assert "remasked" not in lines[2]
     assert lines[3].startswith("draft:")
 
@@ -163,7 +165,7 @@ def test_token_text_is_never_read_as_rich_markup():
 def test_newline_tokens_break_the_line_after_a_visible_mark():
     record = Record(id=0, tokens=[0, 1, 5, 2], confidence=[1.0, 0.5, 0.5, 0.5], prompt_len=1)
     lines = _lines(display.render_sample(record, TEXTS, styled=False))
-    assert lines[1:3] == ["<bos>a↵", "b"]
+    assert lines[1:3] == ["«<bos>»a⏎", "b"]
 
 
 def test_token_texts_decode_each_id_once(char_tokenizer):
@@ -204,11 +206,162 @@ def test_html_tooltip_gives_token_confidence_and_draft():
     titles = _titles(page)
     assert "#2 token 'c' · confidence 0.7000 · draft 'b' · remasked by the last refinement" in titles
     assert "#3 token 'c' · confidence 0.9000 · draft: same token" in titles
-    assert '<del class="draft">b</del>c</span>' in page
+    assert '<del class="draft">b</del><span class="arrow">→</span><span class="c3">c</span></span>' in page
 
 
 def test_html_newline_token_keeps_its_line_break():
     record = Record(id=0, tokens=[0, 5], confidence=[1.0, 0.5], prompt_len=1)
     page = display.render_html(record, TEXTS)
-    assert "↵\n</span>" in page
+    assert "⏎</span></span>\n" in page
     assert "#1 token '\\n' · confidence 0.5000 · draft: same token" in _titles(page)
+
+
+# --- Hostile input, line layout, prompt marking, colours (what a person sees) ----------------------------------------
+
+HOSTILE = "</title><script>alert(1)</script>[bold red]x[/]"
+
+
+def _hostile() -> Record:
+    record = _refined()
+    record.id = HOSTILE  # records.py refuses a non-integer id; the renderers must not rely on it
+    record.model = {"name": HOSTILE}
+    record.stages[-1].update(remask=HOSTILE, gamma=HOSTILE, block_size=HOSTILE)
+    return record
+
+
+def _page_text(page: str) -> tuple[str, list[str]]:
+    """The page's text content (what a browser shows) and every tag name it opens."""
+
+    class Collector(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.text, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    collector = Collector()
+    collector.feed(page)
+    return "".join(collector.text), collector.tags
+
+
+def test_html_escapes_hostile_ids_model_names_settings_and_token_text():
+    texts = {**TEXTS, 3: HOSTILE}
+    page = display.render_html(_hostile(), texts)
+    assert_well_formed_and_self_contained(page)
+    text, tags = _page_text(page)
+    assert tags.count("title") == 1 and "script" not in tags
+    assert f"<title>did sample {HOSTILE}" not in page
+    assert f"did sample {HOSTILE}" in text  # shown literally, as text
+    assert f"from {HOSTILE}:" in text and f"({HOSTILE}, γ={HOSTILE}, B2={HOSTILE})" in text
+    assert display.visible(HOSTILE) in text
+
+
+def test_terminal_prints_hostile_fields_literally():
+    texts = {**TEXTS, 3: HOSTILE}
+    record = _hostile()
+    for styled in (True, False):
+        console = Console(width=80, force_terminal=styled, color_system="truecolor" if styled else None)
+        with console.capture() as capture:
+            console.print(display.render_sample(record, texts, styled=styled), soft_wrap=True)
+        lines = Text.from_ansi(capture.get()).plain.splitlines()
+        assert lines[0] == f"sample id {HOSTILE} (seed 0) from {HOSTILE}: 5 tokens, 1 prompt + 4 generated"
+        assert HOSTILE in lines[1]
+        assert f"({HOSTILE}, γ={HOSTILE}, B2={HOSTILE})" in lines[-1]
+
+
+def test_control_characters_in_record_fields_never_reach_the_terminal():
+    record = _refined()
+    record.model = {"name": "evil\x1b[2J\nmodel"}
+    record.stages[-1]["remask"] = "\x1b]0;title\x07"
+    for styled in (True, False):
+        console = Console(width=300, force_terminal=styled, color_system="truecolor" if styled else None)
+        with console.capture() as capture:
+            console.print(display.render_sample(record, TEXTS, styled=styled))
+        plain = Text.from_ansi(capture.get()).plain
+        assert "from evil␛[2J⏎model:" in plain and "(␛]0;title␇, γ=0.5" in plain
+        assert "\x1b[2J" not in capture.get() and "\x07" not in capture.get()
+    page = display.render_html(record, TEXTS)
+    assert "\x1b" not in page and "evil␛[2J⏎model" in page
+
+
+def _newline_refined() -> Record:
+    # Position 2 was remasked and changed from "b" to a newline; position 3 is a kept newline.
+    return Record(
+        id=1,
+        tokens=[0, 1, 5, 5, 2],
+        confidence=[1.0, 0.5, 0.5, 0.5, 0.5],
+        prompt_len=1,
+        draft_tokens=[0, 1, 2, 5, 2],
+        stages=[{"kind": "draft"}, {"kind": "refine", "remasked": [2], "gamma": 0.25, "block_size": 5}],
+    )
+
+
+def test_a_changed_newline_token_keeps_its_brackets_and_arrow_on_one_line():
+    lines = _lines(display.render_sample(_newline_refined(), TEXTS, styled=False))
+    assert lines[1:4] == ["«<bos>»a[b→⏎]", "⏎", "b"]
+    styled = display.render_sample(_newline_refined(), TEXTS, styled=True).renderables[1]
+    assert styled.plain.splitlines() == ["<bos>ab→⏎", "⏎", "b"]
+
+
+def test_html_newline_token_breaks_the_line_after_its_span():
+    page = display.render_html(_newline_refined(), TEXTS)
+    assert '<del class="draft">b</del><span class="arrow">→</span><span class="c2">⏎</span></span>\n' in page
+    sample = page[page.index('<div class="sample">') :]
+    assert all(line.count("<span") == line.count("</span>") for line in sample.splitlines())
+
+
+def test_the_prompt_is_marked_in_every_rendering():
+    record = Record(id=0, tokens=[0, 1, 2, 3], confidence=[1.0, 1.0, 0.5, 0.5], prompt_len=2)
+    assert _lines(display.render_sample(record, TEXTS, styled=False))[1] == "«<bos>a»bc"
+    body = display.render_sample(record, TEXTS, styled=True).renderables[1]
+    prompt_styles = {str(span.style) for span in body.spans if span.end <= len("<bos>a")}
+    assert prompt_styles and all(display.PROMPT_COLORS[0] in style for style in prompt_styles)
+    page = display.render_html(record, TEXTS)
+    sample = page[page.index('<div class="sample">') :]
+    assert sample.count('class="prompt"') == 2 and f"background: {display.PROMPT_COLORS[0]}" in page
+    assert "«prompt»" in _lines(display.render_sample(record, TEXTS, styled=False))[2]
+
+
+def _luminance(hex_colour: str) -> float:
+    """WCAG 2 relative luminance of #rrggbb."""
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _contrast(first: str, second: str) -> float:
+    high, low = sorted((_luminance(first), _luminance(second)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_colour_scale_is_ordered_and_readable_on_light_and_dark_terminals():
+    backgrounds = [bg for _, _, bg, _ in display.BINS]
+    luminances = [_luminance(bg) for bg in backgrounds]
+    # Lightness ordered with confidence: the order survives colour-blindness and greyscale.
+    assert luminances == sorted(luminances) and len(set(luminances)) == len(luminances)
+    for _, label, background, foreground in display.BINS:
+        assert _contrast(background, foreground) >= 4.5, label  # WCAG AA for the token text
+        # Every band stands out from a white and from a black terminal (the old pale-yellow middle had 1.04).
+        assert _contrast(background, "#ffffff") >= 1.5 and _contrast(background, "#000000") >= 1.5, label
+    prompt_background, prompt_text = display.PROMPT_COLORS
+    assert _contrast(prompt_background, prompt_text) >= 4.5
+
+
+def test_colour_bands_stay_distinct_on_a_256_colour_terminal():
+    from rich.color import Color, ColorSystem
+
+    numbers = [Color.parse(bg).downgrade(ColorSystem.EIGHT_BIT).number for _, _, bg, _ in display.BINS]
+    numbers.append(Color.parse(display.PROMPT_COLORS[0]).downgrade(ColorSystem.EIGHT_BIT).number)
+    assert len(set(numbers)) == len(numbers)
+
+
+def test_legends_keep_the_draft_and_new_token_apart():
+    plain = _lines(display.render_sample(_refined(), TEXTS, styled=False))[2]
+    styled = display.render_sample(_refined(), TEXTS, styled=True).renderables[2].plain
+    html_text, _ = _page_text(display.render_html(_refined(), TEXTS))
+    for legend in (plain, styled, html_text):
+        assert "old→new" in legend and "draftnew" not in legend

@@ -1,10 +1,14 @@
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from did_cli import report
-from did_cli.errors import UsageError
+from did_cli.config import RefineSettings
+from did_cli.errors import ModelLoadError, UsageError
+from did_cli.evaluation import EvalSettings
 from did_cli.report import pareto_front, read_results, render_report, write_report
 from did_cli.sweep import DRAFT, SweepSettings, Variant, parse_model, plan_variants, refine_block_sizes, run_sweep
 from tests.evaluation.tiny_judge import save_tiny_judge
@@ -44,17 +48,25 @@ def swept(tiny_checkpoint, judge_folder, tmp_path_factory):
 # --- Planning -----------------------------------------------------------------------------------------------------
 
 
-def test_default_plan_runs_each_strategy_over_gamma_and_b2_slices_around_the_base_point():
+def test_default_plan_varies_one_axis_at_a_time_around_snapshot_half_and_l():
     sizes, notes = refine_block_sizes(None, 1024)
     assert sizes == [16, 64, 1024] and notes == []
-    variants = plan_variants(
-        ["snapshot", "posthoc", "random"], [0.1, 0.25, 0.5, 0.75, 1.0], sizes, base_gamma=0.5, base_block_size=1024
-    )
-    assert variants[0] == DRAFT
-    assert len(variants) == 1 + 3 * (5 + 2)
-    assert Variant("snapshot", 0.5, 1024) in variants and Variant("random", 0.5, 16) in variants
-    assert Variant("snapshot", 0.1, 16) not in variants
-    assert len(set(variants)) == len(variants)
+    gammas = [0.1, 0.25, 0.5, 0.75, 1.0]
+    variants = plan_variants(["snapshot", "posthoc", "random"], gammas, sizes, base_gamma=0.5, base_block_size=1024)
+    expected = {DRAFT} | {Variant(s, 0.5, 1024) for s in ("snapshot", "posthoc", "random")}
+    expected |= {Variant("snapshot", g, 1024) for g in gammas} | {Variant("snapshot", 0.5, b) for b in sizes}
+    assert variants[0] == DRAFT and set(variants) == expected and len(variants) == len(expected) == 10
+
+
+def test_without_snapshot_the_first_strategy_is_swept():
+    variants = plan_variants(["random", "posthoc"], [0.25], [16, 32], base_gamma=0.5, base_block_size=32)
+    assert set(variants) == {
+        DRAFT,
+        Variant("random", 0.5, 32),
+        Variant("posthoc", 0.5, 32),
+        Variant("random", 0.25, 32),
+        Variant("random", 0.5, 16),
+    }
 
 
 def test_grid_runs_the_full_product():
@@ -129,11 +141,17 @@ def test_sweep_scores_the_draft_and_every_variant_once(swept):
     assert snapshot["nfes"] == 31 + 16 and snapshot["refine_nfes"] == 16
 
 
+def _samples_folder(out):
+    """The one folder of sample files under the model label (named by a hash of the draft settings)."""
+    (folder,) = (out / "tiny").iterdir()
+    return folder
+
+
 def test_every_variant_refines_the_same_drafts(swept):
     out, _, _ = swept
-    drafts = [json.loads(line) for line in (out / "tiny" / "draft.jsonl").read_text().splitlines()]
+    drafts = [json.loads(line) for line in (_samples_folder(out) / "draft.jsonl").read_text().splitlines()]
     for name in ("snapshot-g0.5-b32", "random-g0.5-b32"):
-        refined = [json.loads(line) for line in (out / "tiny" / f"{name}.jsonl").read_text().splitlines()]
+        refined = [json.loads(line) for line in (_samples_folder(out) / f"{name}.jsonl").read_text().splitlines()]
         assert [r["draft_tokens"] for r in refined] == [d["tokens"] for d in drafts]
 
 
@@ -152,14 +170,14 @@ def test_report_holds_the_paper_tables_and_valid_png_plots(swept):
 
 def test_running_again_recomputes_nothing(swept, tiny_checkpoint, judge_folder):
     out, first, _ = swept
-    files = sorted((out / "tiny").iterdir())
+    files = sorted(_samples_folder(out).iterdir())
     stamps = {f: f.stat().st_mtime_ns for f in files}
     results = (out / "results.jsonl").read_text()
     again = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out))
     assert (again.drafted, again.refined, again.scored, again.reused) == (0, 0, 0, 3)
     assert again.rows == first.rows
     assert (out / "results.jsonl").read_text() == results
-    assert sorted((out / "tiny").iterdir()) == files
+    assert sorted(_samples_folder(out).iterdir()) == files
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
 
 
@@ -167,7 +185,7 @@ def test_an_interrupted_file_is_redone_and_complete_files_are_reused(swept, tiny
     out = tmp_path / "out"
     shutil.copytree(swept[0], out)
     (out / "results.jsonl").unlink()
-    cut = out / "tiny" / "random-g0.5-b32.jsonl"
+    cut = _samples_folder(out) / "random-g0.5-b32.jsonl"
     cut.write_text(cut.read_text()[:-40])  # a run killed while writing the last sample
     result = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out))
     assert (result.drafted, result.refined, result.scored) == (0, 1, 3)
@@ -180,6 +198,42 @@ def test_changed_settings_are_not_served_from_old_rows(swept, tiny_checkpoint, j
     result = run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out, num_samples=2, remask=["snapshot"]))
     assert (result.drafted, result.refined, result.scored, result.reused) == (1, 1, 2, 0)
     assert all(r["num_samples"] == 2 for r in result.rows)
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_rerun_with_other_settings_never_changes_a_file_an_older_row_cites(
+    swept, tiny_checkpoint, judge_folder, tmp_path
+):
+    out = tmp_path / "out"
+    shutil.copytree(swept[0], out)
+    before = {row["file"]: _digest(out / row["file"]) for row in read_results(out / "results.jsonl")}
+    for overrides in ({"num_samples": 2}, {"seed": 1}):
+        run_sweep(tiny_settings(tiny_checkpoint, judge_folder, out, remask=["snapshot"], **overrides))
+    rows = read_results(out / "results.jsonl")
+    assert {row["file"]: _digest(out / row["file"]) for row in rows[:3]} == before
+    assert len({row["file"] for row in rows}) == len(rows) == 3 + 2 + 2  # every row cites its own file
+    for row in rows:  # and that file holds the samples the row was scored on
+        records = [json.loads(line) for line in (out / row["file"]).read_text().splitlines()]
+        assert len(records) == row["num_samples"] and {r["seed"] for r in records} == {row["config"]["seed"]}
+
+
+def test_the_judge_is_checked_before_any_drafting(tiny_checkpoint, tmp_path):
+    events = []
+    with pytest.raises(ModelLoadError, match="no-such-judge"):
+        run_sweep(tiny_settings(tiny_checkpoint, "did-tests/no-such-judge", tmp_path / "out"), events.append)
+    assert not list(tmp_path.rglob("*.jsonl"))
+    assert not any(e.kind == "progress" for e in events)
+
+
+def test_post_hoc_is_a_spelling_of_posthoc(tmp_path):
+    settings = SweepSettings(models=["did-tiny"], remask=["post-hoc", "Snapshot", "posthoc"], out=tmp_path)
+    assert settings.remask == ("posthoc", "snapshot")
+    assert RefineSettings(remask="post-hoc").remask == "posthoc"
+    with pytest.raises(UsageError, match="unknown remask strategy 'post hoc'"):
+        RefineSettings(remask="post hoc")
 
 
 def test_events_report_steps_and_the_end(swept):
@@ -221,3 +275,85 @@ def test_report_keeps_compatible_variants_of_earlier_runs(tiny_checkpoint, judge
     variants = {row["variant"] for row in result.rows}
     assert {"draft", "random-g0.5-b32", "snapshot-g0.25-b32"} <= variants
     assert "random" in (out / "report.md").read_text()
+
+
+# --- Plots: what a reader sees ------------------------------------------------------------------------------------
+
+
+def _plot_rows() -> list[dict]:
+    """Two models, the draft and three strategies at γ 0.5 plus a γ slice for snapshot, with nearby points."""
+    rows = []
+    for model, shift in (("mix", 0.0), ("nomix", 1.5)):
+        variants = [(None, None, 127, 73.0)] + [("snapshot", g, 127 + round(128 * g), 60 - 30 * g) for g in (0.1, 0.5)]
+        variants += [("posthoc", 0.5, 192, 43.5), ("random", 0.5, 191, 75.0), ("snapshot", 1.0, 254, 110.0)]
+        for remask, gamma, nfes, ppl in variants:
+            variant = "draft" if remask is None else f"{remask}-g{gamma:g}-b128"
+            rows.append(
+                {"model": model, "variant": variant, "remask": remask, "gamma": gamma, "refine_block_size": 128,
+                 "length": 128, "nfes": nfes, "gen_ppl": ppl + shift, "judge": {"name": "did-tiny-judge"}}
+            )  # fmt: skip
+    return rows
+
+
+def test_plots_give_each_strategy_its_own_colour_and_marker_and_a_legend():
+    classes = report._figure_classes()
+    figure = report.gamma_figure(classes, _plot_rows(), None)
+    lines = [line for line in figure.axes[0].get_lines() if ": " in str(line.get_label())]
+    by_strategy = {}
+    for line in lines:
+        model, strategy = line.get_label().split(": ")
+        by_strategy.setdefault(strategy, set()).add((line.get_color(), line.get_marker()))
+        assert line.get_linestyle() == ("-" if model == "mix" else "--")
+    assert set(by_strategy) == {"snapshot", "posthoc", "random"}
+    assert all(len(styles) == 1 for styles in by_strategy.values())  # a strategy looks the same for every model
+    styles = [next(iter(s)) for s in by_strategy.values()]
+    assert len({c for c, _ in styles}) == 3 and len({m for _, m in styles}) == 3
+    labels = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+    assert labels == ["none (draft only)", "random", "post-hoc", "snapshot", "mix", "nomix"]
+
+
+def test_pareto_plot_colours_points_by_strategy_and_its_labels_never_overlap():
+    classes = report._figure_classes()
+    figure = report.pareto_figure(classes, _plot_rows())
+    axes = figure.axes[0]
+    colours = {tuple(c.get_facecolor()[0][:3]) for c in axes.collections}
+    assert len(colours) == 4  # draft, snapshot, post-hoc, random
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    assert len(boxes) >= 2
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    names = [text.get_text() for text in axes.texts]
+    assert len(names) == len(set(names))  # a variant on both models' fronts is labelled once
+    assert [t.get_text() for t in figure.legends[0].get_texts()][-2:] == ["mix", "nomix"]
+
+
+def test_gamma_table_shows_only_the_strategies_swept_over_gamma():
+    text = render_report([r for r in _plot_rows() if r["model"] == "mix"], base_gamma=0.5)
+    gamma_table = text.split("### γ sweep")[1].split("###")[0]
+    assert "snapshot gen PPL" in gamma_table and "post-hoc" not in gamma_table and "random" not in gamma_table
+    strategy_table = text.split("### Remask strategy")[1].split("###")[0]
+    assert "| post-hoc |" in strategy_table and "| random |" in strategy_table
+
+
+def test_results_of_earlier_versions_are_still_reused(tmp_path):
+    # docs/ablations/results.jsonl predates the kv_cache setting; its mix rows were made with the embedded did-tiny.
+    docs = Path(__file__).resolve().parents[1] / "docs" / "ablations" / "results.jsonl"
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(docs, out / "results.jsonl")
+    settings = SweepSettings(
+        models=["mix=did-tiny"],
+        judge="did-tiny-judge",
+        out=out,
+        num_samples=64,
+        remask=["snapshot", "posthoc", "random"],
+        gammas=[0.5],
+        refine_block_sizes=[128],
+        evaluation=EvalSettings(degenerate_entropy=3.5),
+    )
+
+    def refuse_work(event):  # fail at once rather than after minutes of sampling
+        assert not event.message.startswith("loading the judge"), "the rows were not recognised"
+
+    result = run_sweep(settings, refuse_work)
+    assert (result.drafted, result.refined, result.scored, result.reused) == (0, 0, 0, 4)

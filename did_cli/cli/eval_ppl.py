@@ -1,4 +1,10 @@
-"""`did eval-ppl`: generative perplexity and entropy of sample files under a judge LM, one table row per file."""
+"""`did eval-ppl`: generative perplexity and entropy of sample files under a judge LM, one table row per file.
+
+stdout carries only `--json -`; progress and the results table go to stderr. Every JSON output is strict JSON
+(an undefined number is null, never NaN or Infinity). The table names each file by the shortest path suffix
+that tells the inputs apart and never wraps it: a name too long for the terminal ends in "…" (the --json
+output has the full names).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from did_cli import evaluation
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.errors import UsageError
+from did_cli.errors import InputError, UsageError
 from did_cli.files import write_text_atomically
 
 Files = Annotated[
@@ -35,7 +42,12 @@ Stride = Annotated[
     int | None, typer.Option("--stride", help="Sliding-window stride for longer samples (default: half the context).")
 ]
 DegenerateEntropy = Annotated[
-    float, typer.Option("--degenerate-entropy", help="Count samples whose unigram entropy (nats) is below this.")
+    float,
+    typer.Option(
+        "--degenerate-entropy",
+        help="Count samples whose unigram entropy (nats) is below this; the bar at 256+ tokens (BD3-LM's 4.0), "
+        "scaled by log n / log 256 for an n-token sample (3.5 at 128 tokens).",
+    ),
 ]
 MaxTokens = Annotated[
     int | None,
@@ -80,6 +92,7 @@ def eval_ppl(
     quiet: o.Quiet = False,
 ) -> None:
     """Generative perplexity (BD3-LM protocol) and entropy of each file's samples under a judge LM."""
+    _check_inputs(files)
     _check_outputs(files, json_out, per_sample)
     settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
     with _progress(quiet) as on_progress:
@@ -87,12 +100,34 @@ def eval_ppl(
             files, judge, settings, revision=revision, device=device, dtype=dtype, on_progress=on_progress
         )
     if json_out is not None:
-        _write(json_out, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        _write(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sample is not None:
         lines = [{"file": f.source, **s.to_dict()} for f in result.files for s in f.samples]
-        _write(per_sample, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        _write(per_sample, "".join(strict_json(line) + "\n" for line in lines))
     if not quiet:
-        stderr.print(_table(result))
+        stderr.print(_table(result, stderr.width))
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON text of `value` with every non-finite float (NaN, ±Infinity) written as null: valid for any parser."""
+    return json.dumps(_finite_or_null(value), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def _check_inputs(files: list[Path]) -> None:
+    """Refuse a folder given as an input in one line, before anything is read or loaded."""
+    for path in files:
+        if str(path) != "-" and path.is_dir():
+            raise InputError(f"{path} is a folder; give sample files (.jsonl or .txt)")
 
 
 def _check_outputs(files: list[Path], json_out: Path | None, per_sample: Path | None) -> None:
@@ -124,13 +159,16 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
         yield None
         return
     bar = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # a file name is never rich markup
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("windows"),
         TimeElapsedColumn(),
         console=stderr,
         transient=True,
+        # stdout carries data (--json -): the bar must never take it over, whatever stderr is.
+        redirect_stdout=False,
+        redirect_stderr=False,
     )
     tasks: dict[str, Any] = {}
 
@@ -143,29 +181,68 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
         yield update
 
 
-def _table(result: evaluation.EvalResult) -> Table:
+def short_names(sources: list[str]) -> list[str]:
+    """Each path shortened to its fewest last components that no other path ends with."""
+    parts = [Path(source).parts or (source,) for source in sources]
+
+    def suffix(path: tuple[str, ...], depth: int) -> str:
+        return "/".join(path[-depth:])
+
+    names = []
+    for i, path in enumerate(parts):
+        others = [other for j, other in enumerate(parts) if j != i]
+        depth = 1
+        while depth < len(path) and any(suffix(other, depth) == suffix(path, depth) for other in others):
+            depth += 1
+        names.append(suffix(path, depth))
+    return names
+
+
+def fit_name(name: str, width: int) -> str:
+    """`name` within `width` characters: the middle replaced by "…" when too long (the end names the variant)."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
+
+
+def _table(result: evaluation.EvalResult, width: int) -> Table:
     settings = result.settings
-    title = f"gen PPL under {result.judge.get('name')} (context {settings['context']}, stride {settings['stride']})"
-    caption = (
-        "gen PPL: mean of per-sample PPLs, as published; pooled: exp of the token-weighted mean NLL; "
-        "entropy in nats; tokens: mean judge tokens per sample"
+    title = Text(
+        f"gen PPL under {result.judge.get('name')} (context {settings['context']}, stride {settings['stride']})"
+    )
+    threshold = settings["degenerate_entropy"]
+    at_127 = evaluation.degenerate_threshold(threshold, 128)
+    caption = Text(
+        "gen PPL: mean of per-sample PPLs, as published; pooled: exp of the token-weighted mean NLL; entropy in "
+        f"nats; degenerate: samples with entropy below {threshold:g} nats at 256+ tokens, × log n / log 256 for "
+        f"n tokens (BOS + 127 tokens: {at_127:.2f}); tokens: mean judge tokens per sample"
     )
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
-    # The file names are what a side-by-side comparison is read by: fold long ones rather than cut them short.
-    table.add_column("file", overflow="fold")
-    for header in ("samples", "gen PPL", "pooled PPL", "entropy", "degenerate", "tokens"):
-        table.add_column(header, justify="right")
-    for f in result.files:
-        degenerate = f"[red]{f.num_degenerate}[/]" if f.num_degenerate else "0"
-        table.add_row(
-            f.source,
+    headers = ("samples", "gen PPL", "pooled", "entropy", "degenerate", "tokens")
+    rows = [
+        [
             str(f.num_samples),
             _number(f.gen_ppl),
             _number(f.gen_ppl_pooled),
             _number(f.entropy, 3),
-            degenerate,
+            str(f.num_degenerate),
             _number(f.mean_tokens, 1),
-        )
+        ]
+        for f in result.files
+    ]
+    # A comparison is read by file name: never break one over lines; shorten it to what the numbers leave free.
+    numbers = sum(max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers))
+    # Each column takes its padding (one space each side) and one divider besides its text.
+    room = max(10, width - numbers - 3 * (len(headers) + 1) - 1)
+    table.add_column("file", no_wrap=True)
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    names = short_names([f.source for f in result.files])
+    for f, name, cells in zip(result.files, names, rows, strict=True):
+        # Texts, so a "[" in a file name is never read as rich markup.
+        cells[4] = Text(cells[4], style="red" if f.num_degenerate else "")
+        table.add_row(Text(fit_name(name, room)), *cells)
     return table
 
 

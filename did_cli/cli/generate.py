@@ -98,7 +98,6 @@ def generate(
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
-    remask = remask.replace("-", "")
     if length is not None:
         # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
         for size in parse_stages(stages, block_size, length):

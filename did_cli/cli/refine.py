@@ -57,7 +57,7 @@ def refine(
     settings = RefineSettings(
         gamma=gamma,
         block_size=block_size,
-        remask=remask.replace("-", ""),
+        remask=remask,
         kv_cache=not no_kv_cache,
         unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
     )

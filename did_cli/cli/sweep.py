@@ -18,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
+from did_cli.cli._run import unmasking
+from did_cli.cli.eval_ppl import DegenerateEntropy
 from did_cli.errors import UsageError
 from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings
 from did_cli.sweep import EventFn, SweepEvent, SweepSettings, run_sweep
@@ -34,18 +36,28 @@ Judge = Annotated[
 NumSamples = Annotated[int, typer.Option("--num-samples", "-n", help="Samples per variant (the same drafts for all).")]
 Length = Annotated[int | None, typer.Option("--length", help="Sequence length L incl. BOS (default: the model's).")]
 DraftBlockSize = Annotated[int, typer.Option("--draft-block-size", help="Draft block size B1; must divide L.")]
-Remask = Annotated[str, typer.Option("--remask", help="Remask strategies to compare: snapshot,posthoc,random.")]
-Gammas = Annotated[str, typer.Option("--gamma", help="γ values of the γ sweep, comma-separated, each in [0, 1].")]
+Remask = Annotated[
+    str,
+    typer.Option(
+        "--remask", help="Remask strategies to compare at the base point: snapshot,posthoc,random (post-hoc too)."
+    ),
+]
+Gammas = Annotated[
+    str,
+    typer.Option("--gamma", help="γ values of snapshot's γ sweep (every strategy's with --grid), comma-separated."),
+]
 RefineBlockSizes = Annotated[
     str | None,
     typer.Option(
         "--refine-block-size",
-        help="B2 values of the B2 sweep, e.g. 16,64,1024; >= L is one global block (default 16,64,L).",
+        help="B2 values of snapshot's B2 sweep, e.g. 16,64,1024; >= L is one global block (default 16,64,L).",
     ),
 ]
 Grid = Annotated[
     bool,
-    typer.Option("--grid", help="Run every (strategy, γ, B2) combination, not one axis at a time around γ 0.5, B2 L."),
+    typer.Option(
+        "--grid", help="Run every (strategy, γ, B2) combination, not one axis at a time around (snapshot, 0.5, L)."
+    ),
 ]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
@@ -76,13 +88,17 @@ def sweep(
     refine_block_size: RefineBlockSizes = None,
     grid: Grid = False,
     seed: o.Seed = 0,
+    top_p: o.TopP = 0.9,
+    temperature: o.Temperature = 1.0,
+    order: o.Order = "first-hitting",
+    steps_per_block: o.StepsPerBlock = None,
+    tokens_per_call: o.TokensPerCall = 1,
+    no_kv_cache: o.NoKVCache = False,
     batch_size: BatchSize = 8,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     out: OutDir = Path("sweep"),
-    degenerate_entropy: Annotated[
-        float, typer.Option("--degenerate-entropy", help="Flag samples whose unigram entropy (nats) is below this.")
-    ] = 4.0,
+    degenerate_entropy: DegenerateEntropy = 4.0,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
@@ -98,6 +114,9 @@ def sweep(
         refine_block_sizes=parse_list(refine_block_size, "--refine-block-size", int) if refine_block_size else None,
         grid=grid,
         seed=seed,
+        kv_cache=not no_kv_cache,
+        # The same rule as draft, refine and generate (e.g. --steps-per-block alone implies --order steps).
+        unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
         batch_size=batch_size,
         device=device,
         dtype=dtype,
@@ -110,6 +129,7 @@ def sweep(
             f"{len(result.rows)} results ({result.scored} scored now, {result.reused} reused; sampled files: "
             f"{result.drafted} draft, {result.refined} refined); report: {result.report}",
             highlight=False,
+            markup=False,  # paths are printed as they are, never read as rich markup
             soft_wrap=True,  # one line, however narrow the terminal: scripts grep it
         )
 
@@ -120,21 +140,23 @@ def _events(quiet: bool) -> Iterator[EventFn]:
     bar = None
     if not quiet and sys.stderr.isatty():
         bar = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("variants"),
-            TextColumn("{task.fields[detail]}"),
+            TextColumn("{task.fields[detail]}", markup=False),
             TimeElapsedColumn(),
             console=stderr,
             transient=True,
+            redirect_stdout=False,  # stdout stays empty or data, whatever stderr is
+            redirect_stderr=False,
         )
     task = bar.add_task("sweep", total=None, detail="") if bar is not None else None
 
     def on_event(event: SweepEvent) -> None:
         if event.kind == "note":
             if not quiet:
-                stderr.print(f"note: {event.message}", highlight=False, soft_wrap=True)
+                stderr.print(f"note: {event.message}", highlight=False, soft_wrap=True, markup=False)
         elif bar is not None and event.kind == "step":
             bar.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
         elif bar is not None and event.kind == "progress":

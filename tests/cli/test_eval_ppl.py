@@ -1,6 +1,10 @@
+import importlib
 import json
+import math
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from did_cli.cli import app
@@ -117,6 +121,7 @@ def test_a_malformed_line_is_one_error_naming_it(judge_folder, inputs):
 def test_an_uncached_judge_offline_says_how_to_pass_a_folder(inputs):
     stderr = _one_line_error(runner.invoke(app, ["eval-ppl", *inputs, "--judge", "did-tests/no-such-judge"]))
     assert "not in the local Hugging Face cache" in stderr and "--judge FOLDER" in stderr
+    assert "--judge did-tiny-judge" in stderr  # the judge that always works offline
 
 
 @pytest.mark.parametrize(
@@ -136,3 +141,112 @@ def test_bad_options_are_one_line_errors(judge_folder, inputs, extra, message):
 
 def test_missing_input_file(judge_folder, inputs):
     assert "does not exist" in _one_line_error(runner.invoke(app, ["eval-ppl", "nope.jsonl", "--judge", judge_folder]))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
+def test_degenerate_entropy_must_be_a_finite_non_negative_number(judge_folder, inputs, value):
+    stderr = _one_line_error(
+        runner.invoke(app, ["eval-ppl", *inputs, "--judge", judge_folder, f"--degenerate-entropy={value}"])
+    )
+    assert "--degenerate-entropy must be a finite number of nats >= 0" in stderr
+
+
+def test_a_folder_or_non_utf8_input_is_one_line(judge_folder, inputs, tmp_path):
+    (tmp_path / "folder").mkdir()
+    assert "folder is a folder" in _one_line_error(runner.invoke(app, ["eval-ppl", "folder", "--judge", judge_folder]))
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    stderr = _one_line_error(runner.invoke(app, ["eval-ppl", "latin1.txt", "--judge", judge_folder]))
+    assert "latin1.txt is not UTF-8 text" in stderr
+
+
+def _expected_threshold(threshold, tokens):
+    """4.0 nats at 256 tokens (BD3-LM's window), scaled by the log n bound below it."""
+    return threshold * min(1.0, math.log(tokens) / math.log(256))
+
+
+def test_degenerate_threshold_scales_with_sample_length(judge_folder, inputs):
+    from did_cli.evaluation import degenerate_threshold
+
+    assert degenerate_threshold(4.0, 256) == 4.0 and degenerate_threshold(4.0, 2048) == 4.0
+    assert degenerate_threshold(4.0, 128) == pytest.approx(3.5) and degenerate_threshold(4.0, 16) == pytest.approx(2.0)
+    args = ["eval-ppl", *inputs, "--judge", judge_folder, "--per-sample", "samples.jsonl", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    with open("samples.jsonl") as handle:
+        samples = [json.loads(line) for line in handle]
+    for sample in samples:  # entropy is over BOS + the text's tokens
+        assert sample["degenerate"] == (sample["entropy"] < _expected_threshold(4.0, sample["tokens"] + 1))
+    # No short text can reach 4.0 nats (log 16 = 2.77), so a fixed threshold flagged every one of them.
+    assert all(s["entropy"] < 4.0 for s in samples)
+    assert not samples[0]["degenerate"] and samples[-1]["degenerate"]  # "aaaaaaaaaa" has entropy near 0
+
+
+def test_json_outputs_never_hold_nan_or_infinity(judge_folder, inputs):
+    from did_cli.cli.eval_ppl import strict_json
+
+    assert json.loads(strict_json({"a": [math.nan, math.inf, -math.inf, 1.5]})) == {"a": [None, None, None, 1.5]}
+    with open("empty.jsonl", "w") as handle:  # an empty text has no scored token: its perplexity is undefined
+        handle.write(json.dumps({"text": ""}) + "\n")
+    args = ["eval-ppl", "empty.jsonl", "--judge", judge_folder, "--json", "-", "--per-sample", "s.jsonl", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in JSON output")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    assert report["files"]["empty.jsonl"]["gen_ppl"] is None
+    with open("s.jsonl") as handle:
+        assert json.loads(handle.read(), parse_constant=refuse)["ppl"] is None
+
+
+def test_the_table_keeps_each_file_name_on_one_line_at_80_columns(judge_folder, inputs, tmp_path, monkeypatch):
+    module = importlib.import_module("did_cli.cli.eval_ppl")
+    monkeypatch.setattr(module, "stderr", Console(stderr=True, width=80))
+    names = ["some_long_directory_name/drafts_with_a_rather_long_name.jsonl", "sweep/mix/[bold]x.txt"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps({"text": "the cat sat on the mat."}) + "\n")
+    result = runner.invoke(app, ["eval-ppl", *names, "--judge", judge_folder])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    header = next(line for line in lines if line.lstrip().startswith("file"))
+    assert header.split() == ["file", "samples", "gen", "PPL", "pooled", "entropy", "degenerate", "tokens"]
+    start = lines.index(header) + 2  # past the rule under the header
+    rows = [line.split() for line in lines[start : start + 3]]
+    assert rows[2] == []  # the two rows, then the blank line before the caption
+    assert all(len(row) == 7 for row in rows[:2])  # one line per file, every column there
+    assert rows[0][0].startswith("drafts_") and rows[0][0].endswith(".jsonl") and "…" in rows[0][0]
+    assert rows[1][0] == "[bold]x.txt"  # printed literally, never as markup
+    assert "degenerate: samples with entropy below 4 nats at 256+ tokens" in " ".join(lines)
+
+
+def test_short_names_and_fit_name():
+    from did_cli.cli.eval_ppl import fit_name, short_names
+
+    assert short_names(["a/mix/draft.jsonl", "a/nomix/draft.jsonl", "b/x.txt"]) == [
+        "mix/draft.jsonl",
+        "nomix/draft.jsonl",
+        "x.txt",
+    ]
+    assert short_names(["a/draft.jsonl", "b/refined.jsonl"]) == ["draft.jsonl", "refined.jsonl"]
+    assert fit_name("abcdefghij", 10) == "abcdefghij" and fit_name("abcdefghijk", 7) == "abc…ijk"
+
+
+@pytest.mark.slow  # a subprocess that imports torch and transformers: ~5 s
+def test_stdout_holds_only_the_json_when_stderr_is_a_terminal(judge_folder, inputs, tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "did_cli", "eval-ppl", *inputs, "--judge", judge_folder, "--json", "-"]
+    shell = f"{shlex.join(command)} > out.json"  # stderr (progress, table) stays on the pseudo-terminal
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env["PYTHONPATH"]
+    done = subprocess.run(
+        ["script", "-qec", shell, "/dev/null"], cwd=tmp_path, env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace")
+    assert list(json.loads((tmp_path / "out.json").read_text())["files"]) == inputs
+    assert b"gen PPL" in done.stdout  # the table went to the terminal

@@ -101,7 +101,7 @@ def test_show_html_writes_a_self_contained_page_atomically(samples, tmp_path):
     assert result.stdout == "" and result.stderr == f"wrote {out}\n"
     page = out.read_text(encoding="utf-8")
     assert_well_formed_and_self_contained(page)
-    assert 'class="tok c' in page and '<del class="draft">' in page
+    assert '<span class="c' in page and '<del class="draft">' in page
     assert [p.name for p in out.parent.iterdir()] == ["sample.html"]
 
 
@@ -133,3 +133,21 @@ def test_show_refuses_ids_the_tokenizer_cannot_decode(tmp_path, tiny_checkpoint)
     result = runner.invoke(app, ["show", str(path), "--tokenizer", str(tiny_checkpoint)])
     assert result.exit_code == 2
     assert result.stderr == "error: record 7 holds token ids beyond the tokenizer's 68; pass the right --tokenizer\n"
+
+
+def test_show_prints_and_escapes_hostile_record_fields(samples, tmp_path, tiny_checkpoint):
+    from tests.test_display import HOSTILE
+
+    _, refined = samples
+    record = _first(refined)
+    record["model"]["name"] = record["tokenizer"]["name"] = record["text"] = HOSTILE
+    record["stages"][-1]["remask"] = HOSTILE
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    shown = runner.invoke(app, ["show", str(path), "--tokenizer", str(tiny_checkpoint)])
+    assert shown.exit_code == 0, shown.stderr
+    assert f"from {HOSTILE}:" in shown.stdout and f"({HOSTILE}, γ=0.5" in shown.stdout
+    page = runner.invoke(app, ["show", str(path), "--tokenizer", str(tiny_checkpoint), "--html", "-"])
+    assert page.exit_code == 0, page.stderr
+    assert_well_formed_and_self_contained(page.stdout)
+    assert HOSTILE not in page.stdout and "&lt;/title&gt;&lt;script&gt;" in page.stdout

@@ -64,12 +64,13 @@ def test_a_two_variant_sweep_writes_results_report_and_plots_then_resumes(tiny_c
     for plot in ("gamma_curve.png", "nfe_pareto.png"):
         assert (out / plot).read_bytes()[:8] == PNG
 
-    stamps = {f.name: f.stat().st_mtime_ns for f in (out / "tiny").iterdir()}
+    stamps = {f: f.stat().st_mtime_ns for f in (out / "tiny").rglob("*.jsonl")}
+    assert len(stamps) == 3
     again = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, out))
     assert again.exit_code == 0, again.stderr
     assert "0 scored now, 3 reused; sampled files: 0 draft, 0 refined)" in again.stderr
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
-    assert {f.name: f.stat().st_mtime_ns for f in (out / "tiny").iterdir()} == stamps
+    assert {f: f.stat().st_mtime_ns for f in (out / "tiny").rglob("*.jsonl")} == stamps
 
 
 def test_quiet_prints_nothing(tiny_checkpoint, judge_folder, tmp_path):
@@ -102,3 +103,37 @@ def test_no_model_is_one_line_and_exit_2(tmp_path):
     result = runner.invoke(app, ["sweep", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: give at least one --model"
+
+
+STAGE_OPTIONS = ("--top-p", "--order", "--temperature", "--tokens-per-call", "--steps-per-block", "--no-kv-cache")
+
+
+def test_help_lists_the_stage_options_of_the_other_sampling_commands():
+    result = runner.invoke(app, ["sweep", "--help"], env={"COLUMNS": "200"})
+    assert all(option in result.stdout for option in STAGE_OPTIONS)
+
+
+def test_stage_options_reach_every_sample_and_row(tiny_checkpoint, judge_folder, tmp_path):
+    out = tmp_path / "out"
+    extra = ["--remask", "post-hoc", "--order", "confidence", "--tokens-per-call", "2", "--top-p", "0.8"]
+    extra += ["--temperature", "0.9", "--no-kv-cache", "-q"]
+    result = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, out, *extra))
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["draft", "posthoc-g0.5-b32"]
+    unmasking = {"order": "confidence", "steps_per_block": None, "tokens_per_call": 2, "top_p": 0.8, "temperature": 0.9}
+    for row in rows:
+        assert row["config"]["unmasking"] == unmasking and row["config"]["kv_cache"] is False
+        for line in (out / row["file"]).read_text().splitlines():
+            for stage in json.loads(line)["stages"]:
+                assert {key: stage[key] for key in unmasking} == unmasking and stage["kv_cache"] is False
+    # A draft at 2 tokens per call takes half the calls of one token per call (31 generated tokens: 16 calls).
+    assert rows[0]["draft_nfes"] == 16
+
+
+def test_a_judge_that_cannot_load_fails_before_any_drafting(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, sweep_args(tiny_checkpoint, "did-tests/no-such-judge", out))
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "no-such-judge" in result.stderr
+    assert not list(tmp_path.rglob("*.jsonl"))
