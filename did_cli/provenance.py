@@ -7,8 +7,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def package_version(name: str) -> str | None:
     """Installed version of a distribution, or None when it is not installed."""
@@ -22,7 +20,7 @@ def versions() -> dict[str, str | None]:
     """Versions of did and of the libraries whose behaviour changes its numbers."""
     return {
         "did": package_version("did"),
-        "torch": torch.__version__,
+        "torch": package_version("torch"),
         "transformers": package_version("transformers"),
         "python": platform.python_version(),
     }
@@ -85,8 +83,10 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
     return info
 
 
-def device_info(device: torch.device) -> str:
-    """A readable device name (the GPU model on CUDA)."""
+def device_info(device: Any) -> str:
+    """A readable device name (the GPU model on CUDA), for a `torch.device`."""
     if device.type == "cuda":
+        import torch
+
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type

@@ -9,6 +9,7 @@ import typer
 
 DEFAULT_MODEL = "did-tiny"  # kept equal to checkpoints.DEFAULT_MODEL (a test checks), without importing torch here
 DEFAULT_BATCH_SIZE = 16
+DEFAULT_JUDGE = "gpt2-large"  # kept equal to judge.DEFAULT_JUDGE (a test checks)
 
 Model = Annotated[
     str | None,

@@ -14,7 +14,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -23,11 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from did_cli import evaluation
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, UsageError
 from did_cli.files import write_text_atomically
+
+if TYPE_CHECKING:
+    from did_cli import evaluation
 
 Files = Annotated[
     list[Path],
@@ -77,7 +79,7 @@ stderr = Console(stderr=True)
 @handle_errors(on_interrupt="interrupted: no result was written")
 def eval_ppl(
     files: Files,
-    judge: JudgeName = evaluation.DEFAULT_JUDGE,
+    judge: JudgeName = o.DEFAULT_JUDGE,
     revision: o.Revision = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
@@ -94,6 +96,8 @@ def eval_ppl(
     """Generative perplexity (BD3-LM protocol) and entropy of each file's samples under a judge LM."""
     _check_inputs(files)
     _check_outputs(files, json_out, per_sample)
+    from did_cli import evaluation
+
     settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
     with _progress(quiet) as on_progress:
         result = evaluation.eval_ppl(
@@ -212,6 +216,8 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
         f"gen PPL under {result.judge.get('name')} (context {settings['context']}, stride {settings['stride']})"
     )
     threshold = settings["degenerate_entropy"]
+    from did_cli import evaluation
+
     at_127 = evaluation.degenerate_threshold(threshold, 128)
     caption = Text(
         "gen PPL: mean of per-sample PPLs, as published; pooled: exp of the token-weighted mean NLL; entropy in "

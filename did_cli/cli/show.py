@@ -15,8 +15,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from did_cli import display
-from did_cli.checkpoints import load_tokenizer, resolve
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import write_text_atomically
@@ -61,6 +59,8 @@ def select_record(source: str, index: int) -> Record:
 
 def _model_tokenizer(name: str) -> Any:
     # A model's tokenizer without loading its weights; resolving first makes Hub ids work like folders.
+    from did_cli.checkpoints import load_tokenizer, resolve
+
     return load_tokenizer(str(resolve(name)))
 
 
@@ -73,12 +73,16 @@ def record_tokenizer(record: Record, model: str | None = None, tokenizer: str | 
     Raises:
         ModelLoadError: no candidate could be loaded; the message says to pass --tokenizer or --model.
     """
+    from did_cli.checkpoints import load_tokenizer
+    from did_cli.provenance import record_model
+
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
     if model is not None:
         return _model_tokenizer(model)
     candidates = [
         (load_tokenizer, (record.tokenizer or {}).get("name")),
+        (_model_tokenizer, record_model(record)),
         (_model_tokenizer, (record.model or {}).get("name")),
     ]
     tried = []
@@ -124,6 +128,8 @@ def show(
     record = select_record(file, index)
     tok = record_tokenizer(record, model, tokenizer)
     check_ids(record, tok)
+    from did_cli import display
+
     texts = display.token_texts(tok, [*record.tokens, *(record.draft_tokens or [])])
     if html is None:
         console = Console()

@@ -10,7 +10,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,8 +21,9 @@ from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import unmasking
 from did_cli.cli.eval_ppl import DegenerateEntropy
 from did_cli.errors import UsageError
-from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings
-from did_cli.sweep import EventFn, SweepEvent, SweepSettings, run_sweep
+
+if TYPE_CHECKING:
+    from did_cli.sweep import EventFn, SweepEvent
 
 Models = Annotated[
     list[str] | None,
@@ -79,7 +80,7 @@ def parse_list(text: str, flag: str, kind: type) -> list[Any]:
 @handle_errors(on_interrupt="interrupted: finished variants are kept; run the same command again to continue")
 def sweep(
     model: Models = None,
-    judge: Judge = DEFAULT_JUDGE,
+    judge: Judge = o.DEFAULT_JUDGE,
     num_samples: NumSamples = 64,
     length: Length = None,
     draft_block_size: DraftBlockSize = 4,
@@ -102,6 +103,9 @@ def sweep(
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
+    from did_cli.evaluation import EvalSettings
+    from did_cli.sweep import SweepSettings, run_sweep
+
     settings = SweepSettings(
         models=model or [],
         judge=judge,
