@@ -44,6 +44,7 @@ from typing import IO, Any
 import torch
 import torch.nn.functional as F
 
+from did_cli.distributed import ONE_PROCESS, Shard, interleave
 from did_cli.errors import InputError, UsageError
 from did_cli.judge import DEFAULT_JUDGE, Judge, load_judge
 from did_cli.provenance import device_info, versions
@@ -576,10 +577,14 @@ def eval_ppl(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    shard: Shard = ONE_PROCESS,
+    gather: Callable[[list[SampleResult]], list[list[SampleResult]]] | None = None,
 ) -> EvalResult:
     """Generative perplexity and entropy of each input file under a judge (what `did eval-ppl` runs).
 
-    Every input is read before the judge loads, so a malformed line fails fast.
+    Every input is read before the judge loads, so a malformed line fails fast. With several processes, each scores
+    the samples at the positions its `shard` owns and `gather` (every process's results, in rank order) puts them
+    back together, so every process returns the one-process result, in input order.
 
     Args:
         sources: sample-record JSONL, `.jsonl` with a `text` field, `.txt` with one sample per line, or "-".
@@ -589,8 +594,12 @@ def eval_ppl(
         device: where the judge runs (when loaded here).
         dtype: the judge's weights dtype (when loaded here); float32 as upstream.
         on_progress: called with (source, windows done, windows total) after each judge call.
+        shard: the positions this process scores.
+        gather: all processes' per-sample results (accelerate's `gather_object` per rank); needed when sharded.
     """
     settings = settings or EvalSettings()
+    if shard.world > 1 and gather is None:
+        raise ValueError("a sharded evaluation needs `gather` to put the samples back together")
     if not sources:
         raise UsageError("give at least one input file")
     names = [str(source) for source in sources]
@@ -601,16 +610,20 @@ def eval_ppl(
     if not isinstance(judge, Judge):
         judge = load_judge(judge, revision=revision, device=device, dtype=dtype)
     context, stride = settings.windows_for(judge.max_positions)
-    files = [
-        score_samples(
-            samples,
+    files = []
+    for name, samples in inputs:
+        mine = [sample for position, sample in enumerate(samples) if shard.owns(position)]
+        result = score_samples(
+            mine,
             judge,
             settings,
             source=name,
             on_progress=functools.partial(on_progress, name) if on_progress else None,
         )
-        for name, samples in inputs
-    ]
+        if shard.world > 1:
+            assert gather is not None
+            result = summarize(name, interleave(gather(result.samples)))
+        files.append(result)
     parameter = next(judge.model.parameters())
     run_settings = {
         "context": context,

@@ -97,12 +97,26 @@ def eval_ppl(
     _check_inputs(files)
     _check_outputs(files, json_out, per_sample)
     from did_cli import evaluation
+    from did_cli.distributed import current_shard
 
     settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
-    with _progress(quiet) as on_progress:
+    shard, state = current_shard()
+    if state is not None and device in ("auto", "cuda"):
+        device = str(state.device)  # each launched process scores on its own accelerator
+    with _progress(quiet or not shard.is_main) as on_progress:
         result = evaluation.eval_ppl(
-            files, judge, settings, revision=revision, device=device, dtype=dtype, on_progress=on_progress
+            files,
+            judge,
+            settings,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            on_progress=on_progress,
+            shard=shard,
+            gather=_gather if state is not None else None,
         )
+    if not shard.is_main:
+        return  # the main process holds the same gathered result and writes it once
     if json_out is not None:
         _write(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sample is not None:
@@ -110,6 +124,13 @@ def eval_ppl(
         _write(per_sample, "".join(strict_json(line) + "\n" for line in lines))
     if not quiet:
         stderr.print(_table(result, stderr.width))
+
+
+def _gather(samples: list[Any]) -> list[list[Any]]:
+    """Every process's list, in rank order (through the process group accelerate formed)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([samples])
 
 
 def strict_json(value: Any, indent: int | None = None) -> str:

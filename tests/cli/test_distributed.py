@@ -102,3 +102,24 @@ def test_two_process_draft_killed_and_resumed_equals_an_unbroken_run(tiny_checkp
 def test_several_processes_need_an_output_file(tiny_checkpoint):
     done = _launch(TORCHRUN, ["draft", "-m", str(tiny_checkpoint)])
     assert done.returncode != 0 and "pass --out FILE" in done.stderr
+
+
+def test_two_process_eval_ppl_equals_one_process(tiny_checkpoint, tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    assert (
+        runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "5", "-q", "--out", str(samples)]).exit_code == 0
+    )
+    args = ["eval-ppl", str(samples), "--judge", "did-tiny-judge", "-q"]
+    done = _launch(
+        ACCELERATE, [*args, "--json", str(tmp_path / "two.json"), "--per-sample", str(tmp_path / "two.jsonl")]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = runner.invoke(app, [*args, "--json", str(tmp_path / "one.json"), "--per-sample", str(tmp_path / "one.jsonl")])
+    assert one.exit_code == 0, one.stderr
+    two_summary = json.loads((tmp_path / "two.json").read_text())["files"][str(samples)]
+    one_summary = json.loads((tmp_path / "one.json").read_text())["files"][str(samples)]
+    for key in ("gen_ppl", "gen_ppl_pooled", "entropy", "num_samples", "num_degenerate", "num_scored_tokens"):
+        assert two_summary[key] == pytest.approx(one_summary[key], rel=1e-6), key
+    two_lines = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    one_lines = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in two_lines] == [line["id"] for line in one_lines] == [0, 1, 2, 3, 4]
