@@ -18,6 +18,7 @@ from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_m
 from did_cli.config import DraftSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_ppl
+from did_cli.likelihood import eval_nll
 from did_cli.model import BD3LM
 from did_cli.provenance import device_info, model_info, tokenizer_info, versions
 from did_cli.records import Record
@@ -29,6 +30,7 @@ from did_cli.training.loop import finetune
 __all__ = [
     "Progress",
     "draft",
+    "eval_nll",
     "eval_ppl",
     "finetune",
     "generate",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from did_cli.cli.draft import draft
+from did_cli.cli.eval_nll import eval_nll
 from did_cli.cli.eval_ppl import eval_ppl
 from did_cli.cli.finetune import finetune
 from did_cli.cli.generate import generate
@@ -29,6 +30,7 @@ app.command("finetune", help="Mix-scale block-diffusion fine-tuning on accelerat
 )
 app.command("show", help="Show one sample as a confidence heat-map, marking what refinement changed.")(show)
 app.command("eval-ppl", help="Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol).")(eval_ppl)
+app.command("eval-nll", help="NELBO per token and its perplexity bound per model and block size (test PPL).")(eval_nll)
 app.command("sweep", help="Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report.")(sweep)
 
 

@@ -1,0 +1,85 @@
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from did_cli.cli import app
+from tests.conftest import CHARS
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(1)
+    folder = tmp_path_factory.mktemp("nll-data")
+    lines = ["".join(rng.choice(CHARS[:50]) for _ in range(rng.randint(10, 60))) for _ in range(30)]
+    path = folder / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return path
+
+
+def test_help_lists_the_options():
+    result = runner.invoke(app, ["eval-nll", "--help"])
+    assert result.exit_code == 0
+    for option in ("--block-size", "--noise-draws", "--preset", "--no-wrap", "--json", "--per-sequence", "--clip"):
+        assert option in result.stdout
+
+
+def test_two_models_side_by_side_with_json_and_per_sequence(tmp_path, tiny_checkpoint, text_file):
+    report, per_sequence = tmp_path / "nll.json", tmp_path / "rows.jsonl"
+    args = ["eval-nll", "-m", str(tiny_checkpoint), "-m", str(tiny_checkpoint) + "/", "--data", str(text_file)]
+    args += ["--block-size", "1,4,64", "--num-samples", "5", "--noise-draws", "2", "--device", "cpu"]
+    args += ["--json", str(report), "--per-sequence", str(per_sequence)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""  # data goes to files; the table goes to stderr
+    assert "NELBO" in result.stderr and "PPL" in result.stderr
+
+    body = json.loads(report.read_text())
+    rows = body["results"]
+    assert [(r["model"].rstrip("/"), r["block_size"]) for r in rows] == [
+        (str(tiny_checkpoint), b) for b in (1, 4, 32)
+    ] * 2
+    for row in rows:
+        assert row["sequences"] == 5 and row["tokens"] == 5 * 31 and row["stderr"] > 0
+        assert row["ppl_bound"] == pytest.approx(2.718281828 ** row["nelbo"], rel=1e-6)
+    assert rows[0]["nelbo"] == rows[3]["nelbo"]  # same weights, same rows, same noise
+    data = next(iter(body["data"].values()))
+    assert data["layout"] == "wrap" and len(data["fingerprint"]) == 16 and data["seq_len"] == 32
+    assert body["settings"]["noise_draws"] == 2 and body["settings"]["clip"] is None
+    assert body["versions"]["torch"]
+    lines = [json.loads(line) for line in per_sequence.read_text().splitlines()]
+    assert len(lines) == 2 * 3 * 5
+    first = [line for line in lines if line["block_size"] == 4][:5]
+    assert sum(line["nll"] for line in first) / sum(line["tokens"] for line in first) == pytest.approx(rows[1]["nelbo"])
+
+
+def test_json_to_stdout_is_the_only_stdout(tiny_checkpoint, text_file):
+    args = ["eval-nll", "-m", str(tiny_checkpoint), "--data", str(text_file), "--block-size", "8", "--no-wrap"]
+    result = runner.invoke(app, [*args, "--num-samples", "3", "--json", "-", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["results"][0]["sequences"] == 3 and next(iter(body["data"].values()))["layout"] == "document"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--preset", "wikitext-3"], "unknown preset 'wikitext-3'"),
+        (["--data", "EMPTY"], "holds no text"),
+        (["--data", "DATA", "--seq-len", "64"], "--seq-len 64 exceeds the model's length 32"),
+        (["--data", "DATA", "--block-size", "5"], "does not divide"),
+        (["--data", "DATA", "--clip", "auto"], "training option"),
+        ([], "exactly one of --data and --preset"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, text_file, extra, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    extra = [str(empty) if a == "EMPTY" else str(text_file) if a == "DATA" else a for a in extra]
+    result = runner.invoke(app, ["eval-nll", "-m", str(tiny_checkpoint), *extra])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
