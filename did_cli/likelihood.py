@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -415,8 +416,6 @@ def merge_shards(parts: Iterable[Iterable[RowResult]], count: int) -> list[RowRe
 
 def _distributed() -> tuple[int, int, Callable[[list[RowResult]], list[RowResult]], torch.device | None]:
     """(rank, world, gather, device): accelerate's process group when several processes were launched."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, lambda rows: rows, None
     from accelerate import PartialState

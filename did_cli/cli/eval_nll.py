@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,8 +171,7 @@ def _layout(no_wrap: bool, wrap_format: str | None, preset: str | None) -> str:
 
 
 def _is_main_process() -> bool:
-    import os
-
+    # Under `accelerate launch` every process computes the gathered result; only the first one writes it.
     return os.environ.get("RANK", "0") == "0"
 
 

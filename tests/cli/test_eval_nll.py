@@ -1,5 +1,8 @@
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -83,3 +86,21 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, text_file, extra, mess
     result = runner.invoke(app, ["eval-nll", "-m", str(tiny_checkpoint), *extra])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(tmp_path, tiny_checkpoint, text_file):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "did_cli"]
+    args = ["eval-nll", "-m", str(tiny_checkpoint), "--data", str(text_file), "--block-size", "1,4,32", "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two.json"
+    done = subprocess.run([*launch, *args, "--json", str(two)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = runner.invoke(app, [*args, "--json", "-"])
+    assert one.exit_code == 0, one.stderr
+    single, double = json.loads(one.stdout), json.loads(two.read_text())
+    assert double["settings"]["processes"] == 2
+    for a, b in zip(single["results"], double["results"], strict=True):
+        assert (a["block_size"], a["sequences"], a["tokens"]) == (b["block_size"], b["sequences"], b["tokens"])
+        assert a["nelbo"] == pytest.approx(b["nelbo"], rel=1e-9)
