@@ -50,6 +50,7 @@ from did_cli.data import DataSpec, load_documents
 from did_cli.errors import DataError, UsageError
 from did_cli.model import BD3LM
 from did_cli.noise import DEFAULT_EPS_MAX, DEFAULT_EPS_MIN, Clip, ClipSpec, clip_for, is_unweighted, mask_tokens
+from did_cli.provenance import model_info, tokenizer_info, versions
 from did_cli.training.objective import nelbo_terms
 from did_cli.zero_shot import get_preset
 
@@ -425,14 +426,105 @@ def _distributed() -> tuple[int, int, Callable[[list[RowResult]], list[RowResult
     return state.process_index, state.num_processes, gather_object, state.device
 
 
+@dataclass(frozen=True)
+class NllData:
+    """What `eval_nll` scores.
+
+    Attributes:
+        data: a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id (or None with `preset`).
+        preset: a zero-shot preset name (`zero_shot.PRESETS`), or None with `data`.
+        config: dataset configuration (Hub datasets).
+        split: dataset split (Hub datasets).
+        text_field: the text column.
+        txt_documents: `.txt` files: `lines` (one document per line) or `file`.
+        seq_len: row length L (default: each model's length).
+        layout: `wrap`, `bos-eos` or `document`; None means `bos-eos` for a preset (upstream's zero-shot rows) and
+            `wrap` (training's rows) otherwise.
+        num_samples: score only the first rows (default: all).
+    """
+
+    data: str | None = None
+    preset: str | None = None
+    config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    txt_documents: str = "lines"
+    seq_len: int | None = None
+    layout: str | None = None
+    num_samples: int | None = None
+
+
+ModelLike = str | BD3LM
+
+
 def eval_nll(
+    models: Sequence[ModelLike],
+    data: NllData,
+    settings: NllSettings | None = None,
+    *,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    on_progress: Callable[[str, int, int, int], None] | None = None,
+) -> NllResult:
+    """NELBO per token and its perplexity bound per model and block size (what `did eval-nll` runs).
+
+    The data is read before any model loads, so a bad source fails fast; models sharing a tokenizer and length are
+    scored on identical rows with identical noise.
+
+    Args:
+        models: names (embedded, folder or Hub id) or loaded models.
+        data: the source, its rows and how many.
+        settings: block sizes, noise draws, batch size, seed, clip.
+        tokenizer: tokenizer override for models loaded here (default: each checkpoint's).
+        revision: Hub revision for models loaded here.
+        device: where models loaded here run.
+        dtype: weights dtype for models loaded here.
+        on_progress: called with (model name, block size, rows done, rows total).
+
+    Raises:
+        UsageError: no model, a bad source choice, a block size that does not divide L, L above a model's length.
+        DataError: missing, unreadable or empty data.
+    """
+    from did_cli.checkpoints import load_model, load_tokenizer
+
+    settings = settings or NllSettings()
+    if not models:
+        raise UsageError("give at least one --model")
+    documents, source = read_documents(
+        data.data,
+        data.preset,
+        config=data.config,
+        split=data.split,
+        text_field=data.text_field,
+        txt_documents=data.txt_documents,
+    )
+    layout = data.layout or ("bos-eos" if data.preset is not None else "wrap")
+    loaded = []
+    for model in models:
+        if isinstance(model, str):
+            name, model = model, load_model(model, device=device, dtype=dtype, revision=revision)
+            loaded.append((name, model, load_tokenizer(model, tokenizer)))
+        else:
+            loaded.append((model_info(model)["name"], model, load_tokenizer(model, tokenizer)))
+
+    def rows_for(model: BD3LM, tok: Any) -> EvalRows:
+        return load_rows(
+            documents, tok, model, source=source, seq_len=data.seq_len, layout=layout, num_samples=data.num_samples
+        )
+
+    return score_models(loaded, rows_for, settings, on_progress=on_progress)
+
+
+def score_models(
     models: Sequence[tuple[str, BD3LM, Any]],
     rows_for: Callable[[BD3LM, Any], EvalRows],
     settings: NllSettings,
     *,
     on_progress: Callable[[str, int, int, int], None] | None = None,
 ) -> NllResult:
-    """NELBO per model and block size (what `did eval-nll` runs).
+    """NELBO per model and block size on rows built per model (`eval_nll` after loading).
 
     Args:
         models: (name, model, tokenizer) triples, scored in order.
@@ -444,8 +536,6 @@ def eval_nll(
     Raises:
         UsageError: a block size that does not divide the sequence length.
     """
-    from did_cli.provenance import model_info, tokenizer_info, versions
-
     rank, world, gather, device = _distributed()
     results: list[BlockResult] = []
     data: dict[str, Any] = {}

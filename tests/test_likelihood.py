@@ -163,3 +163,17 @@ def test_row_layouts(char_tokenizer):
     tokens, scored, _ = build_rows(docs, char_tokenizer, 8, "document", 68, limit=2)
     assert tokens.tolist() == [[eos, *ids[0], eos], [eos, *ids[1], eos, 68, 68]]
     assert scored.tolist() == [[False] + [True] * 7, [False] + [True] * 5 + [False] * 2]
+
+
+def test_python_api_takes_names_or_loaded_models(tmp_path, tiny_checkpoint, documents):
+    import did_cli as did
+
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(documents) + "\n")
+    loaded = did.load_model(str(tiny_checkpoint), device="cpu")
+    data = did.NllData(data=str(path), num_samples=4)
+    result = did.eval_nll([str(tiny_checkpoint), loaded], data, did.NllSettings(block_sizes=(4, 64)))
+    by_name = [(r.block_size, r.nelbo) for r in result.results[:2]]
+    by_object = [(r.block_size, r.nelbo) for r in result.results[2:]]
+    assert by_name == by_object and [b for b, _ in by_name] == [4, 32]
+    assert result.to_dict()["results"][0]["sequences"] == 4

@@ -19,7 +19,7 @@ from rich.table import Table
 from did_cli import likelihood
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import load, stderr
+from did_cli.cli._run import stderr
 from did_cli.errors import UsageError
 from did_cli.files import write_text_atomically
 from did_cli.noise import AUTO_CLIP, parse_clip
@@ -99,24 +99,29 @@ def eval_nll(
         seed=seed,
         clip=_clip(clip),
     )
-    layout = _layout(no_wrap, wrap_format, preset)
+    source = likelihood.NllData(
+        data=data,
+        preset=preset,
+        config=data_config,
+        split=data_split,
+        text_field=text_field,
+        seq_len=seq_len,
+        layout=_layout(no_wrap, wrap_format, preset),
+        num_samples=num_samples,
+    )
     if per_sequence is not None and str(per_sequence) == "-":
         raise UsageError("--per-sequence needs a file name; only --json can go to stdout")
-    documents, source = likelihood.read_documents(
-        data, preset, config=data_config, split=data_split, text_field=text_field
-    )
-    loaded = []
-    for name in model:
-        denoiser, tok = load(name, tokenizer, revision, device, dtype)
-        loaded.append((name, denoiser, tok))
-
-    def rows_for(denoiser: Any, tok: Any) -> likelihood.EvalRows:
-        return likelihood.load_rows(
-            documents, tok, denoiser, source=source, seq_len=seq_len, layout=layout, num_samples=num_samples
-        )
-
     with _progress(quiet) as on_progress:
-        result = likelihood.eval_nll(loaded, rows_for, settings, on_progress=on_progress)
+        result = likelihood.eval_nll(
+            model,
+            source,
+            settings,
+            tokenizer=tokenizer,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            on_progress=on_progress,
+        )
     if not _is_main_process():
         return
     if json_out is not None:
