@@ -308,6 +308,10 @@ def fingerprint(tokens: torch.Tensor, scored: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def _interval(clip: ClipSpec | None, block_size: int, length: int) -> Clip:
+    return (DEFAULT_EPS_MIN, DEFAULT_EPS_MAX) if clip is None else clip_for(clip, block_size, length)
+
+
 def row_generator(seed: int, row: int, block_size: int) -> torch.Generator:
     """The noise source of one row at one block size (independent of the model, batch and process)."""
     digest = hashlib.sha256(f"did-nll:{seed}:{row}:{block_size}".encode()).digest()
@@ -360,7 +364,7 @@ def score_rows(
     length = rows.tokens.shape[1]
     block = min(block_size, length)
     exact = block == 1 and settings.exact_block_1
-    interval = (DEFAULT_EPS_MIN, DEFAULT_EPS_MAX) if settings.clip is None else clip_for(settings.clip, block, length)
+    interval = _interval(settings.clip, block, length)
     draws = 1 if exact else settings.noise_draws
     weighted = not is_unweighted(interval[0])
     per_call = max(1, settings.batch_size // draws)
@@ -563,9 +567,8 @@ def score_models(
             scored = score_rows(model, rows, mine, block, settings, progress)
             merged = merge_shards(gather([scored]) if world > 1 else [scored], rows.tokens.shape[0])
             exact = block == 1 and settings.exact_block_1
-            clip = (
-                (DEFAULT_EPS_MIN, DEFAULT_EPS_MAX) if settings.clip is None else clip_for(settings.clip, block, length)
-            )
+            # Exact NLL is t = 1 everywhere, which upstream writes as the interval (1, 1).
+            clip = (1.0, 1.0) if exact else _interval(settings.clip, block, length)
             results.append(BlockResult(name, block, merged, time.perf_counter() - started, exact, clip))
     run_settings = {
         **asdict(settings),

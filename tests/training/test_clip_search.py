@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -63,8 +64,8 @@ def test_clip_state_round_trips():
 
 
 def test_clip_auto_searches_at_validation_and_records_the_choice(tmp_path, tiny_checkpoint, corpus):  # noqa: F811
-    settings = _settings(tmp_path, tiny_checkpoint, corpus, steps=6, val_every=3, val_batches=2, clip="auto")
-    result = finetune(settings)
+    settings = _settings(tmp_path, tiny_checkpoint, corpus, steps=6, val_every=3, val_batches=1, save_every=3)
+    result = finetune(dataclasses.replace(settings, clip="auto"))
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     searches = [e for e in events if e["event"] == "clip_search"]
     assert {e["step"] for e in searches} == {3, 6} and {e["block_size"] for e in searches} == {4, 32}
@@ -72,6 +73,11 @@ def test_clip_auto_searches_at_validation_and_records_the_choice(tmp_path, tiny_
     for event in last.values():
         variances = event["variance"]
         assert min(variances, key=variances.get) == "{:g},{:g}".format(*event["clip"])
+    # The step-3 checkpoint holds the step-3 choice, so a resumed run continues with it.
+    saved = sorted((tmp_path / "run" / "checkpoints" / "step_00000003").glob("custom_checkpoint_*.pkl"))
+    states = [torch.load(path, weights_only=False) for path in saved]
+    first = {e["block_size"]: e["clip"] for e in searches if e["step"] == 3}
+    assert {"intervals": {str(s): c for s, c in first.items()}} in states
     config = load_model(str(result.final)).config
     assert config.extra["did_training_clip"] == {str(s): last[s]["clip"] for s in (4, 32)}
     assert (config.sampling_eps_min, config.sampling_eps_max) == tuple(last[4]["clip"])
