@@ -18,7 +18,9 @@ position masked). Ours is the same quantity with the same conventions; the one d
   blocks of each row, with the strata assigned to blocks in a random order, drawn from (seed, row, B) alone. Each
   block's t is then exactly uniform, the estimate is unbiased, and it does not depend on batch size, process count
   or which models are compared (they see the same noise). Both estimate the same expectation; their difference is
-  noise, which the standard error measures.
+  noise, which the standard error measures. `noise_layout="batch"` gives upstream's layout instead (consecutive
+  groups of `batch_size` rows noised together by the same function training validation uses), for a number that
+  moves with the batch size exactly as upstream's does.
 * The standard error is over sequences (a ratio estimator: it reduces to std / sqrt(n) when every row has the same
   number of tokens); more noise draws per row (`noise_draws`) shrink the noise part of it.
 * Rows: `wrap` cuts the token stream (documents + EOS) into L-token rows exactly as training does; `bos-eos` is
@@ -51,7 +53,7 @@ from did_cli.errors import DataError, UsageError
 from did_cli.model import BD3LM
 from did_cli.noise import DEFAULT_EPS_MAX, DEFAULT_EPS_MIN, Clip, ClipSpec, clip_for, is_unweighted, mask_tokens
 from did_cli.provenance import model_info, tokenizer_info, versions
-from did_cli.training.objective import nelbo_terms
+from did_cli.training.objective import nelbo_terms, noise_batch
 from did_cli.zero_shot import get_preset
 
 LAYOUTS = ("wrap", "bos-eos", "document")
@@ -70,6 +72,9 @@ class NllSettings:
         clip: None for the unclipped schedule t ~ U[1e-3, 1] (the true bound), else an interval or intervals per
             block size (a biased estimate, what training with `--clip` optimises).
         exact_block_1: at B = 1 score the exact NLL (t = 1), the expectation of the B = 1 NELBO, as upstream does.
+        noise_layout: `row` (t stratified over each row's draws x blocks, from (seed, row, B): the default) or
+            `batch` (upstream's and training validation's layout: t stratified over consecutive groups of
+            `batch_size` rows x blocks, one draw, so the number depends on the batch size as upstream's does).
     """
 
     block_sizes: tuple[int, ...] = (4, 16, 1024)
@@ -78,8 +83,13 @@ class NllSettings:
     seed: int = 0
     clip: ClipSpec | None = None
     exact_block_1: bool = True
+    noise_layout: str = "row"
 
     def __post_init__(self) -> None:
+        if self.noise_layout not in ("row", "batch"):
+            raise UsageError(f"--noise-layout must be row or batch, got {self.noise_layout!r}")
+        if self.noise_layout == "batch" and self.noise_draws != 1:
+            raise UsageError("--noise-layout batch draws once per row, as upstream; drop --noise-draws")
         if not self.block_sizes or min(self.block_sizes) < 1:
             raise UsageError(f"--block-size needs positive sizes, got {self.block_sizes}")
         if self.noise_draws < 1 or self.batch_size < 1:
@@ -347,6 +357,30 @@ def row_noise(
     )
 
 
+def _batch_noise(
+    rows: EvalRows,
+    index: int,
+    block_size: int,
+    interval: Clip,
+    mask_id: int,
+    settings: NllSettings,
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row `index`'s x_t [L] and t [L] under the `batch` layout: its group's noise, drawn as training validates.
+
+    `groups` caches each group's noise, since a process may score only some rows of a group.
+    """
+    group, position = divmod(index, settings.batch_size)
+    if group not in groups:
+        first = group * settings.batch_size
+        clean = rows.tokens[first : first + settings.batch_size]
+        generator = row_generator(settings.seed, group, block_size)
+        groups.clear()
+        groups[group] = noise_batch(clean, block_size, mask_id, generator, interval, resample=True)
+    noisy, t = groups[group]
+    return noisy[position], t[position]
+
+
 @torch.no_grad()
 def score_rows(
     model: BD3LM,
@@ -369,6 +403,7 @@ def score_rows(
     weighted = not is_unweighted(interval[0])
     per_call = max(1, settings.batch_size // draws)
     results: list[RowResult] = []
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for first in range(0, len(indices), per_call):
         chunk = list(indices[first : first + per_call])
         clean = rows.tokens[chunk].repeat_interleave(draws, dim=0)
@@ -377,6 +412,10 @@ def score_rows(
             noisy = torch.where(scored, torch.full_like(clean, model.mask_id), clean)
             noisy[:, 0] = clean[:, 0]
             t = torch.ones(clean.shape)
+        elif settings.noise_layout == "batch":
+            noised = [_batch_noise(rows, i, block, interval, model.mask_id, settings, groups) for i in chunk]
+            noisy = torch.stack([n for n, _ in noised])
+            t = torch.stack([t for _, t in noised])
         else:
             noised = [
                 row_noise(rows.tokens[i], block, draws, interval, model.mask_id, row_generator(settings.seed, i, block))

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from did_cli.errors import UsageError
 from did_cli.likelihood import (
     BlockResult,
     NllSettings,
@@ -16,6 +17,7 @@ from did_cli.likelihood import (
     score_rows,
     shard,
 )
+from did_cli.training.objective import validation_nelbo
 from tests.conftest import CHARS, make_tiny_model
 
 L = 32
@@ -177,3 +179,23 @@ def test_python_api_takes_names_or_loaded_models(tmp_path, tiny_checkpoint, docu
     by_object = [(r.block_size, r.nelbo) for r in result.results[2:]]
     assert by_name == by_object and [b for b, _ in by_name] == [4, 32]
     assert result.to_dict()["results"][0]["sequences"] == 4
+
+
+def test_batch_noise_layout_is_training_validation_and_moves_with_the_batch_size(model, rows):
+    count = len(rows.tokens)  # 6 rows: one group of 6, or groups of 4 and 2
+    whole = score_rows(model, rows, range(count), 4, NllSettings(noise_layout="batch", batch_size=count, seed=2))
+    expected = validation_nelbo(model, rows.tokens, 4, row_generator(2, 0, 4))
+    nelbo = BlockResult("m", 4, whole, 0.0, False, (1e-3, 1.0)).nelbo
+    assert nelbo == pytest.approx(expected, rel=1e-5)
+    split = score_rows(model, rows, range(count), 4, NllSettings(noise_layout="batch", batch_size=4, seed=2))
+    assert [r.nll for r in split] != [r.nll for r in whole]
+    sharded = merge_shards(
+        [
+            score_rows(model, rows, shard(count, k, 2), 4, NllSettings(noise_layout="batch", batch_size=4, seed=2))
+            for k in range(2)
+        ],
+        count,
+    )
+    torch.testing.assert_close(torch.tensor([r.nll for r in sharded]), torch.tensor([r.nll for r in split]))
+    with pytest.raises(UsageError, match="draws once per row"):
+        NllSettings(noise_layout="batch", noise_draws=2)

@@ -48,6 +48,14 @@ Clip = Annotated[
     str | None,
     typer.Option("--clip", help="Score a clipped schedule EPS_MIN,EPS_MAX or 4=0.5,1;... (default: the true bound)."),
 ]
+NoiseLayout = Annotated[
+    str,
+    typer.Option(
+        "--noise-layout",
+        help="row: t stratified within each row (any batch size, same number); batch: upstream's ppl_eval layout, "
+        "t stratified over --batch-size rows x blocks (the number moves with the batch size).",
+    ),
+]
 NoWrap = Annotated[
     bool, typer.Option("--no-wrap", help="One row per document: [BOS] doc [EOS], truncated, padded (never scored).")
 ]
@@ -78,6 +86,7 @@ def eval_nll(
     batch_size: BatchSize = 16,
     seed: o.Seed = 0,
     clip: Clip = None,
+    noise_layout: NoiseLayout = "row",
     no_wrap: NoWrap = False,
     wrap_format: Layout = None,
     data_config: DataConfig = None,
@@ -98,6 +107,7 @@ def eval_nll(
         batch_size=batch_size,
         seed=seed,
         clip=_clip(clip),
+        noise_layout=noise_layout,
     )
     source = likelihood.NllData(
         data=data,
