@@ -8,8 +8,9 @@ from did_cli.api import draft, eval_ppl, finetune, generate, refine, run_sweep
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
 from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
 from did_cli.errors import DidError
+from did_cli.eval_rows import NllData
 from did_cli.evaluation import EvalSettings
-from did_cli.likelihood import NllData, NllSettings, eval_nll
+from did_cli.likelihood import NllSettings, eval_nll
 from did_cli.model import BD3LM
 from did_cli.records import Record, read_records
 from did_cli.sweep import SweepSettings

@@ -5,12 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from did_cli.errors import UsageError
+from did_cli.eval_rows import build_rows, load_rows
 from did_cli.likelihood import (
     BlockResult,
     NllSettings,
     RowResult,
-    build_rows,
-    load_rows,
     merge_shards,
     row_generator,
     row_noise,

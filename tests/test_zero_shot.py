@@ -2,7 +2,7 @@ import datasets
 import pytest
 
 from did_cli.errors import UsageError
-from did_cli.likelihood import read_documents
+from did_cli.eval_rows import read_documents
 from did_cli.zero_shot import (
     PRESETS,
     detokenize_lambada,

@@ -21,6 +21,7 @@ from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import stderr
 from did_cli.errors import UsageError
+from did_cli.eval_rows import NllData
 from did_cli.files import write_text_atomically
 from did_cli.noise import AUTO_CLIP, parse_clip
 from did_cli.zero_shot import PRESETS
@@ -109,7 +110,7 @@ def eval_nll(
         clip=_clip(clip),
         noise_layout=noise_layout,
     )
-    source = likelihood.NllData(
+    source = NllData(
         data=data,
         preset=preset,
         config=data_config,
