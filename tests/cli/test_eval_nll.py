@@ -104,3 +104,18 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, tiny_checkpoint, text_f
     for a, b in zip(single["results"], double["results"], strict=True):
         assert (a["block_size"], a["sequences"], a["tokens"]) == (b["block_size"], b["sequences"], b["tokens"])
         assert a["nelbo"] == pytest.approx(b["nelbo"], rel=1e-9)
+
+
+def test_preset_rows_use_the_zero_shot_layout(monkeypatch, tiny_checkpoint, char_tokenizer):
+    import datasets
+
+    lines = [" the cat @-@ like thing . \n", " = = a heading = = \n"] * 20
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": lines}))
+    args = ["eval-nll", "-m", str(tiny_checkpoint), "--preset", "wikitext-103", "--block-size", "4", "--json", "-"]
+    result = runner.invoke(app, [*args, "-q"])
+    assert result.exit_code == 0, result.stderr
+    data = next(iter(json.loads(result.stdout)["data"].values()))
+    assert data["layout"] == "bos-eos" and data["source"]["preset"] == "wikitext-103"
+    clean = [" the cat-like thing.\n", " == a heading ==\n"] * 20  # detokenised by hand, document by document
+    text_tokens = sum(len(char_tokenizer(text, add_special_tokens=False)["input_ids"]) for text in clean)
+    assert data["rows"] == text_tokens // 30  # [BOS] + L - 2 text tokens + [EOS] per row, no EOS between documents
