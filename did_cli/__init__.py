@@ -19,11 +19,14 @@ _EXPORTS = {
     "EvalSettings": "did_cli.evaluation",
     "FinetuneSettings": "did_cli.config",
     "ModelConfig": "did_cli.config",
+    "NllData": "did_cli.eval_rows",
+    "NllSettings": "did_cli.likelihood",
     "Record": "did_cli.records",
     "RefineSettings": "did_cli.config",
     "SweepSettings": "did_cli.sweep",
     "UnmaskingSettings": "did_cli.config",
     "draft": "did_cli.api",
+    "eval_nll": "did_cli.likelihood",
     "eval_ppl": "did_cli.api",
     "finetune": "did_cli.api",
     "generate": "did_cli.api",
@@ -42,11 +45,14 @@ __all__ = [
     "EvalSettings",
     "FinetuneSettings",
     "ModelConfig",
+    "NllData",
+    "NllSettings",
     "Record",
     "RefineSettings",
     "SweepSettings",
     "UnmaskingSettings",
     "draft",
+    "eval_nll",
     "eval_ppl",
     "finetune",
     "generate",
@@ -63,7 +69,9 @@ if TYPE_CHECKING:
     from did_cli.checkpoints import load_model, load_tokenizer, save_model
     from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
     from did_cli.errors import DidError
+    from did_cli.eval_rows import NllData
     from did_cli.evaluation import EvalSettings
+    from did_cli.likelihood import NllSettings, eval_nll
     from did_cli.model import BD3LM
     from did_cli.records import Record, read_records
     from did_cli.sweep import SweepSettings, run_sweep

@@ -20,6 +20,7 @@ from did_cli.config import DraftSettings, RefineSettings
 from did_cli.distributed import ONE_PROCESS, Shard
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_ppl
+from did_cli.likelihood import eval_nll
 from did_cli.model import BD3LM
 from did_cli.provenance import device_info, model_info, tokenizer_info, versions
 from did_cli.records import Record
@@ -30,6 +31,7 @@ from did_cli.training.loop import finetune
 __all__ = [
     "Progress",
     "draft",
+    "eval_nll",
     "eval_ppl",
     "finetune",
     "generate",

@@ -319,7 +319,8 @@ class FinetuneSettings:
         keep_last: checkpoints kept.
         resume: continue from the latest checkpoint in `out`.
         seed: seeds initialisation, data order, block-size draws and noise.
-        clip: (eps_min, eps_max) interval for t, or such intervals per block size ({4: (0.5, 1.0)}).
+        clip: (eps_min, eps_max) interval for t, such intervals per block size ({4: (0.5, 1.0)}), or "auto" (search
+            the lowest-variance interval per block size at each validation, BD3-LM's var_min).
         resample: redraw blocks whose masked fraction is outside `clip` (BD3-LM's training.resample).
         ema: EMA decay.
         grad_clip: gradient-norm clip.
@@ -355,7 +356,7 @@ class FinetuneSettings:
     keep_last: int = 3
     resume: bool = False
     seed: int = 0
-    clip: tuple[float, float] | dict[int, tuple[float, float]] = (1e-3, 1.0)
+    clip: tuple[float, float] | dict[int, tuple[float, float]] | str = (1e-3, 1.0)
     resample: bool = True
     ema: float = 0.9999
     grad_clip: float = 1.0
@@ -396,6 +397,8 @@ class FinetuneSettings:
             raise UsageError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.txt_documents not in ("lines", "file"):
             raise UsageError(f"--txt-documents must be lines or file, got {self.txt_documents!r}")
+        if isinstance(self.clip, str) and self.clip != "auto":
+            raise UsageError(f"--clip must be an interval, per-size intervals or auto, got {self.clip!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 

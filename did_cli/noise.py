@@ -4,6 +4,10 @@
   1/t; t is drawn once per block, stratified (antithetic) over batch x blocks, and clipped to [eps_min, eps_max].
 * Optional resampling of blocks whose masked fraction falls outside the clip interval (BD3-LM's
   `training.resample`), which lowers the variance of small-block training.
+* Position 0 is never masked (BD3-LM's `ignore_bos`): it is the BOS of an unconditional sample, so training it as a
+  prediction target would teach nothing the sampler uses.
+* When the clip's lower end exceeds 0.5 the loss is unweighted (BD3-LM sets the loss scale to 1 there), see
+  `is_unweighted`.
 * The block-size mix of mix-scale fine-tuning (DiD): "4:0.9,1024:0.1" draws the block size per optimizer step from
   {4: 0.9, 1024: 0.1}; a size at least the sequence length means one global block, so a mix works at any length.
 
@@ -20,6 +24,8 @@ from did_cli.errors import UsageError
 
 DEFAULT_EPS_MIN = 1e-3
 DEFAULT_EPS_MAX = 1.0
+# Above this lower clip end BD3-LM drops the 1/t weight (its `loss_scale = -1` branch).
+UNWEIGHTED_ABOVE = 0.5
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,13 @@ Clip = tuple[float, float]
 # Either one interval for every block size, or intervals per block size: BD3-LM tunes it per size (U[0.5, 1] for
 # B = 4), and a mix must not squeeze its global block into a small block's interval.
 ClipSpec = Clip | dict[int, Clip]
+# `--clip auto`: search the interval per block size during training (training/clip_search.py).
+AUTO_CLIP = "auto"
+
+
+def is_unweighted(eps_min: float) -> bool:
+    """Whether the loss drops the 1/t weight: BD3-LM does so when the clip's lower end exceeds 0.5."""
+    return eps_min > UNWEIGHTED_ABOVE
 
 
 def _parse_interval(text: str, spec: str) -> Clip:
@@ -91,11 +104,14 @@ def _parse_interval(text: str, spec: str) -> Clip:
     return low, high
 
 
-def parse_clip(spec: str) -> ClipSpec:
-    """Parse "EPS_MIN,EPS_MAX" (every block size) or "4=0.5,1;1024=0.001,1" (per block size).
+def parse_clip(spec: str) -> ClipSpec | str:
+    """Parse "EPS_MIN,EPS_MAX" (every block size), "4=0.5,1;1024=0.001,1" (per block size) or "auto".
 
-    Block sizes not listed in a per-size spec train on the full interval (1e-3, 1).
+    Block sizes not listed in a per-size spec train on the full interval (1e-3, 1). "auto" is returned as is: the
+    training loop searches the interval per block size (BD3-LM's `var_min`).
     """
+    if spec.strip() == AUTO_CLIP:
+        return AUTO_CLIP
     if "=" not in spec:
         return _parse_interval(spec, spec)
     per_size: dict[int, Clip] = {}
@@ -150,12 +166,14 @@ def mask_tokens(
     eps_min: float = DEFAULT_EPS_MIN,
     eps_max: float = DEFAULT_EPS_MAX,
     max_resamples: int = 100,
+    keep_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t: each token masked independently with its block's probability t.
 
     With `resample`, blocks whose masked fraction lies outside the clip interval are redrawn (bounds at their
     defaults are not enforced, as in BD3-LM); unlike BD3-LM the redraw is capped so a narrow interval cannot loop
-    forever.
+    forever. With `keep_first`, position 0 is put back clean after masking (and after resampling, whose masked
+    fractions still count it), as BD3-LM's `ignore_bos` does.
 
     Args:
         clean: [B, L] int64 x_0 (on CPU; masks are drawn where the generator lives).
@@ -167,6 +185,7 @@ def mask_tokens(
         eps_min: lower clip bound.
         eps_max: upper clip bound.
         max_resamples: cap on redraw rounds.
+        keep_first: never mask position 0.
 
     Returns:
         x_t [B, L] int64 and the per-token t [B, L] float32.
@@ -185,5 +204,7 @@ def mask_tokens(
                 break
             fresh = torch.rand(clean.shape, generator=generator) < t_token
             is_masked = torch.where(redo.repeat_interleave(block_size, dim=-1), fresh, is_masked)
+    if keep_first:
+        is_masked[..., 0] = False
     noisy = torch.where(is_masked, torch.full_like(clean, mask_id), clean)
     return noisy, t_token

@@ -35,6 +35,7 @@ def _root(
 def build_app() -> typer.Typer:
     """The Typer app with every command registered (importing the command modules, which import no torch)."""
     from did_cli.cli.draft import draft
+    from did_cli.cli.eval_nll import eval_nll
     from did_cli.cli.eval_ppl import eval_ppl
     from did_cli.cli.finetune import finetune
     from did_cli.cli.generate import generate
@@ -56,6 +57,7 @@ def build_app() -> typer.Typer:
         ("finetune", finetune, "Mix-scale block-diffusion fine-tuning on accelerate (block size drawn per step)."),
         ("show", show, "Show one sample as a confidence heat-map, marking what refinement changed."),
         ("eval-ppl", eval_ppl, "Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol)."),
+        ("eval-nll", eval_nll, "NELBO per token and its perplexity bound per model and block size (test PPL)."),
         ("sweep", sweep, "Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report."),
     ]
     for name, function, help_text in commands:

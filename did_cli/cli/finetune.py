@@ -92,7 +92,12 @@ def finetune(
     seed: o.Seed = 0,
     clip: Annotated[
         str,
-        typer.Option("--clip", help="Noise interval EPS_MIN,EPS_MAX, or per block size: 4=0.5,1;1024=0.001,1."),
+        typer.Option(
+            "--clip",
+            help="Noise interval EPS_MIN,EPS_MAX, per block size (4=0.5,1;1024=0.001,1), or auto: search the "
+            "lowest-variance interval per block size at each validation (BD3-LM's var_min). Above eps_min 0.5 the "
+            "loss is unweighted, as in BD3-LM.",
+        ),
     ] = "0.001,1.0",
     no_resample: Annotated[bool, typer.Option("--no-resample", help="Do not redraw blocks outside --clip.")] = False,
     ema: Annotated[float, typer.Option("--ema", help="EMA decay (exported weights are the EMA).")] = _D.ema,

@@ -38,10 +38,11 @@ from did_cli.config import FinetuneSettings, ModelConfig, default_micro_batch_si
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
 from did_cli.errors import DataError, TrainingDivergedError, UsageError
 from did_cli.model import BD3LM
-from did_cli.noise import BlockSizeMix, clip_for, mask_tokens, parse_mix, sample_t
+from did_cli.noise import AUTO_CLIP, BlockSizeMix, ClipSpec, clip_for, is_unweighted, parse_mix
 from did_cli.provenance import versions
+from did_cli.training.clip_search import ClipState, block_losses, clip_candidates, search_clip
 from did_cli.training.ema import EMA
-from did_cli.training.objective import nelbo_sum, validation_nelbo
+from did_cli.training.objective import nelbo_sum, noise_batch, validation_nelbo
 
 EventFn = Callable[[dict[str, Any]], None]
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
@@ -54,8 +55,10 @@ class _Objective(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int) -> torch.Tensor:
-        return nelbo_sum(self.denoiser, clean, noisy, t, block_size)
+    def forward(
+        self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, block_size: int, weighted: bool = True
+    ) -> torch.Tensor:
+        return nelbo_sum(self.denoiser, clean, noisy, t, block_size, weighted=weighted)
 
 
 @dataclass
@@ -202,6 +205,11 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     ema.shadow = [s.to(accelerator.device) for s in ema.shadow]
     accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(scheduler)
+    clip_state = ClipState()
+    if settings.clip == AUTO_CLIP:
+        if not settings.val_every or not valid_rows.num_rows:
+            raise UsageError("--clip auto searches the interval at each validation; set --val-every and keep data")
+        accelerator.register_for_checkpointing(clip_state)
     if settings.report_to:
         accelerator.init_trackers("did-finetune", config={k: str(v) for k, v in dataclasses.asdict(settings).items()})
 
@@ -232,6 +240,7 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
         accumulation,
         rank,
         emit,
+        clip_state,
     )
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -258,8 +267,8 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
         # Record how the exported weights were trained; BD3-LM's `block_size` field keeps the smallest size.
         # The noise interval goes where BD3-LM keeps it: the config fields and the sampling_eps_min/max buffers.
         # Per-size intervals: the config fields take the smallest block size's, the full map goes to `extra`.
-        eps_min, eps_max = clip_for(settings.clip, mix.sizes[0], length)
-        clips = {str(size): list(clip_for(settings.clip, size, length)) for size in mix.sizes}
+        eps_min, eps_max = clip_for(run.clip, mix.sizes[0], length)
+        clips = {str(size): list(clip_for(run.clip, size, length)) for size in mix.sizes}
         denoiser.config = dataclasses.replace(
             denoiser.config,
             block_size=mix.sizes[0],
@@ -306,6 +315,7 @@ class _Run:
         accumulation: int,
         rank: int,
         emit: EventFn,
+        clip_state: ClipState,
     ) -> None:
         self.settings, self.accelerator, self.objective, self.denoiser = settings, accelerator, objective, denoiser
         self.optimizer, self.scheduler, self.ema, self.mix = optimizer, scheduler, ema, mix
@@ -313,23 +323,21 @@ class _Run:
         self.rows_per_rank, self.accumulation, self.rank, self.emit = rows_per_rank, accumulation, rank, emit
         self.out = Path(settings.out)
         self.metrics = self.out / "metrics.jsonl"
+        self.clip_state = clip_state
+
+    @property
+    def clip(self) -> ClipSpec:
+        """The noise interval(s) in force: the fixed --clip, or what the last search chose (full interval before)."""
+        return self.clip_state.intervals if self.settings.clip == AUTO_CLIP else self.settings.clip
 
     def _batch(self, step: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's rows, x_t and per-token t for a step: noise for the global batch, then this rank's slice."""
         settings = self.settings
         clean = self.train_rows.batch(step * settings.batch_size, settings.batch_size)
         generator = torch.Generator().manual_seed(_step_seed(settings.seed, step, "noise"))
-        eps_min, eps_max = clip_for(settings.clip, block_size, self.length)
-        t = sample_t(settings.batch_size, self.length // block_size, generator, eps_min, eps_max)
-        noisy, t_token = mask_tokens(
-            clean,
-            t,
-            block_size,
-            self.denoiser.mask_id,
-            generator,
-            resample=settings.resample,
-            eps_min=eps_min,
-            eps_max=eps_max,
+        interval = clip_for(self.clip, block_size, self.length)
+        noisy, t_token = noise_batch(
+            clean, block_size, self.denoiser.mask_id, generator, interval, resample=settings.resample
         )
         # Interleaved rows: t is stratified along the batch, so contiguous slices would give one rank all the
         # heavily masked rows (and most of the vocabulary projections); every rank gets an even spread instead.
@@ -347,6 +355,7 @@ class _Run:
         for step in range(start, settings.steps):
             block_size = self.mix.draw(torch.Generator().manual_seed(_step_seed(settings.seed, step, "block")))
             clean, noisy, t = self._batch(step, block_size)
+            weighted = not is_unweighted(clip_for(self.clip, block_size, self.length)[0])
             normaliser = self.rows_per_rank * self.length
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(self.accumulation):
@@ -354,7 +363,7 @@ class _Run:
                 last_micro = micro == self.accumulation - 1
                 context = accelerator.no_sync(self.objective) if not last_micro else nullcontext()
                 with context:
-                    loss = self.objective(clean[rows], noisy[rows], t[rows], block_size) / normaliser
+                    loss = self.objective(clean[rows], noisy[rows], t[rows], block_size, weighted) / normaliser
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             step_loss = accelerator.reduce(step_loss, reduction="mean")
@@ -424,10 +433,41 @@ class _Run:
                             total += validation_nelbo(model, clean.to(self.accelerator.device), size, generator)
                         batches += 1
                     results[size] = total / batches
+                if self.settings.clip == AUTO_CLIP:
+                    self._search_clip(step)
             model.train(was_training)
             self._log({"event": "validation", "step": step, "nelbo": {str(k): v for k, v in results.items()}})
+        if self.settings.clip == AUTO_CLIP and self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            shared = broadcast_object_list([self.clip_state.intervals])
+            self.clip_state.intervals = shared[0]
         self.accelerator.wait_for_everyone()
         return results
+
+    def _search_clip(self, step: int) -> None:
+        """`--clip auto`: per block size above 1, the lowest-variance interval on the validation batches."""
+        settings, device = self.settings, self.accelerator.device
+        batches = [
+            self.valid_rows.sequential(index * settings.micro_batch_size, settings.micro_batch_size)
+            for index in range(settings.val_batches)
+            if index * settings.micro_batch_size < self.valid_rows.num_rows
+        ]
+        for size in (s for s in self.mix.sizes if s > 1):
+
+            def losses_for(interval: tuple[float, float], size: int = size) -> list[torch.Tensor]:
+                out = []
+                for index, clean in enumerate(batches):
+                    generator = torch.Generator().manual_seed(_step_seed(settings.seed, index, f"clip:{size}"))
+                    with self.accelerator.autocast():
+                        out.append(block_losses(self.denoiser, clean.to(device), size, interval, generator))
+                return out
+
+            chosen, variances = search_clip(clip_candidates(), losses_for)
+            self.clip_state.intervals[size] = chosen
+            self._log(
+                {"event": "clip_search", "step": step, "block_size": size, "clip": list(chosen), "variance": variances}
+            )
 
     def save(self, step: int) -> None:
         """Write a full training state for `step` atomically and keep the last `keep_last`."""

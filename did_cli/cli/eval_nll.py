@@ -1,0 +1,256 @@
+"""`did eval-nll`: the NELBO (nats per token) and its perplexity bound per model and block size, as a table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from did_cli import likelihood
+from did_cli.cli import _options as o
+from did_cli.cli._errors import handle_errors
+from did_cli.cli._run import stderr
+from did_cli.errors import UsageError
+from did_cli.eval_rows import NllData
+from did_cli.files import write_text_atomically
+from did_cli.noise import AUTO_CLIP, parse_clip
+from did_cli.zero_shot import PRESETS
+
+Models = Annotated[
+    list[str],
+    typer.Option("--model", "-m", help="Model to score (repeat to compare): embedded name, folder or Hub id."),
+]
+Data = Annotated[
+    str | None, typer.Option("--data", help="Local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id.")
+]
+Preset = Annotated[str | None, typer.Option("--preset", help=f"Zero-shot set: {', '.join(PRESETS)}.")]
+BlockSizes = Annotated[
+    str, typer.Option("--block-size", help="Comma-separated block sizes; a size >= L is one global block (MDLM).")
+]
+SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Row length L (default: the model's length).")]
+NumSamples = Annotated[int | None, typer.Option("--num-samples", help="Score only the first N rows (default: all).")]
+NoiseDraws = Annotated[
+    int, typer.Option("--noise-draws", help="Noise draws (t and masks) per row, averaged; lowers the error.")
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", help="Sequences (rows x noise draws) per forward pass; never changes results.")
+]
+Clip = Annotated[
+    str | None,
+    typer.Option("--clip", help="Score a clipped schedule EPS_MIN,EPS_MAX or 4=0.5,1;... (default: the true bound)."),
+]
+NoiseLayout = Annotated[
+    str,
+    typer.Option(
+        "--noise-layout",
+        help="row: t stratified within each row (any batch size, same number); batch: upstream's ppl_eval layout, "
+        "t stratified over --batch-size rows x blocks (the number moves with the batch size).",
+    ),
+]
+NoWrap = Annotated[
+    bool, typer.Option("--no-wrap", help="One row per document: [BOS] doc [EOS], truncated, padded (never scored).")
+]
+Layout = Annotated[
+    str | None,
+    typer.Option("--wrap-format", help="train (documents + EOS cut into rows) or bos-eos (upstream's zero-shot)."),
+]
+DataConfig = Annotated[str | None, typer.Option("--data-config", help="Dataset configuration (Hub datasets).")]
+DataSplit = Annotated[str, typer.Option("--data-split", help="Dataset split (Hub datasets).")]
+TextField = Annotated[str, typer.Option("--text-field", help="Column holding the text.")]
+JsonOut = Annotated[
+    Path | None, typer.Option("--json", help="Write results, settings, data fingerprint and versions (- = stdout).")
+]
+PerSequence = Annotated[
+    Path | None, typer.Option("--per-sequence", help="Write one JSON line per model, block size and row here.")
+]
+
+
+@handle_errors(on_interrupt="interrupted: no result was written")
+def eval_nll(
+    model: Models,
+    data: Data = None,
+    preset: Preset = None,
+    block_size: BlockSizes = "4,16,1024",
+    seq_len: SeqLen = None,
+    num_samples: NumSamples = None,
+    noise_draws: NoiseDraws = 1,
+    batch_size: BatchSize = 16,
+    seed: o.Seed = 0,
+    clip: Clip = None,
+    noise_layout: NoiseLayout = "row",
+    no_wrap: NoWrap = False,
+    wrap_format: Layout = None,
+    data_config: DataConfig = None,
+    data_split: DataSplit = "test",
+    text_field: TextField = "text",
+    tokenizer: o.Tokenizer = None,
+    revision: o.Revision = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "float32",
+    json_out: JsonOut = None,
+    per_sequence: PerSequence = None,
+    quiet: o.Quiet = False,
+) -> None:
+    """NELBO per token and exp(NELBO), the perplexity bound, for each model and block size (BD3-LM's ppl_eval)."""
+    settings = likelihood.NllSettings(
+        block_sizes=_sizes(block_size),
+        noise_draws=noise_draws,
+        batch_size=batch_size,
+        seed=seed,
+        clip=_clip(clip),
+        noise_layout=noise_layout,
+    )
+    source = NllData(
+        data=data,
+        preset=preset,
+        config=data_config,
+        split=data_split,
+        text_field=text_field,
+        seq_len=seq_len,
+        layout=_layout(no_wrap, wrap_format, preset),
+        num_samples=num_samples,
+    )
+    if per_sequence is not None and str(per_sequence) == "-":
+        raise UsageError("--per-sequence needs a file name; only --json can go to stdout")
+    with _progress(quiet) as on_progress:
+        result = likelihood.eval_nll(
+            model,
+            source,
+            settings,
+            tokenizer=tokenizer,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            on_progress=on_progress,
+        )
+    if not _is_main_process():
+        return
+    if json_out is not None:
+        _write(json_out, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    if per_sequence is not None:
+        lines = [
+            {
+                "model": r.model,
+                "block_size": r.block_size,
+                "row": row.row,
+                "nelbo": row.nelbo,
+                "nll": row.nll,
+                "tokens": row.tokens,
+            }
+            for r in result.results
+            for row in r.rows
+        ]
+        _write(per_sequence, "".join(json.dumps(line) + "\n" for line in lines))
+    if not quiet:
+        stderr.print(_table(result))
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--block-size must be comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise UsageError("--block-size is empty")
+    return sizes
+
+
+def _clip(text: str | None) -> Any:
+    if text is None:
+        return None
+    clip = parse_clip(text)
+    if clip == AUTO_CLIP:
+        raise UsageError("--clip auto is a training option; give the interval to score")
+    return clip
+
+
+def _layout(no_wrap: bool, wrap_format: str | None, preset: str | None) -> str:
+    if no_wrap:
+        if wrap_format is not None:
+            raise UsageError("--wrap-format applies to wrapped rows; drop it with --no-wrap")
+        return "document"
+    if wrap_format is None:
+        return "bos-eos" if preset is not None else "wrap"
+    if wrap_format not in ("train", "bos-eos"):
+        raise UsageError(f"--wrap-format must be train or bos-eos, got {wrap_format!r}")
+    return "wrap" if wrap_format == "train" else "bos-eos"
+
+
+def _is_main_process() -> bool:
+    # Under `accelerate launch` every process computes the gathered result; only the first one writes it.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _write(path: Path, text: str) -> None:
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    write_text_atomically(path, text)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, int], None] | None]:
+    """A transient bar per model and block size on stderr when it is a terminal; yields the callback."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    )
+    tasks: dict[tuple[str, int], Any] = {}
+
+    def update(name: str, block: int, done: int, total: int) -> None:
+        if (name, block) not in tasks:
+            tasks[(name, block)] = bar.add_task(f"{name} B={block}", total=total)
+        bar.update(tasks[(name, block)], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def _table(result: likelihood.NllResult) -> Table:
+    settings = result.settings
+    clip = "unclipped t ~ U[1e-3, 1]" if settings["clip"] is None else f"clip {settings['clip']}"
+    first = next(iter(result.data.values()))
+    title = (
+        f"NELBO on {first['rows']} rows of {first['seq_len']} tokens ({first['layout']}), {clip}, "
+        f"{settings['noise_draws']} noise draw(s) per row, seed {settings['seed']}"
+    )
+    caption = (
+        "NELBO: nats per scored token (position 0 and padding not scored), token-weighted as BD3-LM's ppl_eval; "
+        "± one standard error over sequences; PPL ≤ exp(NELBO); B = 1 is the exact NLL"
+    )
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("model", overflow="fold")
+    for header in ("B", "NELBO", "± s.e.", "PPL ≤", "seqs", "tokens", "time (s)"):
+        table.add_column(header, justify="right")
+    for r in result.results:
+        error = r.stderr
+        table.add_row(
+            r.model,
+            str(r.block_size),
+            f"{r.nelbo:.4f}",
+            f"{error:.4f}" if math.isfinite(error) else "—",
+            f"{math.exp(r.nelbo):.2f}",
+            str(len(r.rows)),
+            str(r.tokens),
+            f"{r.seconds:.1f}",
+        )
+    return table
