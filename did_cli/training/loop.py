@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
@@ -152,7 +153,7 @@ def _warn_if_frozen(settings: FinetuneSettings, ema: EMA, start: int, warn: Call
     kept = ema.kept_fraction(remaining)
     if kept > 0.99:
         warn(
-            f"--ema {ema.decay:g} after {ema.num_updates} updates keeps {kept:.1%} of the current average over the "
+            f"--ema {ema.decay:g} after {ema.num_updates} updates keeps {kept:.2%} of the current average over the "
             f"remaining {remaining} steps: the exported weights will barely change; lower --ema"
         )
 
@@ -222,6 +223,16 @@ def _pick_checkpoint(existing: list[tuple[int, Path]], warn: Callable[[str], Non
             os.replace(bad, aside)
         warn(f"checkpoint {bad.name} is damaged ({problem}); moved it to {aside.name}, resuming from {folder.name}")
     return folder
+
+
+def _read_saved_state(folder: Path) -> dict[str, Any]:
+    try:
+        saved = state.read_state(folder)
+        if not isinstance(saved, dict) or not isinstance(saved.get("step"), int) or "settings" not in saved:
+            raise ValueError("no step or settings")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / state.STATE} is unreadable: {exc}") from None
+    return saved
 
 
 def _check_settings(saved: dict[str, Any], settings: FinetuneSettings, folder: Path, allowed: bool) -> list[dict]:
@@ -294,7 +305,7 @@ def _finetune(
         existing = []
     resume_from = _pick_checkpoint(existing, warn, main) if existing else None
     accelerator.wait_for_everyone()
-    saved = state.read_state(resume_from) if resume_from is not None else None
+    saved = _read_saved_state(resume_from) if resume_from is not None else None
     overrides: list[dict[str, Any]] = []
     if saved is not None:
         if saved["step"] > settings.steps:
@@ -638,24 +649,27 @@ class _Run:
         The EMA decay, learning rate and warmup come from this run's settings: the schedule is a function of the
         step, so it is rebuilt at the saved position (a changed --lr or --warmup therefore takes effect).
         """
-        module = self.accelerator.unwrap_model(self.objective)
-        names = [name for name, _ in self.denoiser.named_parameters()]
         try:
-            module.load_state_dict(state.load_tensors(folder / state.MODEL), strict=True)
-            tensors = state.load_tensors(folder / state.OPTIMIZER)
-            self.optimizer.load_state_dict(state.join_optimizer_state(tensors, saved["optimizer"]))
-            shadows = state.load_tensors(folder / state.EMA_WEIGHTS)
-            self.ema.shadow = [shadows[n].to(s.device, s.dtype) for n, s in zip(names, self.ema.shadow, strict=True)]
-        except (RuntimeError, KeyError, ValueError) as exc:
+            self._load(folder, saved)
+        except (RuntimeError, KeyError, ValueError, TypeError, OSError, SafetensorError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"{folder} does not fit this model: {first_line}") from None
+            raise ModelLoadError(f"{folder} does not fit this run or is unreadable: {first_line}") from None
+        return int(saved["step"])
+
+    def _load(self, folder: Path, saved: dict[str, Any]) -> None:
+        module = self.accelerator.unwrap_model(self.objective)
+        module.load_state_dict(state.load_tensors(folder / state.MODEL), strict=True)
+        tensors = state.load_tensors(folder / state.OPTIMIZER)
+        self.optimizer.load_state_dict(state.join_optimizer_state(tensors, saved["optimizer"]))
+        shadows = state.load_tensors(folder / state.EMA_WEIGHTS)
+        names = [name for name, _ in self.denoiser.named_parameters()]
+        self.ema.shadow = [shadows[n].to(s.device, s.dtype) for n, s in zip(names, self.ema.shadow, strict=True)]
         self.ema.num_updates = int(saved["ema"]["num_updates"])
         last_epoch = int(saved["scheduler"]["last_epoch"])
         groups = self.optimizer.param_groups
         self.scheduler.base_lrs = [self.settings.lr for _ in groups]
-        lrs = [
-            base * fn(last_epoch) for fn, base in zip(self.scheduler.lr_lambdas, self.scheduler.base_lrs, strict=True)
-        ]
+        lambdas = self.scheduler.lr_lambdas
+        lrs = [base * fn(last_epoch) for fn, base in zip(lambdas, self.scheduler.base_lrs, strict=True)]
         for group, lr in zip(groups, lrs, strict=True):
             group["initial_lr"], group["lr"] = self.settings.lr, lr
         scheduler_state = self.scheduler.state_dict() | {"last_epoch": last_epoch, "_last_lr": lrs}
@@ -665,7 +679,6 @@ class _Run:
         rng = folder / state.rng_file(self.rank)
         if rng.exists():  # a process that did not exist when the checkpoint was saved keeps its seeded streams
             state.restore_rng(rng)
-        return int(saved["step"])
 
     def replicas_in_sync(self) -> bool:
         """Whether every process holds identical weights (a cheap checksum gathered from each rank)."""

@@ -42,19 +42,19 @@ def default_threads():
 
 
 def _word_settings(tmp_path, word_data, **overrides):
-    # 8 rows x 2 x 64 tokens x width 32 per micro-batch: large enough for torch to split the embedding backward
+    # 16 rows x 2 x 64 tokens x width 32 per micro-batch: large enough for torch to split the embedding backward
     # over threads, where indexing (`weight[tokens]`) accumulates in a nondeterministic order.
     tokenizer, corpus = word_data
-    base = dict(seq_len=64, batch_size=16, micro_batch_size=8)
+    base = dict(seq_len=64, batch_size=16, micro_batch_size=16)
     return _settings(tmp_path, tokenizer, corpus, **(base | overrides))
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path, word_data, default_threads):
-    straight = finetune(_word_settings(tmp_path / "a", word_data, steps=8, save_every=4, warmup=2))
+    straight = finetune(_word_settings(tmp_path / "a", word_data, steps=6, save_every=3, warmup=2))
     assert load_model(str(straight.final)).config.vocab_size > 3000
-    finetune(_word_settings(tmp_path / "b", word_data, steps=4, save_every=4, warmup=2))
-    resumed = finetune(_word_settings(tmp_path / "b", word_data, steps=8, save_every=4, warmup=2, resume=True))
-    for name in ("checkpoints/step_00000008/model.safetensors", "final/model.safetensors"):
+    finetune(_word_settings(tmp_path / "b", word_data, steps=3, save_every=3, warmup=2))
+    resumed = finetune(_word_settings(tmp_path / "b", word_data, steps=6, save_every=3, warmup=2, resume=True))
+    for name in ("checkpoints/step_00000006/model.safetensors", "final/model.safetensors"):
         a = load_file(str(straight.out / name))
         b = load_file(str(resumed.out / name))
         for key in a:
