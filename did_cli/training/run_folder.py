@@ -55,8 +55,11 @@ def locked(out: Path, take: bool = True) -> Iterator[None]:
     if not take:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK, "a+")  # noqa: SIM115 - held open for the whole block
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")  # noqa: SIM115 - held open for the whole block
+    except OSError as exc:
+        raise UsageError(f"cannot use --out {out} as a run folder: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,9 +111,11 @@ def comparable(settings: FinetuneSettings) -> dict[str, Any]:
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(name, stored value, current value) for every trajectory setting that differs, in field order."""
-    names = list(current) + [k for k in stored if k not in current and k not in FREE_SETTINGS]
-    return [(k, stored.get(k), current.get(k)) for k in names if stored.get(k) != current.get(k)]
+    """(name, stored value, current value) for every trajectory setting that differs, in field order.
+
+    Settings the checkpoint does not know (added to did after it was written) are not compared.
+    """
+    return [(k, stored[k], v) for k, v in current.items() if k in stored and stored[k] != v]
 
 
 def flag(name: str) -> str:

@@ -349,3 +349,30 @@ def test_quiet_keeps_warnings_only(tmp_path, tiny_checkpoint, corpus):
     assert result.exit_code == 0 and result.stdout == ""
     assert result.stderr.startswith("warning: --warmup 10 is longer than --steps 6")
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_stdout_stays_empty_when_stderr_is_a_terminal(tmp_path, tiny_checkpoint, corpus):
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    args = _cli_args(tmp_path, tiny_checkpoint, corpus, "--log-every", "1")
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "stdout", "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "did_cli", *args], stdout=stdout, stderr=follower, env=env)
+    os.close(follower)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(leader)
+    assert done.returncode == 0, terminal.decode(errors="replace")
+    assert (tmp_path / "stdout").read_bytes() == b""
+    assert b"step       6" in terminal and b"done" in terminal
