@@ -205,49 +205,6 @@ def _resume_hint(out: Path) -> str:
     return f"; continue from {kept[-1][1]} with --resume" if kept else "; no checkpoint exists yet"
 
 
-def _pick_checkpoint(existing: list[tuple[int, Path]], warn: Callable[[str], None], main: bool) -> Path:
-    """The newest intact checkpoint; damaged newer ones are renamed `damaged-step_*` with a warning."""
-    damaged: list[tuple[Path, str]] = []
-    for _, folder in reversed(existing):
-        problem = state.damage(folder)
-        if problem is None:
-            break
-        damaged.append((folder, problem))
-    else:
-        folder, problem = damaged[0]
-        raise ModelLoadError(f"no intact checkpoint to resume from in {folder.parent}: {folder.name}: {problem}")
-    for bad, problem in damaged:
-        aside = bad.with_name(f"damaged-{bad.name}")
-        if main:
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(bad, aside)
-        warn(f"checkpoint {bad.name} is damaged ({problem}); moved it to {aside.name}, resuming from {folder.name}")
-    return folder
-
-
-def _read_saved_state(folder: Path) -> dict[str, Any]:
-    try:
-        saved = state.read_state(folder)
-        if not isinstance(saved, dict) or not isinstance(saved.get("step"), int) or "settings" not in saved:
-            raise ValueError("no step or settings")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder / state.STATE} is unreadable: {exc}") from None
-    return saved
-
-
-def _check_settings(saved: dict[str, Any], settings: FinetuneSettings, folder: Path, allowed: bool) -> list[dict]:
-    """Settings changes against the checkpoint's, as override records; refused unless `allowed`."""
-    changed = run_folder.differences(saved["settings"], run_folder.comparable(settings))
-    if changed and not allowed:
-        name, before, now = changed[0]
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise UsageError(
-            f"{run_folder.flag(name)} is {json.dumps(now)} but {folder.name} was trained with {json.dumps(before)}"
-            f"{more}; pass the checkpoint's value, or --allow-settings-change to continue with the new one"
-        )
-    return [{"step": saved["step"], "setting": k, "from": before, "to": now} for k, before, now in changed]
-
-
 def _finetune(
     settings: FinetuneSettings, on_event: EventFn | None, allow_settings_change: bool, overwrite: bool
 ) -> FinetuneResult:
@@ -303,15 +260,24 @@ def _finetune(
         if main:
             run_folder.remove_earlier_run(out)
         existing = []
-    resume_from = _pick_checkpoint(existing, warn, main) if existing else None
-    accelerator.wait_for_everyone()
-    saved = _read_saved_state(resume_from) if resume_from is not None else None
+    resume_from, damaged = state.newest_intact(existing) if existing else (None, [])
+    accelerator.wait_for_everyone()  # every process has chosen before damaged checkpoints are moved aside
+    for bad, problem in damaged:
+        aside = bad.with_name(f"damaged-{bad.name}")
+        if main:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+        warn(
+            f"checkpoint {bad.name} is damaged ({problem}); moved it to {aside.name}, resuming from {resume_from.name}"
+        )
+    saved = state.read_state(resume_from) if resume_from is not None else None
     overrides: list[dict[str, Any]] = []
     if saved is not None:
         if saved["step"] > settings.steps:
             raise UsageError(f"{out} already holds step {saved['step']}, past --steps {settings.steps}")
-        overrides = saved.get("overrides", []) + _check_settings(saved, settings, resume_from, allow_settings_change)
-        for change in overrides[len(saved.get("overrides", [])) :]:
+        changes = run_folder.check_settings(saved, settings, resume_from, allow_settings_change)
+        overrides = saved.get("overrides", []) + changes
+        for change in changes:
             warn(
                 f"{run_folder.flag(change['setting'])} changes from {json.dumps(change['from'])} to "
                 f"{json.dumps(change['to'])} at step {change['step']}"

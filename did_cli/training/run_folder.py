@@ -141,3 +141,16 @@ def drop_metrics_after(metrics: Path, step: int) -> int:
     if dropped:
         write_text_atomically(metrics, "".join(line + "\n" for line in kept))
     return dropped
+
+
+def check_settings(saved: dict[str, Any], settings: FinetuneSettings, folder: Path, allowed: bool) -> list[dict]:
+    """Settings changes against the checkpoint's, as override records; refused unless `allowed`."""
+    changed = differences(saved["settings"], comparable(settings))
+    if changed and not allowed:
+        name, before, now = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise UsageError(
+            f"{flag(name)} is {json.dumps(now)} but {folder.name} was trained with {json.dumps(before)}"
+            f"{more}; pass the checkpoint's value, or --allow-settings-change to continue with the new one"
+        )
+    return [{"step": saved["step"], "setting": k, "from": before, "to": now} for k, before, now in changed]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from did_cli.errors import ModelLoadError
 from did_cli.files import write_text_atomically
 
 MANIFEST = "manifest.json"
@@ -79,12 +80,15 @@ def damage(folder: Path) -> str | None:
             return f"its manifest lists no {required}"
     for name, entry in entries.items():
         path = folder / name
-        if not path.is_file():
+        try:
+            if path.stat().st_size != entry.get("size"):
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.get('size')}"
+            if _sha256(path) != entry.get("sha256"):
+                return f"{name} does not match its sha256 in the manifest"
+        except FileNotFoundError:
             return f"{name} is missing"
-        if path.stat().st_size != entry.get("size"):
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.get('size')}"
-        if _sha256(path) != entry.get("sha256"):
-            return f"{name} does not match its sha256 in the manifest"
+        except OSError as exc:
+            return f"{name} is unreadable ({exc.strerror or exc})"
     return None
 
 
@@ -172,5 +176,27 @@ def restore_rng(path: Path) -> None:
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    """The JSON part of a checkpoint (`training_state.json`)."""
-    return json.loads((folder / STATE).read_text(encoding="utf-8"))
+    """The JSON part of a checkpoint (`training_state.json`), checked for a step and settings."""
+    try:
+        saved = json.loads((folder / STATE).read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not isinstance(saved.get("step"), int) or "settings" not in saved:
+            raise ValueError("no step or settings")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / STATE} is unreadable: {exc}") from None
+    return saved
+
+
+def newest_intact(existing: list[tuple[int, Path]]) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest intact checkpoint of `existing` (sorted by step) and the damaged newer ones with their problem.
+
+    Raises:
+        ModelLoadError: none is intact.
+    """
+    damaged: list[tuple[Path, str]] = []
+    for _, folder in reversed(existing):
+        problem = damage(folder)
+        if problem is None:
+            return folder, damaged
+        damaged.append((folder, problem))
+    folder, problem = damaged[0]
+    raise ModelLoadError(f"no intact checkpoint to resume from in {folder.parent}: {folder.name}: {problem}")
