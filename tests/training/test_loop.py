@@ -45,16 +45,16 @@ def _word_settings(tmp_path, word_data, **overrides):
     # 16 rows x 2 x 64 tokens x width 32 per micro-batch: large enough for torch to split the embedding backward
     # over threads, where indexing (`weight[tokens]`) accumulates in a nondeterministic order.
     tokenizer, corpus = word_data
-    base = dict(seq_len=64, batch_size=16, micro_batch_size=16)
+    base = dict(seq_len=64, batch_size=16, micro_batch_size=16, val_batches=0)
     return _settings(tmp_path, tokenizer, corpus, **(base | overrides))
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path, word_data, default_threads):
-    straight = finetune(_word_settings(tmp_path / "a", word_data, steps=6, save_every=3, warmup=2))
+    straight = finetune(_word_settings(tmp_path / "a", word_data, steps=4, save_every=2, warmup=2))
     assert load_model(str(straight.final)).config.vocab_size > 3000
-    finetune(_word_settings(tmp_path / "b", word_data, steps=3, save_every=3, warmup=2))
-    resumed = finetune(_word_settings(tmp_path / "b", word_data, steps=6, save_every=3, warmup=2, resume=True))
-    for name in ("checkpoints/step_00000006/model.safetensors", "final/model.safetensors"):
+    finetune(_word_settings(tmp_path / "b", word_data, steps=2, save_every=2, warmup=2))
+    resumed = finetune(_word_settings(tmp_path / "b", word_data, steps=4, save_every=2, warmup=2, resume=True))
+    for name in ("checkpoints/step_00000004/model.safetensors", "final/model.safetensors"):
         a = load_file(str(straight.out / name))
         b = load_file(str(resumed.out / name))
         for key in a:
@@ -139,7 +139,17 @@ def _two_process_args(tmp_path, word_data, steps):
     args = ["finetune", "--init", "tiny", "--hidden-dim", "32", "--n-blocks", "2", "--n-heads", "2", "--cond-dim"]
     args += ["16", "--dropout", "0", "--tokenizer", str(tokenizer), "--data", str(corpus), "--seq-len", "64"]
     args += ["--mix", "4:0.5,64:0.5", "--steps", str(steps), "--batch-size", "16", "--micro-batch-size", "8"]
-    return args + ["--save-every", "3", "--val-every", "0", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    return args + [
+        "--save-every",
+        "3",
+        "--val-every",
+        "0",
+        "--val-batches",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-q",
+    ]
 
 
 def test_two_process_accelerate_run_keeps_replicas_identical_and_matches_one_process(
