@@ -197,12 +197,15 @@ def finetune(
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
-            raise TrainingInterrupted(f"interrupted; this run saved nothing new{_resume_hint(out)}") from None
+            raise TrainingInterrupted(_interrupted_message(out)) from None
 
 
-def _resume_hint(out: Path) -> str:
+def _interrupted_message(out: Path) -> str:
+    """What a Ctrl-C outside the save-then-stop path leaves: the newest checkpoint on disk, or none."""
     kept = _checkpoints(out / "checkpoints")
-    return f"; continue from {kept[-1][1]} with --resume" if kept else "; no checkpoint exists yet"
+    if not kept:
+        return "interrupted; nothing was saved (no checkpoint exists yet)"
+    return f"interrupted; the newest checkpoint is {kept[-1][1]}: continue from it with --resume"
 
 
 def _finetune(

@@ -244,13 +244,13 @@ def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tmp_path, tiny_chec
     _interrupt_at_call(monkeypatch, 2, _raise_keyboard_interrupt)  # as a second Ctrl-C would: no time to save
     result = runner.invoke(app, _cli_args(tmp_path, tiny_checkpoint, corpus, "-q"))
     assert result.exit_code == 130
-    assert result.stderr == "interrupted; this run saved nothing new; no checkpoint exists yet\n"
+    assert result.stderr == "interrupted; nothing was saved (no checkpoint exists yet)\n"
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_resume_after_a_crash_keeps_one_metrics_line_per_step(tmp_path, tiny_checkpoint, corpus, monkeypatch):
     _interrupt_at_call(monkeypatch, 2 * 13 - 1, _raise_keyboard_interrupt)
-    with pytest.raises(TrainingInterrupted, match="continue from .*step_00000010 with --resume"):
+    with pytest.raises(TrainingInterrupted, match="newest checkpoint is .*step_00000010: continue from it"):
         finetune(make_settings(tmp_path, tiny_checkpoint, corpus, log_every=1))
     monkeypatch.undo()
     finetune(make_settings(tmp_path, tiny_checkpoint, corpus, log_every=1, resume=True))
