@@ -217,7 +217,7 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path, tiny_checkpoint, c
 
 
 def test_per_block_size_clip_is_applied_and_recorded(tmp_path, tiny_checkpoint, corpus):
-    result = finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=4, clip={4: (0.5, 1.0)}))
+    result = finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=4, warmup=2, clip={4: (0.5, 1.0)}))
     config = load_model(str(result.final)).config
     assert config.extra["did_training_clip"] == {"4": [0.5, 1.0], "32": [0.001, 1.0]}
     assert (config.sampling_eps_min, config.sampling_eps_max) == (0.5, 1.0)

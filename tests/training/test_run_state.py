@@ -58,7 +58,7 @@ def _cli_args(tmp_path, tiny_checkpoint, corpus, *extra):
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, tiny_checkpoint, corpus):
-    settings = make_settings(tmp_path, tiny_checkpoint, corpus, steps=2)
+    settings = make_settings(tmp_path, tiny_checkpoint, corpus, steps=2, warmup=2)
     (tmp_path / "run").mkdir()
     with open(tmp_path / "run" / ".lock", "a") as other_run:
         fcntl.flock(other_run.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -299,14 +299,14 @@ def test_an_ema_too_slow_for_the_remaining_steps_warns(tmp_path, tiny_checkpoint
 
 
 def test_a_fresh_run_into_an_earlier_runs_folder_is_refused_unless_overwriting(tmp_path, tiny_checkpoint, corpus):
-    finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=4))
+    finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=4, warmup=2))
     # A run killed before its first checkpoint leaves only metrics and settings.
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     shutil.rmtree(tmp_path / "run" / "final")
     (tmp_path / "run" / "summary.json").unlink()
     with pytest.raises(UsageError, match="holds an earlier run .*metrics.jsonl.*--overwrite"):
-        finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=4))
-    finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=4), overwrite=True)
+        finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=4, warmup=2))
+    finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=4, warmup=2), overwrite=True)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["event"], e["step"]) for e in lines] == [("train", 4), ("validation", 4)]
 
