@@ -105,7 +105,7 @@ class EmbeddingLayer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, n] → embeddings [B, n, D]."""
-        return self.embedding[tokens]
+        return F.embedding(tokens, self.embedding)  # deterministic backward, unlike indexing (index_put_ accumulate)
 
 
 class DDiTBlock(nn.Module):

@@ -9,22 +9,22 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from did_cli import likelihood
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import stderr
 from did_cli.errors import UsageError
-from did_cli.eval_rows import NllData
 from did_cli.files import write_text_atomically
-from did_cli.noise import AUTO_CLIP, parse_clip
 from did_cli.zero_shot import PRESETS
+
+if TYPE_CHECKING:
+    from did_cli import likelihood
 
 Models = Annotated[
     list[str],
@@ -102,6 +102,9 @@ def eval_nll(
     quiet: o.Quiet = False,
 ) -> None:
     """NELBO per token and exp(NELBO), the perplexity bound, for each model and block size (BD3-LM's ppl_eval)."""
+    from did_cli import likelihood
+    from did_cli.eval_rows import NllData
+
     settings = likelihood.NllSettings(
         block_sizes=_sizes(block_size),
         noise_draws=noise_draws,
@@ -166,6 +169,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _clip(text: str | None) -> Any:
+    from did_cli.noise import AUTO_CLIP, parse_clip
+
     if text is None:
         return None
     clip = parse_clip(text)

@@ -1,43 +1,85 @@
-"""`did finetune`: mix-scale block-diffusion fine-tuning (or pretraining) on accelerate."""
+"""`did finetune`: mix-scale block-diffusion fine-tuning (or pretraining) on accelerate.
+
+Events go to stderr: every log event on a terminal; in logs and batch jobs (stderr not a terminal) plain lines,
+training lines at most one per `PLAIN_INTERVAL_S` seconds. Warnings print even with --quiet. stdout stays empty.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import stderr
 from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
-from did_cli.noise import parse_clip
 
 _D = FinetuneSettings()
+PLAIN_INTERVAL_S = 15.0
 
 
-def _print_event(event: dict[str, Any]) -> None:
+def _describe(event: dict[str, Any]) -> str | None:
+    """An event as one line of rich markup (None for events not shown)."""
     kind = event.get("event")
     if kind == "train":
         by_size = " ".join(f"B{k}={v:.3f}" for k, v in event["loss_by_block_size"].items())
-        stderr.print(
-            f"step {event['step']:>7}  loss {event['loss']:.4f}  [{by_size}]  lr {event['lr']:.2e}  "
-            f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s'] / 60:.1f} min",
-            soft_wrap=True,
+        return (
+            f"step {event['step']:>7}  loss {event['loss']:.4f}  \\[{by_size}]  lr {event['lr']:.2e}  "
+            f"{event['tokens_per_s']:,.0f} tok/s  eta {event['eta_s'] / 60:.1f} min"
         )
-    elif kind == "validation":
+    if kind == "validation":
         values = " ".join(f"B{k}={v:.4f}" for k, v in event["nelbo"].items())
-        stderr.print(f"[bold]validation[/] step {event['step']}  NELBO/token {values}")
-    elif kind == "checkpoint":
-        stderr.print(f"[dim]saved {event['path']}[/]")
-    elif kind in ("resume", "fresh"):
-        stderr.print(f"[dim]{event.get('checkpoint') and 'resumed from ' + event['checkpoint'] or event['reason']}[/]")
-    elif kind == "done":
-        stderr.print(f"[bold green]done[/]: {event['steps']} steps, exported EMA weights to {event['final']}")
+        return f"[bold]validation[/] step {event['step']}  NELBO/token {values}"
+    if kind == "checkpoint":
+        return f"[dim]saved {event['path']}[/]"
+    if kind in ("resume", "fresh"):
+        return f"[dim]{event.get('checkpoint') and 'resumed from ' + event['checkpoint'] or event['reason']}[/]"
+    if kind == "stopping":
+        return "stopping after this step to save it (Ctrl-C again to quit without saving)"
+    if kind == "done":
+        return f"[bold green]done[/]: {event['steps']} steps, exported EMA weights to {event['final']}"
+    return None
 
 
-@handle_errors(on_interrupt="interrupted: continue from the last checkpoint with --resume")
+class _Printer:
+    """Prints finetune events on stderr (rich on a terminal, plain and rate-limited otherwise)."""
+
+    def __init__(self, quiet: bool, steps: int) -> None:
+        self.quiet, self.steps = quiet, steps
+        self.terminal = sys.stderr.isatty()
+        self.last_train = -math.inf
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "warning":
+            self._write(Text(f"warning: {event['message']}"))
+            return
+        if self.quiet and event.get("event") != "stopping":
+            return
+        if event.get("event") == "train" and not self.terminal:
+            now = time.monotonic()
+            if now - self.last_train < PLAIN_INTERVAL_S and event["step"] != self.steps:
+                return
+            self.last_train = now
+        line = _describe(event)
+        if line is not None:
+            self._write(Text.from_markup(line))
+
+    def _write(self, text: Text) -> None:
+        if self.terminal:
+            stderr.print(text, soft_wrap=True)
+        else:
+            sys.stderr.write(text.plain + "\n")
+            sys.stderr.flush()
+
+
+@handle_errors(on_interrupt="interrupted before training started; nothing was saved")
 def finetune(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Checkpoint to start from (default: BD3-LM's block-1024 pretrain).")
@@ -118,9 +160,19 @@ def finetune(
         list[str] | None, typer.Option("--report-to", help="accelerate tracker (tensorboard, wandb, ...).")
     ] = None,  # noqa: E501
     quiet: o.Quiet = False,
+    allow_settings_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-settings-change", help="With --resume: continue although settings differ from the checkpoint's."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run's outputs in --out (a fresh run).")
+    ] = False,
 ) -> None:
     """Fine-tune with the block-diffusion NELBO at block sizes drawn per step from --mix (mix-scale training)."""
     from did_cli.data import check_data_source
+    from did_cli.training.loop import TrainingInterrupted
     from did_cli.training.loop import finetune as run_finetune
 
     check_data_source(data, "--data")
@@ -141,6 +193,8 @@ def finetune(
         }.items()
         if v is not None
     }
+    from did_cli.noise import parse_clip
+
     settings = FinetuneSettings(
         out=str(out),
         model=model,
@@ -177,4 +231,13 @@ def finetune(
         num_proc=num_proc,
         report_to=tuple(report_to or ()),
     )
-    run_finetune(settings, on_event=None if quiet else _print_event)
+    try:
+        run_finetune(
+            settings,
+            on_event=_Printer(quiet, steps),
+            allow_settings_change=allow_settings_change,
+            overwrite=overwrite,
+        )
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}\n")
+        raise typer.Exit(130) from None

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights, kept in fp32 and saved beside the optimizer state.
+"""Exponential moving average of the weights, kept in fp32 and saved beside the optimizer state (`state.py`).
 
 BD3-LM samples and validates with EMA weights and its released checkpoints are EMA weights, so `did` exports them
 too. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, as in BD3-LM; unlike BD3-LM, the average
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
 
 class EMA:
-    """fp32 shadow copies of a model's parameters; `state_dict`/`load_state_dict` make it checkpointable."""
+    """fp32 shadow copies of a model's parameters (`shadow`, in parameter order) and the update count."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999) -> None:
         if not 0.0 <= decay < 1.0:
@@ -28,7 +27,7 @@ class EMA:
     def update(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Move the average one step towards the current weights."""
         self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        decay = self.decay_at(self.num_updates)
         for shadow, param in zip(self.shadow, parameters, strict=True):
             shadow.lerp_(param.detach().float(), 1.0 - decay)
 
@@ -51,12 +50,16 @@ class EMA:
                 for param, saved in zip(params, backup, strict=True):
                     param.copy_(saved)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Decay, update count and shadow tensors."""
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+    def decay_at(self, update: int) -> float:
+        """The decay applied by the `update`-th update (1-based): BD3-LM's warmup, capped at `decay`."""
+        return min(self.decay, (1 + update) / (10 + update))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from `state_dict()` (tensors moved to where the current shadows live)."""
-        self.decay = state["decay"]
-        self.num_updates = state["num_updates"]
-        self.shadow = [s.to(current.device) for s, current in zip(state["shadow"], self.shadow, strict=True)]
+    def kept_fraction(self, updates: int) -> float:
+        """The share of today's average that survives `updates` more updates: the product of their decays.
+
+        Near 1 means the exported weights can barely move in that many steps.
+        """
+        kept = 1.0
+        for update in range(self.num_updates + 1, self.num_updates + updates + 1):
+            kept *= self.decay_at(update)
+        return kept

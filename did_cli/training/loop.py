@@ -4,14 +4,17 @@ Design choices:
 
 * `--batch-size` is the global batch per optimizer step. Rows, block sizes and noise are a function of (seed, step)
   and of the global row index only, so a run gives the same data and noise on 1 or 8 processes, and a resumed run
-  continues exactly where it stopped (accelerate restores weights, optimizer, scheduler, EMA and RNG states).
+  continues exactly where it stopped (`state.py` restores weights, optimizer, scheduler, EMA and RNG states).
 * The block size is drawn once per optimizer step from the mix, identically on every rank without communication.
 * The loss goes through a small wrapper module so data-parallel training calls the wrapper's `forward`, as DDP
   requires; the wrapped denoiser is what gets exported.
-* The scheduler is stepped by hand and registered for checkpointing rather than prepared: accelerate's prepared
-  scheduler steps once per process, which would make warmup depend on the number of processes.
-* Checkpoints are written to a temporary folder and renamed; a NaN or inf loss stops the run before anything is
-  saved, so the last checkpoint on disk is always a good one.
+* The scheduler is stepped by hand rather than prepared: accelerate's prepared scheduler steps once per process,
+  which would make warmup depend on the number of processes. It is a function of the step, so a checkpoint stores
+  only its position and a resumed run rebuilds it from the current --lr and --warmup.
+* Checkpoints are written to a temporary folder with a manifest and renamed; a NaN or inf loss stops the run before
+  anything is saved, so the last checkpoint on disk is always a good one. A resume verifies the manifest and falls
+  back to the newest intact checkpoint. Nothing is loaded with pickle (see `state.py`).
+* The run folder is locked for the whole run (`run_folder.py`); Ctrl-C stops after the current step and saves it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,21 +36,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
 from did_cli.config import FinetuneSettings, ModelConfig, default_micro_batch_size
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
-from did_cli.errors import DataError, TrainingDivergedError, UsageError
+from did_cli.errors import DataError, ModelLoadError, TrainingDivergedError, UsageError
+from did_cli.files import write_text_atomically
 from did_cli.model import BD3LM
 from did_cli.noise import AUTO_CLIP, BlockSizeMix, ClipSpec, clip_for, is_unweighted, parse_mix
 from did_cli.provenance import versions
+from did_cli.training import run_folder, state
 from did_cli.training.clip_search import ClipState, block_losses, clip_candidates, search_clip
 from did_cli.training.ema import EMA
 from did_cli.training.objective import nelbo_sum, noise_batch, validation_nelbo
 
 EventFn = Callable[[dict[str, Any]], None]
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says truthfully what was saved and how to continue."""
 
 
 class _Objective(nn.Module):
@@ -114,6 +126,41 @@ def _precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def _check_validation(
+    settings: FinetuneSettings, valid_rows: PackedRows, tokens: int, length: int, warn: Callable[[str], None]
+) -> None:
+    """Refuse requested validation that cannot run (held-out text shorter than one sequence).
+
+    Warn instead when only the end-of-run validation would have run.
+    """
+    if valid_rows.num_rows or not settings.val_batches:
+        return
+    what = f"the validation split has {tokens} tokens, fewer than one sequence of {length}"
+    if settings.valid_data:
+        raise DataError(f"{what}; pass a longer --valid-data")
+    if settings.val_every:
+        raise DataError(f"{what}; raise --val-fraction, pass --valid-data, or pass --val-every 0 to skip validation")
+    warn(f"{what}: this run is not validated")
+
+
+def _warn_if_frozen(settings: FinetuneSettings, ema: EMA, start: int, warn: Callable[[str], None]) -> None:
+    """Warn when the run cannot move the exported (EMA) weights much: warmup past the end, or a slow EMA."""
+    remaining = settings.steps - start
+    if remaining <= 0:
+        return
+    if settings.warmup > settings.steps:
+        warn(
+            f"--warmup {settings.warmup} is longer than --steps {settings.steps}: the learning rate reaches only "
+            f"{settings.steps / settings.warmup:.1%} of --lr {settings.lr:g}"
+        )
+    kept = ema.kept_fraction(remaining)
+    if kept > 0.99:
+        warn(
+            f"--ema {ema.decay:g} after {ema.num_updates} updates keeps {kept:.2%} of the current average over the "
+            f"remaining {remaining} steps: the exported weights will barely change; lower --ema"
+        )
+
+
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     if not folder.exists():
         return []
@@ -121,17 +168,53 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> FinetuneResult:
+def finetune(
+    settings: FinetuneSettings,
+    on_event: EventFn | None = None,
+    *,
+    allow_settings_change: bool = False,
+    overwrite: bool = False,
+) -> FinetuneResult:
     """Run (or resume) a fine-tuning run and export the EMA weights to `OUT/final`.
 
     Args:
         settings: the run.
-        on_event: called on the main process with each log, validation and checkpoint event (the CLI prints them).
+        on_event: called on the main process with each log, validation, checkpoint and warning event (the CLI prints
+            them); without it, warnings go through `warnings.warn`.
+        allow_settings_change: resume although settings that shape training differ from the checkpoint's; the
+            changes are recorded in settings.json with the step they began at.
+        overwrite: let a fresh run replace an earlier run's outputs in `settings.out`.
 
     Returns:
         A FinetuneResult.
+
+    Raises:
+        UsageError: another run holds the folder, it holds an earlier run (fresh run), or settings differ (resume).
+        ModelLoadError: `--resume` found checkpoints but none of them is intact.
+        TrainingInterrupted: Ctrl-C; the run first finishes and saves the step it is in.
     """
-    from accelerate import Accelerator
+    out = Path(settings.out)
+    with run_folder.locked(out, take=run_folder.is_main_rank()):
+        try:
+            return _finetune(settings, on_event, allow_settings_change, overwrite)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(_interrupted_message(out)) from None
+
+
+def _interrupted_message(out: Path) -> str:
+    """What a Ctrl-C outside the save-then-stop path leaves: the newest checkpoint on disk, or none."""
+    kept = _checkpoints(out / "checkpoints")
+    if not kept:
+        return "interrupted; nothing was saved (no checkpoint exists yet)"
+    return f"interrupted; the newest checkpoint is {kept[-1][1]}: continue from it with --resume"
+
+
+def _finetune(
+    settings: FinetuneSettings, on_event: EventFn | None, allow_settings_change: bool, overwrite: bool
+) -> FinetuneResult:
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
 
@@ -145,7 +228,19 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
         log_with=list(settings.report_to) or None,
         project_dir=str(out),
     )
-    emit = on_event if (on_event is not None and accelerator.is_main_process) else (lambda event: None)
+    main = accelerator.is_main_process
+    emit = on_event if (on_event is not None and main) else (lambda event: None)
+
+    def warn(message: str) -> None:
+        if not main:
+            return
+        if on_event is None:
+            warnings.warn(message, stacklevel=3)
+        else:
+            on_event({"event": "warning", "message": message})
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UsageError("did finetune runs data-parallel (DDP) only; launch without DeepSpeed or FSDP")
     world, rank = accelerator.num_processes, accelerator.process_index
     if settings.batch_size % world:
         raise UsageError(f"--batch-size {settings.batch_size} must be a multiple of the number of processes ({world})")
@@ -163,9 +258,43 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     accumulation = rows_per_rank // settings.micro_batch_size
 
     checkpoint_dir = out / "checkpoints"
+    if main:
+        run_folder.clean_staging(out)  # we hold the lock: whatever is staged there was left by a killed run
+    accelerator.wait_for_everyone()
     existing = _checkpoints(checkpoint_dir)
-    if existing and not settings.resume:
-        raise UsageError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
+    earlier = run_folder.earlier_run(out)
+    if earlier and not settings.resume:
+        if not overwrite:
+            raise UsageError(
+                f"{out} holds an earlier run ({', '.join(earlier)}); pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --out"
+            )
+        accelerator.wait_for_everyone()
+        if main:
+            run_folder.remove_earlier_run(out)
+        existing = []
+    resume_from, damaged = state.newest_intact(existing) if existing else (None, [])
+    accelerator.wait_for_everyone()  # every process has chosen before damaged checkpoints are moved aside
+    for bad, problem in damaged:
+        aside = bad.with_name(f"damaged-{bad.name}")
+        if main:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+        warn(
+            f"checkpoint {bad.name} is damaged ({problem}); moved it to {aside.name}, resuming from {resume_from.name}"
+        )
+    saved = state.read_state(resume_from) if resume_from is not None else None
+    overrides: list[dict[str, Any]] = []
+    if saved is not None:
+        if saved["step"] > settings.steps:
+            raise UsageError(f"{out} already holds step {saved['step']}, past --steps {settings.steps}")
+        changes = run_folder.check_settings(saved, settings, resume_from, allow_settings_change)
+        overrides = saved.get("overrides", []) + changes
+        for change in changes:
+            warn(
+                f"{run_folder.flag(change['setting'])} changes from {json.dumps(change['from'])} to "
+                f"{json.dumps(change['to'])} at step {change['step']}"
+            )
 
     model, tokenizer = _build_model(settings, settings.seq_len)
     length = settings.seq_len or model.config.model_length
@@ -192,6 +321,7 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     valid_rows = PackedRows(valid_tokens, length, settings.seed)
     if train_rows.num_rows == 0:
         raise DataError(f"the training split has {corpus.train.size} tokens, fewer than one sequence of {length}")
+    _check_validation(settings, valid_rows, int(valid_tokens.size), length, warn)
 
     set_seed(settings.seed)  # dropout streams; data and noise come from (seed, step) below
     objective = _Objective(model)
@@ -203,26 +333,11 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
     objective, optimizer = accelerator.prepare(objective, optimizer)
     denoiser: BD3LM = accelerator.unwrap_model(objective).denoiser
     ema.shadow = [s.to(accelerator.device) for s in ema.shadow]
-    accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(scheduler)
     clip_state = ClipState()
-    if settings.clip == AUTO_CLIP:
-        if not settings.val_every or not valid_rows.num_rows:
-            raise UsageError("--clip auto searches the interval at each validation; set --val-every and keep data")
-        accelerator.register_for_checkpointing(clip_state)
+    if settings.clip == AUTO_CLIP and not (settings.val_every and valid_rows.num_rows):
+        raise UsageError("--clip auto searches the interval at each validation; set --val-every and keep data")
     if settings.report_to:
         accelerator.init_trackers("did-finetune", config={k: str(v) for k, v in dataclasses.asdict(settings).items()})
-
-    start = 0
-    if existing and existing[-1][0] > settings.steps:
-        raise UsageError(f"{out} already holds step {existing[-1][0]}, past --steps {settings.steps}")
-    if existing:
-        step_done, folder = existing[-1]
-        accelerator.load_state(str(folder))
-        start = step_done
-        emit({"event": "resume", "step": start, "checkpoint": str(folder)})
-    elif settings.resume:
-        emit({"event": "fresh", "reason": f"no checkpoint in {checkpoint_dir}; starting at step 0"})
 
     run = _Run(
         settings,
@@ -242,21 +357,28 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
         emit,
         clip_state,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        (out / "settings.json").write_text(
-            json.dumps(
-                {
-                    "settings": dataclasses.asdict(settings),
-                    "versions": versions(),
-                    "processes": world,
-                    "data": corpus.meta,
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
-        )
+    run.overrides = overrides
+    start = 0
+    if resume_from is not None and saved is not None:
+        start = run.load(resume_from, saved)
+        if saved.get("processes", world) != world:
+            warn(f"resuming on {world} processes a run saved on {saved['processes']}: dropout streams differ")
+        emit({"event": "resume", "step": start, "checkpoint": str(resume_from)})
+    elif settings.resume:
+        emit({"event": "fresh", "reason": f"no checkpoint in {checkpoint_dir}; starting at step 0"})
+    _warn_if_frozen(settings, ema, start, warn)
+    if main:
+        if settings.resume:
+            run_folder.drop_metrics_after(out / "metrics.jsonl", start)
+        record = {
+            "settings": dataclasses.asdict(settings),
+            "overrides": overrides,
+            "resumed_from": start if resume_from is not None else None,
+            "versions": versions(),
+            "processes": world,
+            "data": corpus.meta,
+        }
+        write_text_atomically(out / "settings.json", json.dumps(record, indent=2, default=str) + "\n")
     last_loss = run.train(start)
     validation = run.validate(settings.steps) if valid_rows.num_rows and settings.val_batches else {}
     if not any(step == settings.steps for step, _ in _checkpoints(checkpoint_dir)):
@@ -288,7 +410,7 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
             "processes": world,
             "final": str(final),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         emit({"event": "done", **summary})
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -329,6 +451,7 @@ class _Run:
     def clip(self) -> ClipSpec:
         """The noise interval(s) in force: the fixed --clip, or what the last search chose (full interval before)."""
         return self.clip_state.intervals if self.settings.clip == AUTO_CLIP else self.settings.clip
+        self.overrides: list[dict[str, Any]] = []  # allowed settings changes, with the step each began at
 
     def _batch(self, step: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's rows, x_t and per-token t for a step: noise for the global batch, then this rank's slice."""
@@ -346,12 +469,20 @@ class _Run:
         return clean[rows].to(device), noisy[rows].to(device), t_token[rows].to(device)
 
     def train(self, start: int) -> float:
-        """Optimizer steps from `start` to `settings.steps`; returns the last step's loss."""
+        """Optimizer steps from `start` to `settings.steps`; returns the last step's loss.
+
+        Raises:
+            TrainingInterrupted: after Ctrl-C, once the current step is finished and saved.
+        """
+        with _StopRequest(self.emit) as stop:
+            return self._train(start, stop)
+
+    def _train(self, start: int, stop: _StopRequest) -> float:
         settings, accelerator = self.settings, self.accelerator
         self.objective.train()
         window: dict[int, list[float]] = {}
         tic, tokens_since, last_loss = time.perf_counter(), 0, float("nan")
-        run_start = tic
+        run_start, saved_at = tic, -1
         for step in range(start, settings.steps):
             block_size = self.mix.draw(torch.Generator().manual_seed(_step_seed(settings.seed, step, "block")))
             clean, noisy, t = self._batch(step, block_size)
@@ -409,8 +540,18 @@ class _Run:
                 tic = time.perf_counter()  # throughput counts training time only
             if done % settings.save_every == 0 and done != settings.steps:
                 self.save(done)
-                tic = time.perf_counter()
+                saved_at, tic = done, time.perf_counter()
+            if self._stop_requested(stop):
+                target = self.save(done) if saved_at != done else self.out / "checkpoints" / f"step_{done:08d}"
+                raise TrainingInterrupted(f"interrupted: saved step {done} to {target}; continue with --resume")
         return last_loss
+
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        """Whether any process saw Ctrl-C (all processes agree, so they save and stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        votes = torch.tensor(float(stop.requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
 
     def validate(self, step: int) -> dict[int, float]:
         """NELBO per block size of the mix on held-out rows, with the EMA weights (main process only)."""
@@ -469,19 +610,22 @@ class _Run:
                 {"event": "clip_search", "step": step, "block_size": size, "clip": list(chosen), "variance": variances}
             )
 
-    def save(self, step: int) -> None:
-        """Write a full training state for `step` atomically and keep the last `keep_last`."""
+    def save(self, step: int) -> Path:
+        """Write a full training state for `step` atomically, with its manifest, and keep the last `keep_last`."""
         folder = self.out / "checkpoints"
         staging = folder / f".tmp-step_{step:08d}"
         target = folder / f"step_{step:08d}"
-        if self.accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
+        main = self.accelerator.is_main_process
+        if main:
             shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging))
+        state.save_rng(staging / state.rng_file(self.rank), state.capture_rng())
+        if main:
+            self._write_state(staging, step)
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (staging / "training_state.json").write_text(json.dumps({"step": step}) + "\n")
+        if main:
+            state.write_manifest(staging)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
@@ -489,6 +633,69 @@ class _Run:
                 shutil.rmtree(old, ignore_errors=True)
             self.emit({"event": "checkpoint", "step": step, "path": str(target)})
         self.accelerator.wait_for_everyone()
+        return target
+
+    def _write_state(self, staging: Path, step: int) -> None:
+        """Weights, optimizer, EMA (safetensors) and the rest (JSON) of the main process."""
+        module = self.accelerator.unwrap_model(self.objective)
+        state.save_tensors(staging / state.MODEL, module.state_dict(), {"format": "pt"})
+        tensors, rest = state.split_optimizer_state(self.optimizer.state_dict())
+        state.save_tensors(staging / state.OPTIMIZER, tensors)
+        names = [name for name, _ in self.denoiser.named_parameters()]
+        state.save_tensors(staging / state.EMA_WEIGHTS, dict(zip(names, self.ema.shadow, strict=True)))
+        scaler = self.accelerator.scaler
+        record = {
+            "format": state.FORMAT,
+            "step": step,
+            "processes": self.accelerator.num_processes,
+            "scheduler": {"last_epoch": self.scheduler.last_epoch},
+            "optimizer": rest,
+            "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "settings": json.loads(json.dumps(dataclasses.asdict(self.settings), default=str)),
+            "overrides": self.overrides,
+            "clip_search": self.clip_state.state_dict(),  # --clip auto's choices, kept across --resume
+        }
+        (staging / state.STATE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+    def load(self, folder: Path, saved: dict[str, Any]) -> int:
+        """Restore the state `save` wrote into `folder` (its JSON part already read as `saved`); returns its step.
+
+        The EMA decay, learning rate and warmup come from this run's settings: the schedule is a function of the
+        step, so it is rebuilt at the saved position (a changed --lr or --warmup therefore takes effect).
+        """
+        try:
+            self._load(folder, saved)
+        except (RuntimeError, KeyError, ValueError, TypeError, OSError, SafetensorError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"{folder} does not fit this run or is unreadable: {first_line}") from None
+        return int(saved["step"])
+
+    def _load(self, folder: Path, saved: dict[str, Any]) -> None:
+        module = self.accelerator.unwrap_model(self.objective)
+        module.load_state_dict(state.load_tensors(folder / state.MODEL), strict=True)
+        tensors = state.load_tensors(folder / state.OPTIMIZER)
+        self.optimizer.load_state_dict(state.join_optimizer_state(tensors, saved["optimizer"]))
+        shadows = state.load_tensors(folder / state.EMA_WEIGHTS)
+        names = [name for name, _ in self.denoiser.named_parameters()]
+        self.ema.shadow = [shadows[n].to(s.device, s.dtype) for n, s in zip(names, self.ema.shadow, strict=True)]
+        self.ema.num_updates = int(saved["ema"]["num_updates"])
+        last_epoch = int(saved["scheduler"]["last_epoch"])
+        groups = self.optimizer.param_groups
+        self.scheduler.base_lrs = [self.settings.lr for _ in groups]
+        lambdas = self.scheduler.lr_lambdas
+        lrs = [base * fn(last_epoch) for fn, base in zip(lambdas, self.scheduler.base_lrs, strict=True)]
+        for group, lr in zip(groups, lrs, strict=True):
+            group["initial_lr"], group["lr"] = self.settings.lr, lr
+        scheduler_state = self.scheduler.state_dict() | {"last_epoch": last_epoch, "_last_lr": lrs}
+        self.scheduler.load_state_dict(scheduler_state | {"_step_count": last_epoch + 1})
+        if saved.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
+        if saved.get("clip_search"):
+            self.clip_state.load_state_dict(saved["clip_search"])
+        rng = folder / state.rng_file(self.rank)
+        if rng.exists():  # a process that did not exist when the checkpoint was saved keeps its seeded streams
+            state.restore_rng(rng)
 
     def replicas_in_sync(self) -> bool:
         """Whether every process holds identical weights (a cheap checksum gathered from each rank)."""
@@ -505,3 +712,32 @@ class _Run:
             numbers = {k: v for k, v in event.items() if isinstance(v, int | float) and k != "step"}
             if self.settings.report_to:
                 self.accelerator.log(numbers, step=event["step"])
+
+
+class _StopRequest:
+    """Ctrl-C handling while training.
+
+    The first Ctrl-C asks the loop to stop after the current step (and save it); a second one interrupts at once,
+    saving nothing.
+    """
+
+    def __init__(self, emit: EventFn) -> None:
+        self.requested = False
+        self.emit = emit
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread, where Ctrl-C cannot arrive anyway
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.emit({"event": "stopping"})
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

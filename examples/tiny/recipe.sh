@@ -19,13 +19,13 @@ COMMON="--batch-size 32 --micro-batch-size 32 --clip 0.1,1.0 --ema 0.999 --val-b
 
 # 3. Global-block pretrain (--mix L:1, i.e. MDLM) of the tiny preset (4 layers, width 256, 5.7M parameters).
 did finetune --init tiny --tokenizer data/tiny-tokenizer $DATA $COMMON --mix 128:1 --steps 1500 --lr 1e-3 \
-  --warmup 200 --save-every 250 --val-every 250 --log-every 50 --out runs/tiny-pretrain
+  --warmup 200 --save-every 250 --val-every 250 --log-every 50 --out runs/tiny-pretrain --overwrite
 
 # 4. Fine-tunes from the same pretrain: mix-scale (the DiD model) and small blocks only (the no-mix ablation).
 did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:0.9,128:0.1 --steps 400 --lr 5e-4 --warmup 20 \
-  --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-mix
+  --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-mix --overwrite
 did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:1 --steps 400 --lr 5e-4 --warmup 20 \
-  --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-nomix
+  --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-nomix --overwrite
 
 # 5. The judge: a standard transformers GPT-2 (4 layers, width 256) on the same corpus and tokenizer.
 python examples/tiny/train_judge.py --tokenizer data/tiny-tokenizer --data data/tiny-corpus/train.jsonl \

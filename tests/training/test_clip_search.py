@@ -8,8 +8,9 @@ from did_cli.checkpoints import load_model
 from did_cli.errors import UsageError
 from did_cli.training.clip_search import ClipState, block_losses, clip_candidates, search_clip, summed_variance
 from did_cli.training.loop import finetune
+from did_cli.training.state import STATE
 from tests.conftest import make_tiny_model
-from tests.training.test_loop import _settings, corpus  # noqa: F401  (module fixture)
+from tests.training.conftest import make_settings as _settings
 
 
 def test_candidates_are_the_full_interval_and_every_width_on_a_005_grid():
@@ -74,10 +75,9 @@ def test_clip_auto_searches_at_validation_and_records_the_choice(tmp_path, tiny_
         variances = event["variance"]
         assert min(variances, key=variances.get) == "{:g},{:g}".format(*event["clip"])
     # The step-3 checkpoint holds the step-3 choice, so a resumed run continues with it.
-    saved = sorted((tmp_path / "run" / "checkpoints" / "step_00000003").glob("custom_checkpoint_*.pkl"))
-    states = [torch.load(path, weights_only=False) for path in saved]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / STATE).read_text())
     first = {e["block_size"]: e["clip"] for e in searches if e["step"] == 3}
-    assert {"intervals": {str(s): c for s, c in first.items()}} in states
+    assert saved["clip_search"] == {"intervals": {str(s): c for s, c in first.items()}}
     config = load_model(str(result.final)).config
     assert config.extra["did_training_clip"] == {str(s): last[s]["clip"] for s in (4, 32)}
     assert (config.sampling_eps_min, config.sampling_eps_max) == tuple(last[4]["clip"])

@@ -1,6 +1,5 @@
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -11,45 +10,12 @@ from typer.testing import CliRunner
 
 from did_cli.checkpoints import load_model
 from did_cli.cli import app
-from did_cli.config import FinetuneSettings
 from did_cli.errors import TrainingDivergedError, UsageError
 from did_cli.training import loop
 from did_cli.training.loop import finetune
+from tests.training.conftest import make_settings as _settings
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))).capitalize() + "." for _ in range(300)]
-    (folder / "train.txt").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def _settings(tmp_path, tiny_checkpoint, corpus, **overrides):
-    base = dict(
-        out=str(tmp_path / "run"),
-        init="tiny",
-        init_overrides=dict(hidden_dim=32, n_blocks=2, n_heads=2, cond_dim=16),
-        tokenizer=str(tiny_checkpoint),
-        data=str(corpus),
-        mix="4:0.7,32:0.3",
-        seq_len=32,
-        steps=20,
-        batch_size=8,
-        micro_batch_size=4,
-        lr=3e-3,
-        warmup=5,
-        save_every=10,
-        val_every=0,
-        val_batches=4,
-        log_every=5,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    return FinetuneSettings(**(base | overrides))
 
 
 def test_validation_loss_goes_down(tmp_path, tiny_checkpoint, corpus):
@@ -66,12 +32,29 @@ def test_validation_loss_goes_down(tmp_path, tiny_checkpoint, corpus):
     assert result.replicas_in_sync
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_checkpoint, corpus):
-    straight = finetune(_settings(tmp_path / "a", tiny_checkpoint, corpus, steps=20))
-    part = _settings(tmp_path / "b", tiny_checkpoint, corpus, steps=10)
-    finetune(part)
-    resumed = finetune(_settings(tmp_path / "b", tiny_checkpoint, corpus, steps=20, resume=True))
-    for name in ("checkpoints/step_00000020/model.safetensors", "final/model.safetensors"):
+@pytest.fixture
+def default_threads():
+    """Torch's default thread count (one per core, at least 2), whatever OMP_NUM_THREADS the suite runs with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, os.cpu_count() or 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def _word_settings(tmp_path, word_data, **overrides):
+    # 16 rows x 2 x 64 tokens x width 32 per micro-batch: large enough for torch to split the embedding backward
+    # over threads, where indexing (`weight[tokens]`) accumulates in a nondeterministic order.
+    tokenizer, corpus = word_data
+    base = dict(seq_len=64, batch_size=16, micro_batch_size=16, val_batches=0)
+    return _settings(tmp_path, tokenizer, corpus, **(base | overrides))
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, word_data, default_threads):
+    straight = finetune(_word_settings(tmp_path / "a", word_data, steps=4, save_every=2, warmup=2))
+    assert load_model(str(straight.final)).config.vocab_size > 3000
+    finetune(_word_settings(tmp_path / "b", word_data, steps=2, save_every=2, warmup=2))
+    resumed = finetune(_word_settings(tmp_path / "b", word_data, steps=4, save_every=2, warmup=2, resume=True))
+    for name in ("checkpoints/step_00000004/model.safetensors", "final/model.safetensors"):
         a = load_file(str(straight.out / name))
         b = load_file(str(resumed.out / name))
         for key in a:
@@ -142,29 +125,62 @@ def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, corpus, args, messag
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_two_process_accelerate_run_keeps_replicas_identical_and_matches_one_process(tmp_path, tiny_checkpoint, corpus):
-    out = tmp_path / "ddp"
+def _launch_two_processes(args, out):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "did_cli"]
-    args = ["finetune", "--init", "tiny", "--hidden-dim", "32", "--n-blocks", "2", "--n-heads", "2", "--cond-dim"]
-    args += ["16", "--dropout", "0", "--tokenizer", str(tiny_checkpoint), "--data", str(corpus), "--seq-len", "32"]
-    args += ["--mix", "4:0.5,32:0.5", "--steps", "6", "--batch-size", "8", "--micro-batch-size", "2"]
-    args += ["--save-every", "3", "--val-every", "0", "--cache-dir", str(tmp_path / "cache"), "-q"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # Two threads per process (a launcher would otherwise pin each worker to one thread).
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(2, os.cpu_count() or 2))}
     done = subprocess.run([*launch, *args, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _two_process_args(tmp_path, word_data, steps):
+    tokenizer, corpus = word_data
+    args = ["finetune", "--init", "tiny", "--hidden-dim", "32", "--n-blocks", "2", "--n-heads", "2", "--cond-dim"]
+    args += ["16", "--dropout", "0", "--tokenizer", str(tokenizer), "--data", str(corpus), "--seq-len", "64"]
+    args += ["--mix", "4:0.5,64:0.5", "--steps", str(steps), "--batch-size", "16", "--micro-batch-size", "8"]
+    return args + [
+        "--save-every",
+        "3",
+        "--val-every",
+        "0",
+        "--val-batches",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-q",
+    ]
+
+
+def test_two_process_accelerate_run_keeps_replicas_identical_and_matches_one_process(
+    tmp_path, word_data, default_threads
+):
+    out = tmp_path / "ddp"
+    args = _two_process_args(tmp_path, word_data, steps=6)
+    _launch_two_processes(args, out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_in_sync"] is True
     state = load_file(str(out / "checkpoints" / "step_00000006" / "model.safetensors"))
     assert any(key.startswith("denoiser.") for key in state)
     # The global batch, its rows and its noise do not depend on the number of processes: one process reaches the
-    # same weights up to float summation order.
+    # same weights up to float summation order (the gradient all-reduce adds in another order).
     single = runner.invoke(app, [*args, "--out", str(tmp_path / "single")])
     assert single.exit_code == 0, single.stderr
     two = load_file(str(out / "final" / "model.safetensors"))
     one = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_bit_exact(tmp_path, word_data):
+    _launch_two_processes(_two_process_args(tmp_path, word_data, steps=6), tmp_path / "straight")
+    _launch_two_processes(_two_process_args(tmp_path, word_data, steps=3), tmp_path / "resumed")
+    _launch_two_processes([*_two_process_args(tmp_path, word_data, steps=6), "--resume"], tmp_path / "resumed")
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 class _InfiniteGradient(torch.autograd.Function):
@@ -201,7 +217,7 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path, tiny_checkpoint, c
 
 
 def test_per_block_size_clip_is_applied_and_recorded(tmp_path, tiny_checkpoint, corpus):
-    result = finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=4, clip={4: (0.5, 1.0)}))
+    result = finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=4, warmup=2, clip={4: (0.5, 1.0)}))
     config = load_model(str(result.final)).config
     assert config.extra["did_training_clip"] == {"4": [0.5, 1.0], "32": [0.001, 1.0]}
     assert (config.sampling_eps_min, config.sampling_eps_max) == (0.5, 1.0)
