@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model
+from did_cli.compile import optimize
 from did_cli.config import DraftSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_ppl
@@ -34,6 +35,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "optimize",
     "refine",
     "run_sweep",
     "save_model",

@@ -208,9 +208,7 @@ def _flex_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mas
         "OUTPUT_LOGSUMEXP": False,
         "OUTPUT_MAX": False,
     }
-    out, *_ = flex_attention_op(
-        q, k, v, _identity_score, block_mask.as_tuple(), 1.0 / math.sqrt(q.shape[-1]), options
-    )
+    out, *_ = flex_attention_op(q, k, v, _identity_score, block_mask.as_tuple(), 1.0 / math.sqrt(q.shape[-1]), options)
     return out
 
 

@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from did_cli.api import Progress as ProgressEvent
+from did_cli.attention import check_attn_backend
 from did_cli.checkpoints import load_model, load_tokenizer
+from did_cli.compile import optimize
 from did_cli.config import UnmaskingSettings
 from did_cli.model import BD3LM
 from did_cli.records import Record, RecordWriter
@@ -20,9 +22,21 @@ from did_cli.records import Record, RecordWriter
 stderr = Console(stderr=True)
 
 
-def load(model: str, tokenizer: str | None, revision: str | None, device: str, dtype: str) -> tuple[BD3LM, Any]:
-    """The model and its tokenizer, checked against each other."""
+def load(
+    model: str,
+    tokenizer: str | None,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    *,
+    attn_backend: str = "auto",
+    compile: bool = False,
+    cuda_graphs: bool = False,
+) -> tuple[BD3LM, Any]:
+    """The model and its tokenizer, checked against each other, set to execute as the speed flags ask."""
+    check_attn_backend(attn_backend)
     loaded = load_model(model, device=device, dtype=dtype, revision=revision)
+    optimize(loaded, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs)
     return loaded, load_tokenizer(loaded, tokenizer)
 
 

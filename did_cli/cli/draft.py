@@ -59,12 +59,17 @@ def draft(
     out: o.Out = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft samples block by block with the KV cache, recording each token's snapshot confidence (JSONL)."""
     prompts = read_prompts(prompt, prompt_file)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
-    loaded, tok = load(model, tokenizer, revision, device, dtype)
+    loaded, tok = load(
+        model, tokenizer, revision, device, dtype, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs
+    )
     settings = DraftSettings(
         length=loaded.config.model_length if length is None else length,
         block_size=block_size,

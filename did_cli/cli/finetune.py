@@ -107,6 +107,11 @@ def finetune(
     report_to: Annotated[
         list[str] | None, typer.Option("--report-to", help="accelerate tracker (tensorboard, wandb, ...).")
     ] = None,  # noqa: E501
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute block activations in backward (less memory).")
+    ] = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Fine-tune with the block-diffusion NELBO at block sizes drawn per step from --mix (mix-scale training)."""
@@ -158,5 +163,8 @@ def finetune(
         cache_dir=str(cache_dir) if cache_dir else None,
         num_proc=num_proc,
         report_to=tuple(report_to or ()),
+        attn_backend=attn_backend,
+        compile=compile,
+        gradient_checkpointing=gradient_checkpointing,
     )
     run_finetune(settings, on_event=None if quiet else _print_event)

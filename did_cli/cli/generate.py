@@ -78,6 +78,9 @@ def generate(
     out: o.Out = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
@@ -87,7 +90,9 @@ def generate(
         # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
         for size in parse_stages(stages, block_size, length):
             check_block_size(size, length)
-    loaded, tok = load(model, tokenizer, revision, device, dtype)
+    loaded, tok = load(
+        model, tokenizer, revision, device, dtype, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs
+    )
     length = loaded.config.model_length if length is None else length
     sizes = parse_stages(stages, block_size, length)
     for size in sizes:

@@ -44,6 +44,9 @@ def refine(
     out: o.Out = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
@@ -57,7 +60,9 @@ def refine(
     if same_file(input, out):
         raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
     records = read_records(input)
-    loaded, tok = load(model, tokenizer, revision, device, dtype)
+    loaded, tok = load(
+        model, tokenizer, revision, device, dtype, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs
+    )
     with Reporter(quiet, None) as reporter:
         refined = api.refine(
             loaded, tok, records, settings, seed=seed, batch_size=batch_size, force=force, on_progress=reporter

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
+from did_cli.compile import optimize
 from did_cli.config import FinetuneSettings, ModelConfig
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
 from did_cli.errors import DataError, TrainingDivergedError, UsageError
@@ -158,6 +159,12 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
         raise UsageError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
 
     model, tokenizer = _build_model(settings, settings.seq_len)
+    optimize(
+        model,
+        attn_backend=settings.attn_backend,
+        compile=settings.compile,
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )
     length = settings.seq_len or model.config.model_length
     if length > model.config.model_length:
         raise UsageError(f"--seq-len {length} exceeds the model's length {model.config.model_length}")

@@ -112,6 +112,7 @@ def test_batch_size_must_split_over_micro_batches(tmp_path, tiny_checkpoint, cor
         (["--mix", "5:1"], "does not divide"),
         (["--mix", "4:0"], "positive number"),
         (["--clip", "2,3"], "--clip"),
+        (["--attn-backend", "xformers"], "--attn-backend"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, corpus, args, message):
@@ -205,3 +206,26 @@ def test_per_block_size_clip_is_applied_and_recorded(tmp_path, tiny_checkpoint, 
     config = load_model(str(result.final)).config
     assert config.extra["did_training_clip"] == {"4": [0.5, 1.0], "32": [0.001, 1.0]}
     assert (config.sampling_eps_min, config.sampling_eps_max) == (0.5, 1.0)
+
+
+def _train_losses(tmp_path, tiny_checkpoint, corpus, **overrides):
+    settings = _settings(tmp_path, tiny_checkpoint, corpus, steps=3, log_every=1, save_every=100, **overrides)
+    result = finetune(settings)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(result.final / "model.safetensors"))
+    return [e["loss"] for e in events if e["event"] == "train"], weights
+
+
+def test_gradient_checkpointing_run_reaches_the_same_weights(tmp_path, tiny_checkpoint, corpus):
+    plain_losses, plain = _train_losses(tmp_path / "a", tiny_checkpoint, corpus)
+    losses, weights = _train_losses(tmp_path / "b", tiny_checkpoint, corpus, gradient_checkpointing=True)
+    assert losses == pytest.approx(plain_losses, abs=1e-6)
+    for name, value in plain.items():
+        torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_flex_attention_run_matches_sdpa_loss(tmp_path, tiny_checkpoint, corpus):
+    sdpa_losses, _ = _train_losses(tmp_path / "a", tiny_checkpoint, corpus, attn_backend="sdpa")
+    flex_losses, _ = _train_losses(tmp_path / "b", tiny_checkpoint, corpus, attn_backend="flex")
+    assert flex_losses[0] == pytest.approx(sdpa_losses[0], abs=1e-5)  # before any update: the same computation
+    assert flex_losses == pytest.approx(sdpa_losses, abs=1e-3)
