@@ -150,6 +150,8 @@ def finetune(settings: FinetuneSettings, on_event: EventFn | None = None) -> Fin
             f"--batch-size {settings.batch_size} must be a multiple of processes ({world}) x --micro-batch-size "
             f"({settings.micro_batch_size})"
         )
+    if settings.compile and settings.attn_backend == "flex" and accelerator.device.type == "cpu":
+        raise UsageError("--compile with --attn-backend flex cannot train on the CPU (torch has no CPU flex backward)")
     rows_per_rank = settings.batch_size // world
     accumulation = rows_per_rank // settings.micro_batch_size
 

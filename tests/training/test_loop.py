@@ -113,6 +113,7 @@ def test_batch_size_must_split_over_micro_batches(tmp_path, tiny_checkpoint, cor
         (["--mix", "4:0"], "positive number"),
         (["--clip", "2,3"], "--clip"),
         (["--attn-backend", "xformers"], "--attn-backend"),
+        (["--attn-backend", "flex", "--compile"], "cannot train on the CPU"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, corpus, args, message):
