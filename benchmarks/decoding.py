@@ -6,7 +6,7 @@ of a global block (refinement with B2 = L): all L tokens, no cache, logits for o
 apply to cached calls only, so that row has no graphed variant. The first call of each variant (where compilation or
 graph capture happens) is reported separately from the steady state.
 
-    python -m benchmarks.decoding --shape tiny --length 128 --block-sizes 4,128 --batch-sizes 1,16 --modes eager,compiled
+    python -m benchmarks.decoding --shape tiny --length 128 --block-sizes 4,128 --batch-sizes 1,16
     python -m benchmarks.decoding --shape small --length 1024 --block-sizes 4,16,1024 --batch-sizes 1,16,64 \\
         --device cuda --dtype bfloat16 --modes eager,compiled,graphs,compiled+graphs
 """

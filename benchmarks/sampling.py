@@ -22,11 +22,11 @@ import torch
 from benchmarks._common import (
     FlopCounter,
     PeakMemory,
+    add_speed_args,
     build_model,
     count_flops,
     device_name,
     peak_tflops,
-    add_speed_args,
     print_table,
     speed_label,
     timed,
