@@ -186,7 +186,7 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask)  # traced into the caller's compiled graph
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and q.shape[-1] >= 16:  # the fused kernels need a head width of at least 16
         return _compiled_flex()(q, k, v, block_mask=block_mask)
     return _flex_reference(q, k, v, block_mask)
 
