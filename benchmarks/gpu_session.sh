@@ -36,7 +36,7 @@ step training_flex.md 75 $PY -m benchmarks.training "${SMALL[@]}" --mix 4,16,102
 step draft_target.md 60 $PY -m benchmarks.sampling "${SMALL[@]}" --dtype bfloat16 --batch-sizes 64 --num-samples 64 \
   --no-refine --cuda-graphs --warmup 1 --no-baseline
 step draft_baseline.md 40 $PY -m benchmarks.sampling "${SMALL[@]}" --dtype bfloat16 --batch-sizes 1 --num-samples 1 \
-  --no-refine --baseline-calls 64 --warmup 1
+  --no-refine --baseline-calls 64 --warmup 1 --attn-backend sdpa
 # 5. Compiled decoding (inductor compiles each shape once; the slow part, so it runs last).
 step decoding_compiled_bf16.md 90 $PY -m benchmarks.decoding "${SMALL[@]}" --dtype bfloat16 --block-sizes 4,1024 \
   --batch-sizes 1,64 --modes compiled,compiled+graphs

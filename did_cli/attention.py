@@ -179,8 +179,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
 
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
-    # Compiled once per process; shapes and masks it has seen are cached by dynamo (one kernel per block size).
-    return torch.compile(flex_attention, dynamic=False)
+    # Compiled once per process and cached by dynamo per mask function. Automatic dynamic shapes: a training run
+    # sees one shape per block size, but uncached sampling calls grow by a block per call, and a static kernel per
+    # length would recompile until dynamo's recompile limit.
+    return torch.compile(flex_attention)
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:

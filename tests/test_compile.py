@@ -120,6 +120,9 @@ def test_compiled_sampling_equals_eager_without_recompiling_per_call():
     again = draft(model, [[BOS]] * 2, [4, 5], DraftSettings(length=32), seed=9)
     assert counters["stats"]["unique_graphs"] == graphs and again.model_calls == 31 * 1
     assert torch.equal(again.tokens, draft(eager, [[BOS]] * 2, [4, 5], DraftSettings(length=32), seed=9).tokens)
+    args = (again.confidence, again.prompt_lengths, [4, 5], 1, RefineSettings(gamma=0.5), 9)  # global block, no cache
+    assert torch.equal(refine(model, again.tokens, *args).tokens, refine(eager, again.tokens, *args).tokens)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # the cache-free blocks: one graph for the L-token call
 
 
 @pytest.mark.slow
