@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from did_cli.checkpoints import load_model
 from did_cli.cli import app
+from did_cli.compile import optimize
 from did_cli.config import FinetuneSettings
 from did_cli.errors import TrainingDivergedError, UsageError
 from did_cli.training import loop
@@ -225,8 +226,24 @@ def test_gradient_checkpointing_run_reaches_the_same_weights(tmp_path, tiny_chec
         torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=1e-6, msg=name)
 
 
-def test_flex_attention_run_matches_sdpa_loss(tmp_path, tiny_checkpoint, corpus):
-    sdpa_losses, _ = _train_losses(tmp_path / "a", tiny_checkpoint, corpus, attn_backend="sdpa")
-    flex_losses, _ = _train_losses(tmp_path / "b", tiny_checkpoint, corpus, attn_backend="flex")
-    assert flex_losses[0] == pytest.approx(sdpa_losses[0], abs=1e-5)  # before any update: the same computation
-    assert flex_losses == pytest.approx(sdpa_losses, abs=1e-3)
+def test_speed_settings_reach_the_model(tmp_path, tiny_checkpoint, corpus, monkeypatch):
+    seen = {}
+
+    def spy(model, **options):
+        seen.update(options)
+        return optimize(model, **{**options, "compile": False})  # what reaches the model, without compile time
+
+    monkeypatch.setattr(loop, "optimize", spy)
+    settings = dict(attn_backend="sdpa", compile=True, gradient_checkpointing=True)
+    finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=1, val_batches=0, **settings))
+    assert seen == settings
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_losses(tmp_path, tiny_checkpoint, corpus, monkeypatch):
+    # aot_eager: the same dynamo graphs as inductor without its code generation (half a minute per graph on CPU).
+    compile_with = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_with(fn, **{**options, "backend": "aot_eager"}))
+    eager_losses, _ = _train_losses(tmp_path / "a", tiny_checkpoint, corpus)
+    compiled_losses, _ = _train_losses(tmp_path / "b", tiny_checkpoint, corpus, compile=True)
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
