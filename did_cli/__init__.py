@@ -4,7 +4,7 @@ Draft with a small block size and a KV cache while recording each token's snapsh
 least confident tokens and re-denoise them with a global block (arXiv 2601.13599).
 """
 
-from did_cli.api import draft, eval_ppl, finetune, generate, refine, run_sweep
+from did_cli.api import draft, eval_ppl, finetune, generate, optimize, refine, run_sweep
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
 from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
 from did_cli.errors import DidError
@@ -30,6 +30,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "optimize",
     "read_records",
     "refine",
     "run_sweep",
