@@ -33,6 +33,7 @@ from did_cli.errors import UsageError
 from did_cli.kv_cache import KVCache
 
 if TYPE_CHECKING:
+    from did_cli.config import ModelConfig
     from did_cli.model import BD3LM
 
 # (tokens [B, n], positions [n]) -> (hidden [B, n, D], conditioning [1, C])
@@ -97,7 +98,8 @@ class _GraphStep:
     """A static step captured into a CUDA graph with static input buffers; each call copies inputs in and replays."""
 
     def __init__(self, step: StepFn, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        self.tokens, self.positions = tokens.clone(), positions.clone()
+        with torch.inference_mode(False):  # static buffers outlive the sampling call that creates them
+            self.tokens, self.positions = tokens.clone(), positions.clone()
         # Warm-up on a side stream (allocator and cuBLAS workspaces), as torch.cuda.graphs prescribes. The warm-up
         # runs the real call: it writes the same keys/values the replay will write.
         side = torch.cuda.Stream(device=tokens.device)
@@ -174,19 +176,24 @@ class StaticDecoder:
         key = (batch_size, max_length, dtype)
         if key not in self._caches:
             config = self.model.config
-            self._caches[key] = StaticKVCache(
-                self,
-                num_layers=config.n_blocks,
-                batch_size=batch_size,
-                num_heads=config.n_heads,
-                head_dim=config.head_dim,
-                max_length=max_length,
-                dtype=dtype,
-                device=self.model.device,
-            )
+            # Normal tensors even when a sampler in inference mode asks first: later calls may run outside it.
+            with torch.inference_mode(False):
+                self._caches[key] = self._new_cache(config, batch_size, max_length, dtype)
         cache = self._caches[key]
         cache.reset()
         return cache
+
+    def _new_cache(self, config: ModelConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> StaticKVCache:
+        return StaticKVCache(
+            self,
+            num_layers=config.n_blocks,
+            batch_size=batch_size,
+            num_heads=config.n_heads,
+            head_dim=config.head_dim,
+            max_length=max_length,
+            dtype=dtype,
+            device=self.model.device,
+        )
 
     def step(
         self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, block_size: int

@@ -105,6 +105,18 @@ def test_static_cache_draft_equals_plain_draft_token_for_token():
     torch.testing.assert_close(got.confidence, want.confidence, atol=ATOL, rtol=ATOL)
 
 
+def test_static_cache_made_by_a_sampler_serves_later_calls_outside_inference_mode():
+    model = make_tiny_model()
+    model.decoder = StaticDecoder(model)
+    drafted = draft(model, [[BOS]] * 2, [0, 1], DraftSettings(length=32), seed=3)  # runs in inference mode
+    with torch.no_grad():
+        cache = model.new_cache(2, 32)
+        model.extend_cache(drafted.tokens[:, :8], cache, 4)
+        got = model(drafted.tokens[:, 8:12], 4, cache=cache)
+        want = model(drafted.tokens[:, :12], 4)[:, 8:]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
 def test_compiled_sampling_equals_eager_without_recompiling_per_call():
     # aot_eager: dynamo's graphs and guards (what recompiles) without inductor's code generation, which takes about
     # half a minute per graph on a small CPU; the inductor case is the slow test below.
