@@ -34,7 +34,7 @@ def _gradients(model: torch.nn.Module, block_size: int, seed: int = 0) -> dict[s
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 8, 16])
+@pytest.mark.parametrize("block_size", [1, 4, 8, 16, 32])
 def test_flex_training_form_matches_reference_implementation(block_size):
     model = optimize(make_tiny_model(dropout=0.0), attn_backend="flex")
     clean, noisy, _ = _batch()
