@@ -7,6 +7,7 @@ as SDPA computes it with a mask), and the vocabulary projection only for rows th
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -20,11 +21,25 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import load_model, pick_device
+from did_cli.compile import StaticKVCache
 from did_cli.config import ModelConfig
 from did_cli.model import BD3LM
 
 # Dense bf16 tensor-core peaks (no sparsity) for MFU; CPU rows report achieved FLOP/s without MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """The execution flags every benchmark accepts (the CLI's --attn-backend, --compile, --cuda-graphs)."""
+    parser.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flex"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay cached decoding calls from CUDA graphs")
+
+
+def speed_label(args: argparse.Namespace) -> str:
+    """How the model executes, for table headers."""
+    modes = [name for name, on in (("compiled", args.compile), ("CUDA graphs", args.cuda_graphs)) if on]
+    return f"attention: {args.attn_backend} | {' + '.join(modes) or 'eager'}"
 
 
 def build_model(shape: str | None, model: str | None, length: int, device: str, dtype: str) -> BD3LM:
@@ -56,26 +71,37 @@ def count_flops(model: BD3LM, counter: FlopCounter) -> Iterator[FlopCounter]:
     """Wrap the model's block runner and output layer on this instance to add each call's FLOPs."""
     config = model.config
     d, layers, vocab, mlp = config.hidden_dim, config.n_blocks, config.vocab_size, config.mlp_ratio
-    run_blocks, logits = model._run_blocks, model.logits
+    run_blocks, logits, hidden_states = model._run_blocks, model.logits, model.hidden_states
 
-    def counted_run_blocks(tokens: torch.Tensor, positions: torch.Tensor, mask: Any, cache: Any) -> Any:
+    def add_blocks(tokens: torch.Tensor, cache: Any) -> None:
         batch, n = tokens.shape
         keys = (cache.length if cache is not None else 0) + n
         linear = 2 * batch * n * layers * (4 * d * d + 2 * mlp * d * d)
         attention = 2 * 2 * batch * n * keys * d * layers
         counter.flops += linear + attention
+
+    def counted_run_blocks(tokens: torch.Tensor, positions: torch.Tensor, mask: Any, cache: Any) -> Any:
+        add_blocks(tokens, cache)
         return run_blocks(tokens, positions, mask, cache)
 
+    def counted_hidden_states(input_ids: torch.Tensor, *args: Any, cache: Any = None, **kwargs: Any) -> Any:
+        if isinstance(cache, StaticKVCache):  # compiled or graph-replayed: `_run_blocks` is not called
+            add_blocks(input_ids, cache)  # model FLOPs: the useful keys, not the masked rest of the buffer
+        return hidden_states(input_ids, *args, cache=cache, **kwargs)
+
     def counted_logits(hidden: torch.Tensor, cond: torch.Tensor, select: Any = None) -> Any:
-        rows = int(select.sum()) if select is not None else hidden.shape[0] * hidden.shape[1]
+        if select is None:
+            rows = hidden.shape[0] * hidden.shape[1]
+        else:  # a bool mask selects its True entries; int64 positions [B, k] select B * k rows
+            rows = int(select.sum()) if select.dtype == torch.bool else select.numel()
         counter.flops += 2 * rows * d * vocab
         return logits(hidden, cond, select)
 
-    model._run_blocks, model.logits = counted_run_blocks, counted_logits
+    model._run_blocks, model.logits, model.hidden_states = counted_run_blocks, counted_logits, counted_hidden_states
     try:
         yield counter
     finally:
-        del model._run_blocks, model.logits
+        del model._run_blocks, model.logits, model.hidden_states
 
 
 class PeakMemory:

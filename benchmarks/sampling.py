@@ -22,13 +22,16 @@ import torch
 from benchmarks._common import (
     FlopCounter,
     PeakMemory,
+    add_speed_args,
     build_model,
     count_flops,
     device_name,
     peak_tflops,
     print_table,
+    speed_label,
     timed,
 )
+from did_cli.compile import optimize
 from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.model import BD3LM
 from did_cli.sampling.draft import draft
@@ -68,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-refine", action="store_true")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a markdown table")
+    add_speed_args(parser)
     return parser.parse_args()
 
 
@@ -245,13 +249,15 @@ def baseline(model: BD3LM, args: argparse.Namespace, memory: PeakMemory, peak_tf
 def main() -> None:
     args = parse_args()
     model = build_model(args.shape, args.model, args.length, args.device, args.dtype)
+    optimize(model, attn_backend=args.attn_backend, compile=args.compile, cuda_graphs=args.cuda_graphs)
     device = model.device
     memory = PeakMemory(device)
     peak_tf = peak_tflops(device, args.dtype)
     params = sum(p.numel() for p in model.parameters())
     header = (
         f"device: {device_name(device)} | dtype: {args.dtype} | model: {args.model or args.shape} "
-        f"({params / 1e6:.1f}M params) | L={args.length} B1={args.block_size} | torch {torch.__version__}"
+        f"({params / 1e6:.1f}M params) | L={args.length} B1={args.block_size} | {speed_label(args)} | "
+        f"torch {torch.__version__}"
     )
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):

@@ -28,6 +28,7 @@ from benchmarks._common import (
     print_table,
     sync,
 )
+from did_cli.compile import optimize
 from did_cli.noise import mask_tokens, sample_t
 from did_cli.training.objective import nelbo_sum
 
@@ -54,12 +55,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--attn-backend", default="auto", choices=["auto", "sdpa", "flex"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     model = build_model(args.shape, args.model, args.length, args.device, "float32").train()
+    optimize(
+        model,
+        attn_backend=args.attn_backend,
+        compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     device = model.device
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -111,7 +121,9 @@ def main() -> None:
     if not args.json:
         print(
             f"device: {device_name(device)} | {'bf16 autocast' if bf16 else 'fp32'} | model: "
-            f"{args.model or args.shape} ({params / 1e6:.1f}M params) | torch {torch.__version__}\n"
+            f"{args.model or args.shape} ({params / 1e6:.1f}M params) | attention: {args.attn_backend}"
+            f"{' | compiled' if args.compile else ''}"
+            f"{' | gradient checkpointing' if args.gradient_checkpointing else ''} | torch {torch.__version__}\n"
         )
     print_table(rows, COLUMNS, args.json)
 

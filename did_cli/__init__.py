@@ -32,6 +32,7 @@ _EXPORTS = {
     "generate": "did_cli.api",
     "load_model": "did_cli.checkpoints",
     "load_tokenizer": "did_cli.checkpoints",
+    "optimize": "did_cli.compile",
     "read_records": "did_cli.records",
     "refine": "did_cli.api",
     "run_sweep": "did_cli.sweep",
@@ -58,6 +59,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "optimize",
     "read_records",
     "refine",
     "run_sweep",
@@ -67,6 +69,7 @@ __all__ = [
 if TYPE_CHECKING:
     from did_cli.api import draft, eval_ppl, finetune, generate, refine
     from did_cli.checkpoints import load_model, load_tokenizer, save_model
+    from did_cli.compile import optimize
     from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
     from did_cli.errors import DidError
     from did_cli.eval_rows import NllData

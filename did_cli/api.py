@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
+from did_cli.compile import optimize
 from did_cli.config import DraftSettings, RefineSettings
 from did_cli.distributed import ONE_PROCESS, Shard
 from did_cli.errors import InputError, UsageError
@@ -37,6 +38,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "optimize",
     "refine",
     "save_model",
 ]

@@ -331,6 +331,9 @@ class FinetuneSettings:
         cache_dir: where tokenised corpora are cached.
         num_proc: processes for tokenisation.
         report_to: accelerate trackers (e.g. tensorboard, wandb) besides metrics.jsonl; each must be installed.
+        attn_backend: attention kernels: `auto` (flex attention on CUDA, SDPA elsewhere), `sdpa` or `flex`.
+        compile: `torch.compile` the transformer blocks (one graph per block size).
+        gradient_checkpointing: recompute each block's activations in the backward pass to save memory.
     """
 
     out: str = "runs/did-finetune"
@@ -367,6 +370,9 @@ class FinetuneSettings:
     cache_dir: str | None = None
     num_proc: int | None = None
     report_to: tuple[str, ...] = ()
+    attn_backend: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -399,6 +405,8 @@ class FinetuneSettings:
             raise UsageError(f"--txt-documents must be lines or file, got {self.txt_documents!r}")
         if isinstance(self.clip, str) and self.clip != "auto":
             raise UsageError(f"--clip must be an interval, per-size intervals or auto, got {self.clip!r}")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise UsageError(f"--attn-backend must be auto, sdpa or flex, got {self.attn_backend!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 

@@ -10,6 +10,10 @@ Design choices, each for compatibility or speed:
   models are time-independent, so sigma is always zero; the adaLN weights still act through the constant vector.
 * Every path (block-causal denoising at any block size, the 2L training form, KV-cached decoding) goes through one
   block implementation; they differ only in positions, mask and cache, which are arguments.
+* Attention runs through SDPA or flex attention (`attn_backend`: auto = flex on CUDA); with a static-shape cache
+  from `did_cli.compile` (`--compile`, `--cuda-graphs`), cached calls run a compiled or graph-captured step, and
+  `compiled_blocks` replaces the blocks of cache-free calls. `gradient_checkpointing` recomputes each block's
+  activations in the backward pass instead of storing them.
 * Logits are raw (BD3-LM's backbone output, before SUBS). Callers that need logits at a few positions pass
   `select`, because the vocabulary projection dominates the cost of a small-block or single-token call.
 
@@ -19,12 +23,23 @@ Shapes use B batch, n new tokens, L length, V vocab, H heads, D model width, Dh 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from did_cli.attention import attend, block_causal_mask, block_diffusion_mask
+from did_cli.attention import (
+    AttentionMask,
+    attend,
+    block_causal_block_mask,
+    block_causal_mask,
+    block_diffusion_block_mask,
+    block_diffusion_mask,
+    use_flex,
+)
+from did_cli.compile import StaticDecoder, StaticKVCache
 from did_cli.config import ModelConfig
 from did_cli.kv_cache import KVCache
 
@@ -131,7 +146,7 @@ class DDiTBlock(nn.Module):
         x: torch.Tensor,
         cond: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -200,6 +215,11 @@ class BD3LM(nn.Module):
         # BD3-LM registers them only when `var_min` is true, so otherwise they stay out of the state dict.
         self.register_buffer("sampling_eps_min", torch.tensor(config.sampling_eps_min), persistent=config.var_min)
         self.register_buffer("sampling_eps_max", torch.tensor(config.sampling_eps_max), persistent=config.var_min)
+        # Execution choices, none of which changes the result (see `did_cli.compile.optimize`).
+        self.attn_backend = "auto"
+        self.gradient_checkpointing = False
+        self.compiled_blocks: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.decoder: StaticDecoder | None = None
 
     @property
     def mask_id(self) -> int:
@@ -225,14 +245,38 @@ class BD3LM(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is None and self.compiled_blocks is not None:
+            return self.compiled_blocks(tokens, positions, mask, None)
+        return self.run_blocks(tokens, positions, mask, cache)
+
+    def run_blocks(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and every transformer block, eagerly: hidden states [B, n, D] and the conditioning [1, C].
+
+        Args:
+            tokens: [B, n] token ids.
+            positions: [n] int64 rotary positions (on the tokens' device).
+            mask: what `attention.attend` accepts, over [n, keys].
+            cache: optional KV cache the blocks write the new keys/values into.
+        """
         cond = self._condition()
         rotary = self.backbone.rotary_emb(positions)
         x = self.backbone.vocab_embed(tokens)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.backbone.blocks):
-            x = block(x, cond, rotary, mask, cache, layer)
+            if recompute:
+                # Non-reentrant checkpointing restores the RNG state, so dropout masks match the first pass.
+                x = checkpoint(block, x, cond, rotary, mask, cache, layer, use_reentrant=False)
+            else:
+                x = block(x, cond, rotary, mask, cache, layer)
         return x, cond
 
     def hidden_states(
@@ -256,9 +300,14 @@ class BD3LM(nn.Module):
         n = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
         size = block_size if block_size is not None else offset + n
-        positions = torch.arange(offset, offset + n, device=input_ids.device)
-        mask = block_causal_mask(n, size, offset=offset, device=input_ids.device)
-        hidden, cond = self._run_blocks(input_ids, positions, mask, cache)
+        if isinstance(cache, StaticKVCache):
+            hidden, cond = cache.run(self, input_ids, size, append=commit is True or commit == n)
+        else:
+            positions = torch.arange(offset, offset + n, device=input_ids.device)
+            mask = block_causal_mask(n, size, offset=offset, device=input_ids.device)
+            if mask is not None and cache is None and use_flex(self.attn_backend, input_ids.device):
+                mask = block_causal_block_mask(n, size, device=input_ids.device)
+            hidden, cond = self._run_blocks(input_ids, positions, mask, cache)
         if cache is not None and commit:
             cache.commit(n if commit is True else int(commit))
         return hidden, cond
@@ -329,12 +378,20 @@ class BD3LM(nn.Module):
         if block_size >= length:
             return self(noisy, block_size=None, select=select)
         positions = torch.arange(length, device=noisy.device).repeat(2)
-        mask = block_diffusion_mask(length, block_size, noisy.device)
+        if use_flex(self.attn_backend, noisy.device):
+            mask: AttentionMask = block_diffusion_block_mask(length, block_size, noisy.device)
+        else:
+            mask = block_diffusion_mask(length, block_size, noisy.device)
         hidden, cond = self._run_blocks(torch.cat((noisy, clean), dim=1), positions, mask, None)
         return self.logits(hidden[:, :length], cond, select)
 
     def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache on this model's device (dtype: the model's, or e.g. fp32 for exactness checks)."""
+        """An empty KV cache on this model's device (dtype: the model's, or e.g. fp32 for exactness checks).
+
+        With a static decoder attached (`--compile`, `--cuda-graphs`), its reusable static-shape cache is returned.
+        """
+        if self.decoder is not None:
+            return self.decoder.cache(batch_size, max_length or self.config.model_length, dtype or self.dtype)
         return KVCache(
             num_layers=self.config.n_blocks,
             batch_size=batch_size,

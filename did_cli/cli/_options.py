@@ -71,4 +71,11 @@ TokensPerCall = Annotated[
     int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM; not with steps).")
 ]
 NoKVCache = Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the prefix at every call (slow oracle).")]
+AttnBackend = Annotated[
+    str, typer.Option("--attn-backend", help="Attention kernels: auto (flex on CUDA, sdpa elsewhere), sdpa or flex.")
+]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser (compiled once per block size).")]
+CudaGraphs = Annotated[
+    bool, typer.Option("--cuda-graphs", help="Replay cached decoding calls from captured CUDA graphs (CUDA only).")
+]
 Force = Annotated[bool, typer.Option("--force", help="Refine records made with another model or tokenizer.")]

@@ -42,11 +42,25 @@ def say(message: str) -> None:
     stderr.print(escape(message), soft_wrap=True)
 
 
-def load(model: str, tokenizer: str | None, revision: str | None, device: str, dtype: str) -> tuple[BD3LM, Any]:
-    """The model and its tokenizer, checked against each other."""
+def load(
+    model: str,
+    tokenizer: str | None,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    *,
+    attn_backend: str = "auto",
+    compile: bool = False,
+    cuda_graphs: bool = False,
+) -> tuple[BD3LM, Any]:
+    """The model and its tokenizer, checked against each other, set to execute as the speed flags ask."""
+    from did_cli.attention import check_attn_backend
     from did_cli.checkpoints import load_model, load_tokenizer
+    from did_cli.compile import optimize
 
+    check_attn_backend(attn_backend)
     loaded = load_model(model, device=device, dtype=dtype, revision=revision)
+    optimize(loaded, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs)
     return loaded, load_tokenizer(loaded, tokenizer)
 
 

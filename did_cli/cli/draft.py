@@ -90,6 +90,9 @@ def draft(
     resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.SamplingDtype = "float32",
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft samples block by block with the KV cache, recording each token's snapshot confidence (JSONL)."""
@@ -101,7 +104,16 @@ def draft(
     if length is not None:
         DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
     with output(out, resume=resume) as run:
-        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype)
+        loaded, tok = load(
+            model or o.DEFAULT_MODEL,
+            tokenizer,
+            revision,
+            run.device(device),
+            dtype,
+            attn_backend=attn_backend,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+        )
         settings = DraftSettings(
             length=loaded.config.model_length if length is None else length,
             block_size=block_size,

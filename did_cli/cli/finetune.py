@@ -159,6 +159,11 @@ def finetune(
     report_to: Annotated[
         list[str] | None, typer.Option("--report-to", help="accelerate tracker (tensorboard, wandb, ...).")
     ] = None,  # noqa: E501
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute block activations in backward (less memory).")
+    ] = False,
     quiet: o.Quiet = False,
     allow_settings_change: Annotated[
         bool,
@@ -230,6 +235,9 @@ def finetune(
         cache_dir=str(cache_dir) if cache_dir else None,
         num_proc=num_proc,
         report_to=tuple(report_to or ()),
+        attn_backend=attn_backend,
+        compile=compile,
+        gradient_checkpointing=gradient_checkpointing,
     )
     try:
         run_finetune(

@@ -90,6 +90,9 @@ def generate(
     resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.SamplingDtype = "float32",
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
@@ -105,7 +108,16 @@ def generate(
         for g in parse_gammas(gamma, len(parse_stages(stages, block_size, length)) - 1):
             RefineSettings(gamma=g, remask=remask)
     with output(out, resume=resume) as run:
-        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype)
+        loaded, tok = load(
+            model or o.DEFAULT_MODEL,
+            tokenizer,
+            revision,
+            run.device(device),
+            dtype,
+            attn_backend=attn_backend,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+        )
         length = loaded.config.model_length if length is None else length
         sizes = parse_stages(stages, block_size, length)
         for size in sizes:

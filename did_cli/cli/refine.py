@@ -46,6 +46,9 @@ def refine(
     resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.SamplingDtype = "float32",
+    attn_backend: o.AttnBackend = "auto",
+    compile: o.Compile = False,
+    cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
@@ -71,7 +74,16 @@ def refine(
         name = model or record_model(first)
         if name is None:
             raise InputError("the records do not name the model that made them; pass --model")
-        loaded, tok = load(name, tokenizer, revision, run.device(device), dtype)
+        loaded, tok = load(
+            name,
+            tokenizer,
+            revision,
+            run.device(device),
+            dtype,
+            attn_backend=attn_backend,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+        )
         stage = api.refine_stage_settings(settings, seed, len(first.tokens))
         skip = api.check_resumable(run.writer.kept, [stage], loaded)
         with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from did_cli.checkpoints import load_model, load_tokenizer, save_model
+from did_cli.compile import optimize
 from did_cli.config import FinetuneSettings, ModelConfig, default_micro_batch_size
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
 from did_cli.errors import DataError, ModelLoadError, TrainingDivergedError, UsageError
@@ -254,6 +255,8 @@ def _finetune(
             f"--batch-size {settings.batch_size} must be a multiple of processes ({world}) x --micro-batch-size "
             f"({settings.micro_batch_size})"
         )
+    if settings.compile and settings.attn_backend == "flex" and accelerator.device.type == "cpu":
+        raise UsageError("--compile with --attn-backend flex cannot train on the CPU (torch has no CPU flex backward)")
     rows_per_rank = settings.batch_size // world
     accumulation = rows_per_rank // settings.micro_batch_size
 
@@ -297,6 +300,12 @@ def _finetune(
             )
 
     model, tokenizer = _build_model(settings, settings.seq_len)
+    optimize(
+        model,
+        attn_backend=settings.attn_backend,
+        compile=settings.compile,
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )
     length = settings.seq_len or model.config.model_length
     if length > model.config.model_length:
         raise UsageError(f"--seq-len {length} exceeds the model's length {model.config.model_length}")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from did_cli.checkpoints import load_model
 from did_cli.cli import app
+from did_cli.compile import optimize
 from did_cli.errors import TrainingDivergedError, UsageError
 from did_cli.training import loop
 from did_cli.training.loop import finetune
@@ -95,6 +96,8 @@ def test_batch_size_must_split_over_micro_batches(tmp_path, tiny_checkpoint, cor
         (["--mix", "5:1"], "does not divide"),
         (["--mix", "4:0"], "positive number"),
         (["--clip", "2,3"], "--clip"),
+        (["--attn-backend", "xformers"], "--attn-backend"),
+        (["--attn-backend", "flex", "--compile"], "cannot train on the CPU"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, corpus, args, message):
@@ -221,3 +224,42 @@ def test_per_block_size_clip_is_applied_and_recorded(tmp_path, tiny_checkpoint, 
     config = load_model(str(result.final)).config
     assert config.extra["did_training_clip"] == {"4": [0.5, 1.0], "32": [0.001, 1.0]}
     assert (config.sampling_eps_min, config.sampling_eps_max) == (0.5, 1.0)
+
+
+def _train_losses(tmp_path, tiny_checkpoint, corpus, **overrides):
+    settings = _settings(tmp_path, tiny_checkpoint, corpus, steps=3, log_every=1, save_every=100, **overrides)
+    result = finetune(settings)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(result.final / "model.safetensors"))
+    return [e["loss"] for e in events if e["event"] == "train"], weights
+
+
+def test_gradient_checkpointing_run_reaches_the_same_weights(tmp_path, tiny_checkpoint, corpus):
+    plain_losses, plain = _train_losses(tmp_path / "a", tiny_checkpoint, corpus)
+    losses, weights = _train_losses(tmp_path / "b", tiny_checkpoint, corpus, gradient_checkpointing=True)
+    assert losses == pytest.approx(plain_losses, abs=1e-6)
+    for name, value in plain.items():
+        torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_speed_settings_reach_the_model(tmp_path, tiny_checkpoint, corpus, monkeypatch):
+    seen = {}
+
+    def spy(model, **options):
+        seen.update(options)
+        return optimize(model, **{**options, "compile": False})  # what reaches the model, without compile time
+
+    monkeypatch.setattr(loop, "optimize", spy)
+    settings = dict(attn_backend="sdpa", compile=True, gradient_checkpointing=True)
+    finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=1, val_batches=0, **settings))
+    assert seen == settings
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_losses(tmp_path, tiny_checkpoint, corpus, monkeypatch):
+    # aot_eager: the same dynamo graphs as inductor without its code generation (half a minute per graph on CPU).
+    compile_with = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_with(fn, **{**options, "backend": "aot_eager"}))
+    eager_losses, _ = _train_losses(tmp_path / "a", tiny_checkpoint, corpus)
+    compiled_losses, _ = _train_losses(tmp_path / "b", tiny_checkpoint, corpus, compile=True)
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
