@@ -117,7 +117,8 @@ def test_show_needs_a_loadable_tokenizer_and_accepts_overrides(samples, tmp_path
     record = _first(drafts)
     record["model"]["name"] = record["tokenizer"]["name"] = str(tmp_path / "moved")
     for info in (record["model"], record["tokenizer"], *(stage["model"] for stage in record["stages"])):
-        info.pop("path", None)  # the checkpoint moved: no recorded path resolves any more
+        info.pop("path", None)  # the checkpoint moved: no recorded name or path resolves any more
+        info["name"] = str(tmp_path / "moved")
     moved = tmp_path / "moved.jsonl"
     moved.write_text(json.dumps(record) + "\n")
     failed = runner.invoke(app, ["show", str(moved)])
