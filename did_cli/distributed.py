@@ -11,6 +11,7 @@ records for `refine`) and writes them to its own part file beside `--out`. When 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,45 @@ def current_shard() -> tuple[Shard, Any]:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     return Shard(state.process_index, state.num_processes), state
+
+
+@dataclass(frozen=True)
+class Processes:
+    """What a command needs to split work across processes: its shard and the two collectives it uses.
+
+    `gather(items)` returns every process's list in rank order; `broadcast(value)` returns the main process's value
+    on every process. With one process both are trivial, so the same code runs either way.
+    """
+
+    shard: Shard = ONE_PROCESS
+    device: str | None = None  # this process's accelerator when a launcher started several
+    gather: Callable[[list[Any]], list[list[Any]]] = lambda items: [items]  # noqa: E731 - a trivial default
+    broadcast: Callable[[Any], Any] = lambda value: value  # noqa: E731
+
+    def all_of(self, mine: list[Any]) -> list[Any]:
+        """Everyone's items in position order, from this process's share (see `interleave`)."""
+        return mine if self.shard.world == 1 else interleave(self.gather(mine))
+
+    def from_main(self, compute: Callable[[], Any]) -> Any:
+        """`compute()` on the main process (reading files, say), its result on every process."""
+        value = compute() if self.shard.is_main else None
+        return value if self.shard.world == 1 else self.broadcast(value)
+
+
+def current_processes() -> Processes:
+    """The Processes of this launch, with accelerate's object collectives when several processes run."""
+    shard, state = current_shard()
+    if state is None:
+        return Processes()
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    def gather(items: list[Any]) -> list[list[Any]]:
+        return gather_object([items])
+
+    def broadcast(value: Any) -> Any:
+        return broadcast_object_list([value])[0]
+
+    return Processes(shard, str(state.device), gather, broadcast)
 
 
 def part_path(out: Path, shard: Shard) -> Path:

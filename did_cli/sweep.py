@@ -48,8 +48,18 @@ from typing import Any
 from did_cli import api
 from did_cli.checkpoints import file_sha256, load_model, load_tokenizer, parse_dtype, read_config, resolve
 from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
+from did_cli.distributed import Processes
 from did_cli.errors import InputError, UsageError
-from did_cli.evaluation import DEFAULT_JUDGE, EvalSettings, FileResult, Judge, Sample, load_judge, score_samples
+from did_cli.evaluation import (
+    DEFAULT_JUDGE,
+    EvalSettings,
+    FileResult,
+    Judge,
+    Sample,
+    load_judge,
+    score_samples,
+    summarize,
+)
 from did_cli.provenance import versions
 from did_cli.records import Record, RecordWriter, read_records
 from did_cli.report import RESULTS, append_result, read_results, write_report
@@ -362,14 +372,22 @@ def samples_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:10]
 
 
-def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> SweepResult:
+ONE_LAUNCH = Processes()
+
+
+def run_sweep(
+    settings: SweepSettings, on_event: EventFn | None = None, processes: Processes = ONE_LAUNCH
+) -> SweepResult:
     """Draft, refine and score every variant of every model, append the rows to `results.jsonl`, write the report.
 
     Every model and size is checked before anything runs, so bad input fails before minutes of sampling.
 
     Args:
         settings: models, variants, samples and output folder.
-        on_event: called with each SweepEvent (notes, steps, per-sample and per-window progress).
+        on_event: called with each SweepEvent (notes, steps, per-sample and per-window progress), on the main
+            process only.
+        processes: with several processes (`accelerate launch`), each draws, refines and scores its share of the
+            samples; the main process reads and writes every file, so the files and rows equal a one-process run.
 
     Returns:
         The rows of this sweep, the report and plot paths, and how much was computed versus reused.
@@ -378,13 +396,14 @@ def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> Sweep
         UsageError: sizes that do not fit a model (a length beyond the model's, a B2 that does not divide L).
         ModelLoadError: a model or the judge cannot be found.
     """
-    emit = on_event or (lambda event: None)
+    emit = on_event if on_event is not None and processes.shard.is_main else (lambda event: None)
     out = Path(settings.out)
     plans = [_plan_model(spec, settings) for spec in settings.model_specs]
     for plan in plans:
         for note in plan.notes:
             emit(SweepEvent("note", f"{plan.spec.label}: {note}"))
-    run = _Run(settings, out, emit, _index(read_results(out / RESULTS)), sum(len(p.variants) for p in plans))
+    done = processes.from_main(lambda: _index(read_results(out / RESULTS)))
+    run = _Run(settings, out, emit, done, sum(len(p.variants) for p in plans), processes)
     if any(run.done.get(_key(p.spec.label, v.id, p.config)) is None for p in plans for v in p.variants):
         # Something will be scored: a judge that cannot load must fail now, not after minutes of drafting.
         emit(SweepEvent("step", f"loading the judge {settings.judge}", run.step, run.steps))
@@ -392,9 +411,13 @@ def run_sweep(settings: SweepSettings, on_event: EventFn | None = None) -> Sweep
     rows = [row for plan in plans for row in run.model(plan)]
     rows += _earlier_compatible(run.done, plans, rows)
     emit(SweepEvent("step", "writing the report", run.step, run.steps))
-    report = write_report(
-        out, rows, base_gamma=settings.base_gamma, base_refine_block_size=settings.base_refine_block_size
-    )
+
+    def write() -> Any:
+        return write_report(
+            out, rows, base_gamma=settings.base_gamma, base_refine_block_size=settings.base_refine_block_size
+        )
+
+    report = processes.from_main(write)
     if report.note:
         emit(SweepEvent("note", report.note))
     emit(SweepEvent("step", "done", run.step, run.steps))
@@ -448,8 +471,10 @@ class _Run:
         emit: EventFn,
         done: dict[tuple[str, str, str], dict[str, Any]],
         steps: int,
+        processes: Processes,
     ) -> None:
         self.settings, self.out, self.emit, self.done = settings, out, emit, done
+        self.processes = processes
         self.step, self.steps = 0, steps
         self.counts = {"drafted": 0, "refined": 0, "scored": 0, "reused": 0}
         self.judge = functools.cache(lambda: load_judge(settings.judge, device=settings.device))
@@ -477,8 +502,13 @@ class _Run:
 
     def _drafts(self, plan: _ModelPlan, load: Callable[[], tuple[Any, Any]]) -> list[Record]:
         path = self.out / plan.folder / "draft.jsonl"
-        records = _read_complete(path)
-        if records is not None and _drafts_match(records, plan):
+
+        def reusable() -> list[Record] | None:
+            records = _read_complete(path)
+            return records if records is not None and _drafts_match(records, plan) else None
+
+        records = self.processes.from_main(reusable)
+        if records is not None:
             return records
         model, tokenizer = load()
         self.counts["drafted"] += 1
@@ -489,16 +519,34 @@ class _Run:
             num_samples=self.settings.num_samples,
             seed=self.settings.seed,
             batch_size=self.settings.batch_size,
+            shard=self.processes.shard,
             on_progress=self._on_samples,
         )
-        return _write_records(path, stream)
+        return self._write(path, stream)
+
+    def _write(self, path: Path, stream: Iterable[Record]) -> list[Record]:
+        """One process streams its records to `path`; several gather theirs and the main process writes them."""
+        if self.processes.shard.world == 1:
+            return _write_records(path, stream)
+        records = self.processes.all_of(list(stream))
+
+        def write() -> None:
+            _write_records(path, records)
+
+        self.processes.from_main(write)
+        return records
 
     def _refined(
         self, plan: _ModelPlan, variant: Variant, drafts: list[Record], load: Callable[[], tuple[Any, Any]]
     ) -> list[Record]:
         path = self.out / plan.folder / f"{variant.id}.jsonl"
-        records = _read_complete(path)
-        if records is not None and _refined_match(records, drafts, variant, plan):
+
+        def reusable() -> list[Record] | None:
+            records = _read_complete(path)
+            return records if records is not None and _refined_match(records, drafts, variant, plan) else None
+
+        records = self.processes.from_main(reusable)
+        if records is not None:
             return records
         model, tokenizer = load()
         self.counts["refined"] += 1
@@ -517,9 +565,10 @@ class _Run:
             refine_settings,
             seed=self.settings.seed,
             batch_size=self.settings.batch_size,
+            shard=self.processes.shard,
             on_progress=self._on_samples,
         )
-        return _write_records(path, stream)
+        return self._write(path, stream)
 
     def _score(self, plan: _ModelPlan, variant: Variant, records: list[Record]) -> dict[str, Any]:
         judge: Judge = self.judge()
@@ -528,10 +577,13 @@ class _Run:
         def on_windows(done: int, total: int) -> None:
             self.emit(SweepEvent("progress", "scoring", self.step, self.steps, done, total, "windows"))
 
-        samples = [Sample(r.text, r.prompt, id=r.id) for r in records]
+        shard = self.processes.shard
+        samples = [Sample(r.text, r.prompt, id=r.id) for p, r in enumerate(records) if shard.owns(p)]
         result = score_samples(samples, judge, self.settings.evaluation, source=file, on_progress=on_windows)
+        if shard.world > 1:
+            result = summarize(file, self.processes.all_of(result.samples))
         row = result_row(plan.spec, variant, plan.config, result, records, judge.info)
-        append_result(self.out / RESULTS, row)
+        self.processes.from_main(lambda: append_result(self.out / RESULTS, row))
         self.counts["scored"] += 1
         return row
 

@@ -103,9 +103,14 @@ def sweep(
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
+    from did_cli.distributed import current_processes
     from did_cli.evaluation import EvalSettings
     from did_cli.sweep import SweepSettings, run_sweep
 
+    processes = current_processes()
+    if processes.device is not None and device in ("auto", "cuda"):
+        device = processes.device  # each launched process samples and scores on its own accelerator
+    quiet = quiet or not processes.shard.is_main
     settings = SweepSettings(
         models=model or [],
         judge=judge,
@@ -127,7 +132,7 @@ def sweep(
         evaluation=EvalSettings(degenerate_entropy=degenerate_entropy),
     )
     with _events(quiet) as on_event:
-        result = run_sweep(settings, on_event)
+        result = run_sweep(settings, on_event, processes)
     if not quiet:
         stderr.print(
             f"{len(result.rows)} results ({result.scored} scored now, {result.reused} reused; sampled files: "
