@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -268,8 +267,3 @@ def write_records(records: Iterable[Record], run: Run, reporter: Reporter, *, ne
         kept = f" ({len(run.writer.kept)} kept from the interrupted run)" if run.writer.kept else ""
         reporter.summary(run.writer.count, generated, nfes, kept)
     return run.writer.count
-
-
-def stdout_is_terminal() -> bool:
-    """Whether stdout is a terminal (records would scroll past instead of reaching a file or pipe)."""
-    return sys.stdout is not None and sys.stdout.isatty()
