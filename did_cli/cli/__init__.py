@@ -79,7 +79,7 @@ def main() -> None:
     """Console-script entry point."""
     stdout_was = _stdout_identity()
     try:
-        __getattr__("app")()
+        result = __getattr__("app")(standalone_mode=False)
     except KeyboardInterrupt:
         interrupted()
         sys.exit(130)
@@ -92,6 +92,31 @@ def main() -> None:
         if exc.code == 1 and stdout_was is not None and _stdout_identity() != stdout_was:
             sys.exit(0)
         raise
+    except Exception as exc:
+        _exit_on_usage_error(exc)
+        raise
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _is_a(exc: BaseException, name: str) -> bool:
+    # By class name: Typer vendors click, and its exception classes are not public API.
+    return any(cls.__name__ == name for cls in type(exc).__mro__)
+
+
+def _exit_on_usage_error(exc: Exception) -> None:
+    """A bad flag or value as one line (click prints a boxed usage message); Ctrl-C during parsing as 130."""
+    if _is_a(exc, "Abort"):
+        interrupted()
+        sys.exit(130)
+    if _is_a(exc, "NoArgsIsHelpError"):
+        exc.show()  # type: ignore[attr-defined] - `did` alone prints the help, as before
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    if _is_a(exc, "ClickException"):
+        context = getattr(exc, "ctx", None)
+        path = f"{context.command_path} --help" if context is not None else "did --help"
+        message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+        sys.stderr.write(f"error: {message} (see '{path}')\n")
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
 
 
 def _stdout_identity() -> tuple[int, int] | None:

@@ -37,7 +37,8 @@ SamplingDtype = Annotated[
         "bfloat16: faster on GPU, but rounding can change tokens across batch sizes and with --no-kv-cache.",
     ),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Sample i depends only on (seed, i).")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same result.")]
+SamplingSeed = Annotated[int, typer.Option("--seed", help="Sample i depends only on (seed, i).")]
 BatchSize = Annotated[
     int,
     typer.Option(

@@ -86,6 +86,24 @@ def _plain_interval() -> float:
         return _PLAIN_INTERVAL
 
 
+class PlainLines:
+    """Progress for logs and batch jobs (stderr not a terminal): one plain line on stderr every so often.
+
+    The interval is 10 s (`DID_PROGRESS_SECONDS` overrides it); `force` prints regardless (a new step, say).
+    """
+
+    def __init__(self) -> None:
+        self._interval = _plain_interval()
+        self.started = self._last = time.perf_counter()
+
+    def __call__(self, message: str, *, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last < self._interval:
+            return
+        self._last = now
+        say(f"{message}, {now - self.started:.0f}s elapsed")
+
+
 class Reporter:
     """Progress and the closing summary on stderr (see the module docstring); silent with `quiet`."""
 
@@ -97,9 +115,8 @@ class Reporter:
         self._progress: Progress | None = None
         self._task: Any = None
         self._total = total
-        self._interval = _plain_interval()
-        self._last_line = time.perf_counter()
-        self.started = time.perf_counter()
+        self._lines = PlainLines()
+        self.started = self._lines.started
 
     def __enter__(self) -> Reporter:
         if self.live:
@@ -135,12 +152,8 @@ class Reporter:
             tokens = f"batch tokens {event.tokens_done}/{event.tokens_total}" if event.tokens_total else ""
             self._progress.update(self._task, completed=done, description=event.stage, tokens=tokens, total=total)
             return
-        now = time.perf_counter()
-        if now - self._last_line < self._interval:
-            return
-        self._last_line = now
         of_total = f"/{total}" if total else ""
-        say(f"{event.stage}: {done}{of_total} samples finished, {now - self.started:.0f}s elapsed")
+        self._lines(f"{event.stage}: {done}{of_total} samples finished")
 
     def _count_others(self) -> int:
         now = time.perf_counter()

@@ -73,7 +73,7 @@ def draft(
     num_samples: NumSamples = 1,
     length: Length = None,
     block_size: BlockSize = 4,
-    seed: o.Seed = 0,
+    seed: o.SamplingSeed = 0,
     batch_size: o.BatchSize = o.DEFAULT_BATCH_SIZE,
     top_p: o.TopP = 0.9,
     temperature: o.Temperature = 1.0,

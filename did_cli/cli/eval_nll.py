@@ -207,8 +207,14 @@ def _write(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, int], None] | None]:
     """A transient bar per model and block size on stderr when it is a terminal; yields the callback."""
-    if quiet or not sys.stderr.isatty():
+    if quiet:
         yield None
+        return
+    if not sys.stderr.isatty():
+        from did_cli.cli._run import PlainLines
+
+        lines = PlainLines()
+        yield lambda name, block, done, total: lines(f"{name} B={block}: {done}/{total} rows")
         return
     bar = Progress(
         TextColumn("{task.description}"),
@@ -218,6 +224,8 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, int], None] | No
         TimeElapsedColumn(),
         console=stderr,
         transient=True,
+        redirect_stdout=False,  # stdout carries data (--json -), whatever stderr is
+        redirect_stderr=False,
     )
     tasks: dict[tuple[str, int], Any] = {}
 

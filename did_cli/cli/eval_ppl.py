@@ -180,8 +180,14 @@ def _write(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     """A transient bar per input over its judge windows, on stderr when it is a terminal; yields the callback."""
-    if quiet or not sys.stderr.isatty():
+    if quiet:
         yield None
+        return
+    if not sys.stderr.isatty():
+        from did_cli.cli._run import PlainLines
+
+        lines = PlainLines()
+        yield lambda source, done, total: lines(f"scoring {source}: {done}/{total} judge windows")
         return
     bar = Progress(
         TextColumn("{task.description}", markup=False),  # a file name is never rich markup

@@ -33,7 +33,7 @@ def refine(
     gamma: Gamma = 0.5,
     block_size: BlockSize = None,
     remask: Remask = "snapshot",
-    seed: o.Seed = 0,
+    seed: o.SamplingSeed = 0,
     batch_size: o.BatchSize = o.DEFAULT_BATCH_SIZE,
     top_p: o.TopP = 0.9,
     temperature: o.Temperature = 1.0,

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import unmasking
+from did_cli.cli._run import PlainLines, unmasking
 from did_cli.cli.eval_ppl import DegenerateEntropy
 from did_cli.errors import UsageError
 
@@ -88,7 +88,7 @@ def sweep(
     gamma: Gammas = "0.1,0.25,0.5,0.75,1.0",
     refine_block_size: RefineBlockSizes = None,
     grid: Grid = False,
-    seed: o.Seed = 0,
+    seed: o.SamplingSeed = 0,
     top_p: o.TopP = 0.9,
     temperature: o.Temperature = 1.0,
     order: o.Order = "first-hitting",
@@ -161,11 +161,18 @@ def _events(quiet: bool) -> Iterator[EventFn]:
             redirect_stderr=False,
         )
     task = bar.add_task("sweep", total=None, detail="") if bar is not None else None
+    lines = PlainLines() if bar is None and not quiet else None  # logs and batch jobs: plain lines
 
     def on_event(event: SweepEvent) -> None:
         if event.kind == "note":
             if not quiet:
                 stderr.print(f"note: {event.message}", highlight=False, soft_wrap=True, markup=False)
+        elif lines is not None and event.kind in ("step", "progress"):
+            where = f"sweep step {min(event.step + 1, event.steps)}/{event.steps}: {event.message}"
+            if event.kind == "step":
+                lines(where, force=True)
+            else:
+                lines(f"{where} {event.done}{f'/{event.total}' if event.total else ''} {event.unit}")
         elif bar is not None and event.kind == "step":
             bar.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
         elif bar is not None and event.kind == "progress":

@@ -182,3 +182,55 @@ def test_two_runs_writing_the_same_out_refuse_the_second(tiny_checkpoint, tmp_pa
     finally:
         first.kill()
         first.wait()
+
+
+def test_every_long_command_prints_plain_progress_without_a_terminal(tiny_checkpoint, tmp_path):
+    env = {**_env(), "DID_PROGRESS_SECONDS": "0"}
+    subprocess.run(
+        [*DID, "draft", "-m", str(tiny_checkpoint), "-n", "2", "-q", "--out", str(tmp_path / "d.jsonl")],
+        env=env,
+        check=True,
+    )
+    judge = subprocess.run(
+        [*DID, "eval-ppl", str(tmp_path / "d.jsonl"), "--judge", "did-tiny-judge"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert judge.returncode == 0 and judge.stdout == ""
+    assert "judge windows" in judge.stderr
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the cat sat on the mat and the dog ran to the park\n" * 40)
+    nll = subprocess.run(
+        [
+            *DID,
+            "eval-nll",
+            "-m",
+            str(tiny_checkpoint),
+            "--data",
+            str(corpus),
+            "--block-size",
+            "4",
+            "--seq-len",
+            "32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert nll.returncode == 0, nll.stderr
+    assert nll.stdout == "" and "rows" in nll.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval-nll", "--bogus-flag"], "No such option: --bogus-flag"),
+        (["draft", "--length", "abc"], "Invalid value for '--length'"),
+        (["bogus-command"], "No such command 'bogus-command'"),
+    ],
+)
+def test_bad_flags_and_values_are_one_line_errors(args, message):
+    done = subprocess.run([*DID, *args], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr
