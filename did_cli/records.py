@@ -257,7 +257,11 @@ class RecordWriter:
             os.close(fd)
             raise OutputError(f"another did run is writing {self.path} (it holds {self.partial}); wait or pick --out")
         self._fd = fd
-        self._adopt_existing()
+        try:
+            self._adopt_existing()
+        except BaseException:
+            self._close()  # a partial file that cannot be resumed: release it (and the lock) untouched
+            raise
         return self
 
     def _adopt_existing(self) -> None:
@@ -274,8 +278,6 @@ class RecordWriter:
             os.lseek(self._fd, self._offset, os.SEEK_SET)
             return
         if size and not self.replace_partial:
-            os.close(self._fd)
-            self._fd = None
             raise OutputError(
                 f"{self.partial} holds the finished samples of an interrupted run: pass --resume to continue it, "
                 "or delete it"
