@@ -418,6 +418,8 @@ def _stage_provenance(model: BD3LM) -> dict[str, Any]:
         "model": {key: info[key] for key in ("name", "path", "sha256") if key in info},
         "device": device_info(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        # The dtype of this stage's KV cache (cached calls only): bfloat16 under float32 weights is BD3-LM's numerics.
+        "kv_cache_dtype": str(model.kv_cache_dtype or model.dtype).removeprefix("torch."),
     }
 
 
