@@ -52,3 +52,13 @@ def test_bad_cache_dtype_combinations_fail_in_one_line(tiny_checkpoint, flags, m
     result = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), *flags])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
+
+
+def test_resume_refuses_samples_made_with_another_cache_dtype(tiny_checkpoint, tmp_path):
+    out = str(tmp_path / "o.jsonl")
+    base = ["draft", "-m", str(tiny_checkpoint), "--out", out]
+    assert runner.invoke(app, [*base, "-n", "1", "--kv-cache-dtype", "bfloat16"]).exit_code == 0
+    result = runner.invoke(app, [*base, "-n", "2", "--resume"])
+    assert result.exit_code != 0 and "made with --kv-cache-dtype bfloat16, this run uses float32" in result.stderr
+    resumed = runner.invoke(app, [*base, "-n", "2", "--resume", "--kv-cache-dtype", "bfloat16"])
+    assert resumed.exit_code == 0, resumed.stderr
