@@ -65,9 +65,9 @@ def load(
     return loaded, load_tokenizer(loaded, tokenizer)
 
 
-def check_kv_cache_flags(kv_cache_dtype: str | None, dtype: str, no_kv_cache: bool) -> None:
+def check_kv_cache_flags(kv_cache_dtype: str | None, no_kv_cache: bool) -> None:
     """Refuse a cache dtype that would not act: with --no-kv-cache no cache is made."""
-    if no_kv_cache and kv_cache_dtype is not None and kv_cache_dtype != dtype:
+    if no_kv_cache and kv_cache_dtype is not None:
         raise UsageError(f"--kv-cache-dtype {kv_cache_dtype} has no effect with --no-kv-cache; drop one of them")
 
 

@@ -101,7 +101,7 @@ def draft(
 
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
-    check_kv_cache_flags(kv_cache_dtype, dtype, no_kv_cache)
+    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
     if length is not None:
         DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading

@@ -58,7 +58,7 @@ def refine(
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    check_kv_cache_flags(kv_cache_dtype, dtype, no_kv_cache)
+    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
     settings = RefineSettings(
         gamma=gamma,
         block_size=block_size,
