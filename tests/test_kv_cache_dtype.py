@@ -127,3 +127,19 @@ def test_load_model_sets_the_cache_dtype(tiny_checkpoint):
     model = load_model(str(tiny_checkpoint), device="cpu", kv_cache_dtype="bfloat16")
     assert model.dtype == torch.float32 and model.new_cache(1).keys.dtype == torch.bfloat16
     assert load_model(str(tiny_checkpoint), device="cpu", dtype="bfloat16").new_cache(1).keys.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_compiled_bf16_cache_draft_equals_eager():
+    # aot_eager traces the static step as --compile does, without inductor's fusion (which may round the bf16 rotary
+    # once instead of per operation; see docs/fidelity.md). About 7 s on a small CPU.
+    from did_cli.compile import optimize
+
+    eager = make_tiny_model()
+    eager.kv_cache_dtype = torch.bfloat16
+    want = draft(eager, [[BOS]] * 2, [0, 1], DraftSettings(length=32), seed=3)
+    model = optimize(make_tiny_model(), compile=True, compile_backend="aot_eager")
+    model.kv_cache_dtype = torch.bfloat16
+    got = draft(model, [[BOS]] * 2, [0, 1], DraftSettings(length=32), seed=3)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.confidence, want.confidence, atol=ATOL, rtol=ATOL)
