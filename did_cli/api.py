@@ -408,6 +408,12 @@ def check_resumable(kept: list[Record], expected_stages: list[dict[str, Any]], m
             theirs = (stage.get("model") or record.model or {}).get("sha256")
             if ours and theirs and theirs != ours:
                 raise InputError(f"cannot resume: sample {record.id} was made by other weights ({theirs[:12]})")
+            cache_dtype = _stage_provenance(model)["kv_cache_dtype"]
+            if stage.get("kv_cache_dtype", cache_dtype) != cache_dtype:  # records older than the key pass
+                raise InputError(
+                    f"cannot resume: sample {record.id} was made with --kv-cache-dtype {stage['kv_cache_dtype']}, "
+                    f"this run uses {cache_dtype}"
+                )
     return {record.id for record in kept}
 
 
@@ -418,6 +424,8 @@ def _stage_provenance(model: BD3LM) -> dict[str, Any]:
         "model": {key: info[key] for key in ("name", "path", "sha256") if key in info},
         "device": device_info(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        # The dtype of this stage's KV cache (cached calls only): bfloat16 under float32 weights is BD3-LM's numerics.
+        "kv_cache_dtype": str(model.kv_cache_dtype or model.dtype).removeprefix("torch."),
     }
 
 

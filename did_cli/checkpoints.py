@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from did_cli.config import ModelConfig
 from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import atomic_folder
+from did_cli.kv_cache import check_kv_cache_dtype
 from did_cli.model import BD3LM
 
 ASSETS = Path(__file__).parent / "assets"
@@ -209,6 +210,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     *,
     revision: str | None = None,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> BD3LM:
     """Load a BD3-LM or did checkpoint by embedded name, folder or Hub id.
 
@@ -217,10 +219,14 @@ def load_model(
         device: `auto` (default), `cpu`, `cuda`, or a torch device.
         dtype: weights dtype; float32 by default.
         revision: Hub revision (branch, tag or commit) to pin.
+        kv_cache_dtype: dtype of the sampler's KV cache: None (the weights'), float32, or bfloat16 (with float32
+            weights: BD3-LM's CUDA cache numerics, see `did_cli.kv_cache`).
 
     Returns:
         The model in eval mode, with `model.source` (a ModelSource) describing what was loaded.
     """
+    weights_dtype = parse_dtype(dtype)
+    cache_dtype = check_kv_cache_dtype(kv_cache_dtype, weights_dtype)  # before any download or read
     folder = resolve(name_or_path, revision)
     config = read_config(folder)
     weights = folder / _WEIGHTS
@@ -245,7 +251,8 @@ def load_model(
     model.sampling_eps_min.fill_(config.sampling_eps_min)
     model.sampling_eps_max.fill_(config.sampling_eps_max)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    model = model.to(device=pick_device(device), dtype=parse_dtype(dtype)).eval()
+    model = model.to(device=pick_device(device), dtype=weights_dtype).eval()
+    model.kv_cache_dtype = cache_dtype
     model.source = ModelSource(name_or_path, str(folder), file_sha256(weights), revision)
     return model
 

@@ -8,11 +8,45 @@ length), rotating once is exact and saves re-rotating the whole prefix at every 
 Denoising calls write the current block into the slot just past `length` as scratch space and attend to the
 prefix plus that slot through a view; only `commit` moves `length` forward. The cache is an explicit object the
 sampler creates, passes to every model call and drops: no model module holds cache state.
+
+The cache's dtype is normally the weights' dtype. A cache narrower than the activations (bf16 under fp32 weights,
+`--kv-cache-dtype bfloat16`) selects BD3-LM's published CUDA numerics in the model's cached calls: q/k/v are rounded
+to bf16 *before* the rotary embedding, rotary runs in bf16, attention runs in fp32 on the rounded values, and
+everything else stays fp32. BD3-LM keeps the pre-rotary projections and re-rotates the whole prefix at each call;
+rotary acts on each position alone, so rotating once at write time stores the very same bf16 keys.
 """
 
 from __future__ import annotations
 
 import torch
+
+from did_cli.errors import UsageError
+
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_kv_cache_dtype(cache_dtype: str | torch.dtype | None, weights_dtype: torch.dtype) -> torch.dtype | None:
+    """The cache dtype a model should use, or None for the weights' own dtype (did's default).
+
+    Args:
+        cache_dtype: None, `float32` or `bfloat16` (or the torch dtype).
+        weights_dtype: the model's dtype.
+
+    Raises:
+        UsageError: an unknown name, or a float32 cache under bf16 weights (not a scheme did offers).
+    """
+    if cache_dtype is None:
+        return None
+    if isinstance(cache_dtype, str):
+        if cache_dtype not in KV_CACHE_DTYPES:
+            raise UsageError(f"unknown KV cache dtype {cache_dtype!r}; use float32 or bfloat16")
+        cache_dtype = KV_CACHE_DTYPES[cache_dtype]
+    if cache_dtype not in KV_CACHE_DTYPES.values():
+        raise UsageError(f"unsupported KV cache dtype {cache_dtype}; use float32 or bfloat16")
+    if cache_dtype.itemsize > weights_dtype.itemsize:
+        name = str(weights_dtype).removeprefix("torch.")
+        raise UsageError(f"a float32 KV cache needs float32 weights (--dtype is {name}); use --dtype float32")
+    return cache_dtype
 
 
 class KVCache:

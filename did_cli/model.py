@@ -14,6 +14,8 @@ Design choices, each for compatibility or speed:
   from `did_cli.compile` (`--compile`, `--cuda-graphs`), cached calls run a compiled or graph-captured step, and
   `compiled_blocks` replaces the blocks of cache-free calls. `gradient_checkpointing` recomputes each block's
   activations in the backward pass instead of storing them.
+* A bf16 KV cache under fp32 weights (`kv_cache_dtype`, `--kv-cache-dtype bfloat16`) runs cached calls with BD3-LM's
+  CUDA sampler numerics: q/k/v rounded to bf16 before rotary, rotary in bf16, attention in fp32 (see `kv_cache`).
 * Logits are raw (BD3-LM's backbone output, before SUBS). Callers that need logits at a few positions pass
   `select`, because the vocabulary projection dominates the cost of a small-block or single-token call.
 
@@ -88,6 +90,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+def _rotate_rounded(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding to x [B, H, n, Dh] in x's own dtype, each product and the sum rounded to it.
+
+    This is BD3-LM's rotary on its bf16 KV cache (fp32 tables cast to bf16, eager bf16 arithmetic).
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -159,16 +171,39 @@ class DDiTBlock(nn.Module):
         h = _modulate(self.norm1(x), shift_msa, scale_msa).to(dtype)
         qkv = self.attn_qkv(h).view(batch, n, 3, self.n_heads, dim // self.n_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # each [B, H, n, Dh]
-        cos, sin = rotary
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))
-            q = q.to(k.dtype)
+        q, k, v = _attention_inputs(q, k, v, rotary, cache, layer)
         attn = attend(q, k, v, mask).transpose(1, 2).reshape(batch, n, dim).to(dtype)
         x = (x + gate_msa * F.dropout(self.attn_out(attn), self.dropout, self.training)).to(dtype)
 
         h = _modulate(self.norm2(x), shift_mlp, scale_mlp).to(dtype)
         return (x + gate_mlp * F.dropout(self.mlp(h), self.dropout, self.training)).to(dtype)
+
+
+def _attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    cache: KVCache | None,
+    layer: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q/k [B, H, n, Dh] and, with a cache, write k/v and return q with keys/values over prefix + new.
+
+    A cache in the activations' dtype stores keys rotated in fp32 (did's numerics). A narrower cache (bf16 under fp32
+    weights) follows BD3-LM's CUDA sampler: q/k/v rounded to the cache dtype before rotary, rotary in that dtype,
+    then all three back in the activations' dtype, so attention runs in fp32 on the rounded values.
+    """
+    cos, sin = rotary
+    if cache is None or cache.keys.dtype.itemsize >= q.dtype.itemsize:
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cache is None:
+            return q, k, v
+        k, v = cache.write(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))
+        return q.to(k.dtype), k, v
+    dtype, low = q.dtype, cache.keys.dtype
+    q, k = _rotate_rounded(q.to(low), cos, sin), _rotate_rounded(k.to(low), cos, sin)
+    k, v = cache.write(layer, k, v.to(low))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 class DDitFinalLayer(nn.Module):
@@ -220,6 +255,8 @@ class BD3LM(nn.Module):
         self.gradient_checkpointing = False
         self.compiled_blocks: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.decoder: StaticDecoder | None = None
+        # Dtype of new KV caches; None: the weights' dtype. bf16 under fp32 weights is BD3-LM's cache numerics.
+        self.kv_cache_dtype: torch.dtype | None = None
 
     @property
     def mask_id(self) -> int:
@@ -386,18 +423,19 @@ class BD3LM(nn.Module):
         return self.logits(hidden[:, :length], cond, select)
 
     def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache on this model's device (dtype: the model's, or e.g. fp32 for exactness checks).
+        """An empty KV cache on this model's device (dtype: `kv_cache_dtype`, else the model's; or e.g. fp32).
 
         With a static decoder attached (`--compile`, `--cuda-graphs`), its reusable static-shape cache is returned.
         """
+        dtype = dtype or self.kv_cache_dtype or self.dtype
         if self.decoder is not None:
-            return self.decoder.cache(batch_size, max_length or self.config.model_length, dtype or self.dtype)
+            return self.decoder.cache(batch_size, max_length or self.config.model_length, dtype)
         return KVCache(
             num_layers=self.config.n_blocks,
             batch_size=batch_size,
             num_heads=self.config.n_heads,
             head_dim=self.config.head_dim,
             max_length=max_length or self.config.model_length,
-            dtype=dtype or self.dtype,
+            dtype=dtype,
             device=self.device,
         )

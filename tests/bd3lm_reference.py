@@ -52,8 +52,12 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def reference_logits(state, n_heads, tokens, positions, mask):
-    """BD3-LM logits for `tokens` [B, n] at rotary `positions` [n] with a bool `mask` [n, n] (True = attend)."""
+def reference_logits(state, n_heads, tokens, positions, mask, qkv_dtype=None):
+    """BD3-LM logits for `tokens` [B, n] at rotary `positions` [n] with a bool `mask` [n, n] (True = attend).
+
+    `qkv_dtype` (e.g. bfloat16) is BD3-LM's KV-cache path on CUDA: the qkv projection is stored in that dtype, rotary
+    runs on the stored values with the fp32 tables cast to it, and attention runs in fp32 on the results.
+    """
     s = {k.removeprefix("backbone."): v.float() for k, v in state.items()}
     x = s["vocab_embed.embedding"][tokens]
     batch, n, dim = x.shape
@@ -75,9 +79,13 @@ def reference_logits(state, n_heads, tokens, positions, mask):
         x_skip = x
         h = _layer_norm(x, s[p + "norm1.weight"]) * (1 + scale_msa) + shift_msa
         qkv = F.linear(h, s[p + "attn_qkv.weight"]).view(batch, n, 3, n_heads, head_dim)
+        if qkv_dtype is not None:
+            qkv = qkv.to(qkv_dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, n, H, Dh]
-        q = q * cos[None, :, None] + _rotate_half(q) * sin[None, :, None]
-        k = k * cos[None, :, None] + _rotate_half(k) * sin[None, :, None]
+        c_, s_ = cos.to(qkv.dtype)[None, :, None], sin.to(qkv.dtype)[None, :, None]
+        q = (q * c_ + _rotate_half(q) * s_).float()
+        k = (k * c_ + _rotate_half(k) * s_).float()
+        v = v.float()
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
         scores = scores.masked_fill(~mask[None, None], float("-inf"))
         attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(batch, n, dim)

@@ -114,3 +114,14 @@ def test_compiled_flex_training_gradients_equal_sdpa_on_cuda():
         grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for name, want in grads["sdpa"].items():
         torch.testing.assert_close(grads["flex"][name], want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bf16_cache_drafting_on_cuda_with_graphs():
+    from did_cli.compile import optimize
+
+    model = optimize(make_tiny_model(dropout=0.0).cuda(), cuda_graphs=True)
+    model.kv_cache_dtype = torch.bfloat16
+    out = draft(model, [[BOS]] * 4, [0, 1, 2, 3], DraftSettings(length=32), seed=3)
+    assert not (out.tokens == model.mask_id).any()
+    assert ((out.confidence > 0) & (out.confidence <= 1)).all()
+    assert {cache.keys.dtype for cache in model.decoder._caches.values()} == {torch.bfloat16}

@@ -51,6 +51,7 @@ def load(
     attn_backend: str = "auto",
     compile: bool = False,
     cuda_graphs: bool = False,
+    kv_cache_dtype: str | None = None,
 ) -> tuple[BD3LM, Any]:
     """The model and its tokenizer, checked against each other, set to execute as the speed flags ask."""
     from did_cli.attention import check_attn_backend
@@ -58,9 +59,15 @@ def load(
     from did_cli.compile import optimize
 
     check_attn_backend(attn_backend)
-    loaded = load_model(model, device=device, dtype=dtype, revision=revision)
+    loaded = load_model(model, device=device, dtype=dtype, revision=revision, kv_cache_dtype=kv_cache_dtype)
     optimize(loaded, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs)
     return loaded, load_tokenizer(loaded, tokenizer)
+
+
+def check_kv_cache_flags(kv_cache_dtype: str | None, no_kv_cache: bool) -> None:
+    """Refuse a cache dtype that would not act: with --no-kv-cache no cache is made."""
+    if no_kv_cache and kv_cache_dtype is not None:
+        raise UsageError(f"--kv-cache-dtype {kv_cache_dtype} has no effect with --no-kv-cache; drop one of them")
 
 
 def unmasking(

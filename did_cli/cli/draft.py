@@ -9,7 +9,7 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, load, output, unmasking, write_records
+from did_cli.cli._run import Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.config import DraftSettings
 from did_cli.errors import InputError, UsageError
 
@@ -90,6 +90,7 @@ def draft(
     resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.SamplingDtype = "float32",
+    kv_cache_dtype: o.KVCacheDtype = None,
     attn_backend: o.AttnBackend = "auto",
     compile: o.Compile = False,
     cuda_graphs: o.CudaGraphs = False,
@@ -100,6 +101,7 @@ def draft(
 
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
+    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
     if length is not None:
         DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
@@ -113,6 +115,7 @@ def draft(
             attn_backend=attn_backend,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            kv_cache_dtype=kv_cache_dtype,
         )
         settings = DraftSettings(
             length=loaded.config.model_length if length is None else length,

@@ -8,7 +8,7 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, load, output, unmasking, write_records
+from did_cli.cli._run import Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.cli.draft import (
     Length,
     MaxTries,
@@ -90,6 +90,7 @@ def generate(
     resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.SamplingDtype = "float32",
+    kv_cache_dtype: o.KVCacheDtype = None,
     attn_backend: o.AttnBackend = "auto",
     compile: o.Compile = False,
     cuda_graphs: o.CudaGraphs = False,
@@ -100,6 +101,7 @@ def generate(
 
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
+    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
     if length is not None:
         # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
@@ -117,6 +119,7 @@ def generate(
             attn_backend=attn_backend,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            kv_cache_dtype=kv_cache_dtype,
         )
         length = loaded.config.model_length if length is None else length
         sizes = parse_stages(stages, block_size, length)

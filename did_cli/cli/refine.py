@@ -9,7 +9,7 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, load, output, unmasking, write_records
+from did_cli.cli._run import Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.config import RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.records import check_records_file, read_records, same_file
@@ -46,6 +46,7 @@ def refine(
     resume: o.Resume = False,
     device: o.Device = "auto",
     dtype: o.SamplingDtype = "float32",
+    kv_cache_dtype: o.KVCacheDtype = None,
     attn_backend: o.AttnBackend = "auto",
     compile: o.Compile = False,
     cuda_graphs: o.CudaGraphs = False,
@@ -57,6 +58,7 @@ def refine(
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
     settings = RefineSettings(
         gamma=gamma,
         block_size=block_size,
@@ -83,6 +85,7 @@ def refine(
             attn_backend=attn_backend,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            kv_cache_dtype=kv_cache_dtype,
         )
         stage = api.refine_stage_settings(settings, seed, len(first.tokens))
         skip = api.check_resumable(run.writer.kept, [stage], loaded)
