@@ -394,6 +394,7 @@ def check_resumable(kept: list[Record], expected_stages: list[dict[str, Any]], m
         InputError: the first difference, named, so the user can rerun with the old settings or start afresh.
     """
     ours = model_info(model).get("sha256")
+    provenance = {key: _stage_provenance(model)[key] for key in ("dtype", "kv_cache_dtype")}
     for record in kept:
         stages = record.stages[-len(expected_stages) :] if expected_stages else []
         if len(stages) != len(expected_stages):
@@ -408,12 +409,12 @@ def check_resumable(kept: list[Record], expected_stages: list[dict[str, Any]], m
             theirs = (stage.get("model") or record.model or {}).get("sha256")
             if ours and theirs and theirs != ours:
                 raise InputError(f"cannot resume: sample {record.id} was made by other weights ({theirs[:12]})")
-            cache_dtype = _stage_provenance(model)["kv_cache_dtype"]
-            if stage.get("kv_cache_dtype", cache_dtype) != cache_dtype:  # records older than the key pass
-                raise InputError(
-                    f"cannot resume: sample {record.id} was made with --kv-cache-dtype {stage['kv_cache_dtype']}, "
-                    f"this run uses {cache_dtype}"
-                )
+            # Numerics change tokens in bf16: a file mixing dtypes would not be one run's samples.
+            for key, value in provenance.items():
+                if stage.get(key, value) != value:  # records older than the key pass
+                    raise InputError(
+                        f"cannot resume: sample {record.id} was made with {key} {stage[key]}, this run uses {value}"
+                    )
     return {record.id for record in kept}
 
 

@@ -59,6 +59,8 @@ def test_resume_refuses_samples_made_with_another_cache_dtype(tiny_checkpoint, t
     base = ["draft", "-m", str(tiny_checkpoint), "--out", out]
     assert runner.invoke(app, [*base, "-n", "1", "--kv-cache-dtype", "bfloat16"]).exit_code == 0
     result = runner.invoke(app, [*base, "-n", "2", "--resume"])
-    assert result.exit_code != 0 and "made with --kv-cache-dtype bfloat16, this run uses float32" in result.stderr
+    assert result.exit_code != 0 and "made with kv_cache_dtype bfloat16, this run uses float32" in result.stderr
+    weights = runner.invoke(app, [*base, "-n", "2", "--resume", "--dtype", "bfloat16"])
+    assert weights.exit_code != 0 and "made with dtype float32, this run uses bfloat16" in weights.stderr
     resumed = runner.invoke(app, [*base, "-n", "2", "--resume", "--kv-cache-dtype", "bfloat16"])
     assert resumed.exit_code == 0, resumed.stderr
