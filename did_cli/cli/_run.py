@@ -96,7 +96,8 @@ def _plain_interval() -> float:
 class PlainLines:
     """Progress for logs and batch jobs (stderr not a terminal): one plain line on stderr every so often.
 
-    The interval is 10 s (`DID_PROGRESS_SECONDS` overrides it); `force` prints regardless (a new step, say).
+    The interval is 10 s (`DID_PROGRESS_SECONDS` overrides it), the first line comes after one interval (a command that
+    fails at once prints only its error), and `force` prints regardless.
     """
 
     def __init__(self) -> None:

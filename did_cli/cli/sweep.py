@@ -169,10 +169,9 @@ def _events(quiet: bool) -> Iterator[EventFn]:
                 stderr.print(f"note: {event.message}", highlight=False, soft_wrap=True, markup=False)
         elif lines is not None and event.kind in ("step", "progress"):
             where = f"sweep step {min(event.step + 1, event.steps)}/{event.steps}: {event.message}"
-            if event.kind == "step":
-                lines(where, force=True)
-            else:
-                lines(f"{where} {event.done}{f'/{event.total}' if event.total else ''} {event.unit}")
+            if event.kind == "progress":
+                where += f" {event.done}{f'/{event.total}' if event.total else ''} {event.unit}"
+            lines(where)
         elif bar is not None and event.kind == "step":
             bar.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
         elif bar is not None and event.kind == "progress":
