@@ -312,7 +312,6 @@ def _refine_batch(
             "nfes": result.nfes[row],
             "model_calls": result.model_calls,
             "cache_calls": result.cache_calls,
-            "full_calls": result.full_calls,
             **commit_stats(result.commits[row]),
             "batch_size": len(batch),
             "seconds": result.seconds / len(batch),
