@@ -83,3 +83,43 @@ def test_sweep_scores_cheaper_refinements_and_reports_their_time_and_kept_gain(t
     assert f"{exact['gen_ppl']:.2f}" in strategy
     again = run_sweep(settings)
     assert (again.drafted, again.refined, again.scored, again.reused) == (0, 0, 0, 5)
+
+
+def _row(variant, gen_ppl, remask="snapshot", threshold=None, r=1):
+    return {
+        "model": "m",
+        "variant": variant,
+        "remask": remask,
+        "gamma": None if remask is None else 0.5,
+        "refine_block_size": None if remask is None else 32,
+        "confidence_threshold": threshold,
+        "refine_cache": r,
+        "length": 32,
+        "gen_ppl": gen_ppl,
+        "entropy": 4.0,
+        "nfes": 10.0,
+        "refine_nfes": 5.0,
+        "draft_seconds": 2.0,
+        "refine_seconds": 1.0,
+        "seconds": 3.0,
+    }
+
+
+def test_threshold_variants_are_read_against_the_one_token_per_call_confidence_order():
+    from did_cli.report import render_report
+
+    rows = [
+        _row("draft", 100.0, remask=None),
+        _row("exact", 60.0),
+        _row("cached", 70.0, r=4),
+        _row("one-by-one", 50.0, threshold=1.0),
+        _row("t0.5", 55.0, threshold=0.5),
+    ]
+    table = render_report(rows).split("### Cheaper refinement")[1]
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 75 % | exact |" in lines["cached"]  # (100 - 70) / (100 - 60)
+    assert "| 90 % | one-by-one |" in lines["t0.5"]  # (100 - 55) / (100 - 50)
+    assert "| 125 % | exact |" in lines["one-by-one"]
+    assert "| 0.50 |" in lines["cached"]  # refine ÷ draft time
+    # The paper's tables read the exact refinement only.
+    assert "60.00" in render_report(rows).split("### Remask strategy")[1].split("###")[0]
