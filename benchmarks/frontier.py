@@ -2,7 +2,8 @@
 
 Drafts `--num-samples` samples once (KV cache, B1 = `--block-size`), then refines the same drafts (γ, B2 = L) with
 each variant: exact first-hitting (the default), one-token-per-call confidence order, confidence thresholds
-(`--thresholds`), reused kept keys/values (`--refine-caches`) and their combinations. Prints seconds per sample for
+(`--thresholds`), reused kept keys/values (`--refine-caches`), first-hitting with K tokens per call
+(`--tokens-per-call`) and their combinations. Prints seconds per sample for
 the draft and each refinement, the ratio, NFEs and full-sequence calls per sample, and tokens committed per call.
 On a CPU the ratio uses the process's CPU time (one thread: what the wall-clock would be on an idle core), because
 wall-clock on a shared machine mostly measures the other jobs; both are printed. Quality needs a judge:
@@ -64,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gamma", type=float, default=0.5)
     parser.add_argument("--thresholds", default="0.9,0.7,0.5")
     parser.add_argument("--refine-caches", default="4,16")
+    parser.add_argument("--tokens-per-call", default="", help="first-hitting K values for refinement, e.g. 2,4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--per-call", action="store_true", help="time single calls only (see the docstring)")
@@ -80,6 +82,13 @@ def variants(args: argparse.Namespace) -> list[tuple[str, RefineSettings]]:
         ("confidence order, 1 / call", RefineSettings(gamma=args.gamma, unmasking=UnmaskingSettings("confidence"))),
     ]
     out += [(f"refine cache R={r}", RefineSettings(gamma=args.gamma, refine_cache=r)) for r in caches]
+    for k in (int(k) for k in args.tokens_per_call.split(",") if k.strip()):
+        unmasking = UnmaskingSettings(tokens_per_call=k)
+        out.append((f"first-hitting K={k}", RefineSettings(gamma=args.gamma, unmasking=unmasking)))
+        out += [
+            (f"first-hitting K={k}, R={r}", RefineSettings(gamma=args.gamma, unmasking=unmasking, refine_cache=r))
+            for r in caches
+        ]
     for t in thresholds:
         unmasking = UnmaskingSettings("confidence", confidence_threshold=t)
         out.append((f"threshold {t:g}", RefineSettings(gamma=args.gamma, unmasking=unmasking)))
