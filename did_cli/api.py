@@ -109,7 +109,23 @@ def refine_stage_settings(settings: RefineSettings, seed: int, length: int) -> d
         "remask": settings.remask,
         "kv_cache": settings.kv_cache,
         **dataclasses.asdict(settings.unmasking),
+        "refine_cache": settings.refine_cache,
         "seed": seed,
+    }
+
+
+# Stage keys added after records were first written, with the value every earlier record was made with.
+_STAGE_DEFAULTS = {"refine_cache": 1}
+
+
+def commit_stats(commits: dict[int, int]) -> dict[str, Any]:
+    """Tokens committed per call of one sample's stage: mean, max and histogram ({"k": calls that committed k})."""
+    calls = sum(commits.values())
+    tokens = sum(k * n for k, n in commits.items())
+    return {
+        "tokens_per_call_mean": tokens / calls if calls else 0.0,
+        "tokens_per_call_max": max(commits, default=0),
+        "tokens_per_call_histogram": {str(k): n for k, n in sorted(commits.items())},
     }
 
 
@@ -187,6 +203,7 @@ def draft(
                 "nfes": result.nfes[row],
                 "model_calls": result.model_calls,
                 "cache_calls": result.cache_calls,
+                **commit_stats(result.commits[row]),
                 "batch_size": len(batch),
                 "seconds": result.seconds / len(batch),
             }
@@ -295,6 +312,7 @@ def _refine_batch(
             "nfes": result.nfes[row],
             "model_calls": result.model_calls,
             "cache_calls": result.cache_calls,
+            **commit_stats(result.commits[row]),
             "batch_size": len(batch),
             "seconds": result.seconds / len(batch),
         }
@@ -401,7 +419,7 @@ def check_resumable(kept: list[Record], expected_stages: list[dict[str, Any]], m
             raise InputError(f"cannot resume: sample {record.id} has {len(record.stages)} stages, this run makes more")
         for stage, expected in zip(stages, expected_stages, strict=True):
             for key, value in expected.items():
-                if stage.get(key) != value:
+                if stage.get(key, _STAGE_DEFAULTS.get(key)) != value:
                     raise InputError(
                         f"cannot resume: sample {record.id} was made with {stage.get('kind')} {key}="
                         f"{stage.get(key)!r}, this run uses {value!r}"

@@ -194,6 +194,10 @@ class UnmaskingSettings:
             (commit the masked position whose sampled token the model is most sure of).
         steps_per_block: number of steps per block for `order="steps"`.
         tokens_per_call: tokens committed per model call for `first-hitting` and `confidence` (1 = BD3-LM).
+        confidence_threshold: with `order="confidence"`, commit every masked position of the current block whose
+            sampled token has a probability above it, and at least the most confident one (threshold-based parallel
+            decoding, as in Fast-dLLM). Calls are spent where the model is unsure: a confident stretch is committed
+            in one call, a doubtful one token by token. None (the default) commits `tokens_per_call` per call.
         top_p: nucleus mass; tokens are kept while the cumulative probability stays within it (BD3-LM's rule).
         temperature: softmax temperature applied before the nucleus filter.
     """
@@ -203,6 +207,7 @@ class UnmaskingSettings:
     tokens_per_call: int = 1
     top_p: float = 0.9
     temperature: float = 1.0
+    confidence_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.order not in UNMASKING_ORDERS:
@@ -215,6 +220,13 @@ class UnmaskingSettings:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.temperature < math.inf:
             raise UsageError(f"temperature must be a positive finite number, got {self.temperature}")
+        if self.confidence_threshold is not None:
+            if not 0.0 <= self.confidence_threshold <= 1.0:
+                raise UsageError(f"--confidence-threshold must be in [0, 1], got {self.confidence_threshold}")
+            if self.order != "confidence":
+                raise UsageError(f"--confidence-threshold needs --order confidence, not --order {self.order}")
+            if self.tokens_per_call != 1:
+                raise UsageError("--confidence-threshold decides the tokens per call; drop --tokens-per-call")
 
 
 @dataclass(frozen=True)
@@ -263,6 +275,9 @@ class RefineSettings:
     """Stage k > 1: remask the `gamma` fraction of generated tokens chosen by `remask`, re-denoise with B2.
 
     `block_size` None means one global block (the whole sequence, fully bidirectional), the paper's B2 = L.
+    `refine_cache` R > 1 (global block only) reuses the keys and values of kept (never remasked) positions for R
+    calls before recomputing them; only the remasked positions run through the model in between. R = 1 recomputes
+    everything at every call: the exact refinement, and the default.
     """
 
     gamma: float = 0.5
@@ -270,6 +285,7 @@ class RefineSettings:
     remask: str = "snapshot"
     kv_cache: bool = True
     unmasking: UnmaskingSettings = field(default_factory=UnmaskingSettings)
+    refine_cache: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
@@ -280,6 +296,8 @@ class RefineSettings:
         object.__setattr__(self, "remask", canonical_remask(self.remask))
         if self.block_size is not None and self.block_size < 1:
             raise UsageError(f"block_size must be positive, got {self.block_size}")
+        if isinstance(self.refine_cache, bool) or not isinstance(self.refine_cache, int) or self.refine_cache < 1:
+            raise UsageError(f"--refine-cache must be a positive integer (1 = exact), got {self.refine_cache!r}")
 
 
 def check_block_size(block_size: int, length: int) -> None:

@@ -2,7 +2,9 @@
 
 One section per model holds the paper's ablations (research notes §1.2–1.4, §3.2): the remask strategy ablation
 (none / random / post-hoc / snapshot at the base γ and B2), the γ sweep, the refine block size (B2) sweep and NFEs
-against gen PPL, with entropy beside every gen PPL because repetitive text earns a low perplexity. With several
+against gen PPL, with entropy beside every gen PPL because repetitive text earns a low perplexity; cheaper
+refinements (confidence-threshold commits, reused kept keys/values) get their own table of draft and refine
+seconds against the share of the exact refinement's gen PPL gain they keep. With several
 models a side-by-side strategy table comes first. The paper's published numbers are quoted under the tables they
 belong to.
 
@@ -32,6 +34,7 @@ __all__ = [
     "STRATEGY_STYLES",
     "append_result",
     "gamma_figure",
+    "is_exact",
     "latest_rows",
     "pareto_figure",
     "pareto_front",
@@ -170,8 +173,9 @@ def _header(rows: Sequence[Row]) -> str:
     )
 
 
-def _model_section(model: str, rows: list[Row], base_gamma: float, base_size: int) -> list[str]:
-    first = rows[0]
+def _model_section(model: str, all_rows: list[Row], base_gamma: float, base_size: int) -> list[str]:
+    rows = [r for r in all_rows if is_exact(r)]  # the paper's ablations; cheaper refinements have their own table
+    first = all_rows[0]
     length = first["length"]
     sha = (first.get("config", {}).get("sha256") or "")[:12]
     where = f"B2 = L = {length}" if base_size >= length else f"B2 = {base_size}"
@@ -193,8 +197,102 @@ def _model_section(model: str, rows: list[Row], base_gamma: float, base_size: in
         "Paper: only a global block (B2 = L) helps; small refine blocks hurt against no refinement (no numbers "
         "published).",
         "### NFEs against gen PPL",
-        _nfe_table(rows),
+        _nfe_table(all_rows),
         "Pareto: ● marks the variants no other variant of this model beats on both NFEs and gen PPL.",
+        *_cheaper_section(all_rows),
+    ]
+
+
+def is_exact(row: Row) -> bool:
+    """Whether a row is the draft or an exact refinement (rows written before cheaper refinements existed are)."""
+    return row.get("confidence_threshold") is None and (row.get("refine_cache") or 1) == 1
+
+
+def _cheaper_section(rows: list[Row]) -> list[str]:
+    """Cheaper refinements against the exact one they approximate: time split, NFEs and kept gen PPL gain.
+
+    A variant's reference is the exact refinement at its strategy, γ and B2; for threshold variants, the
+    one-token-per-call confidence order (threshold 1, R = 1) when the sweep has it, since they share that order.
+    """
+    cheaper = [r for r in rows if not is_exact(r)]
+    if not cheaper:
+        return []
+    draft = _draft(rows)
+
+    def same_point(a: Row, b: Row) -> bool:
+        return (
+            a.get("remask") == b.get("remask")
+            and _close(a.get("gamma"), b.get("gamma"))
+            and a.get("refine_block_size") == b.get("refine_block_size")
+        )
+
+    def reference(row: Row) -> Row | None:
+        exact = [r for r in rows if r.get("remask") is not None and (r.get("refine_cache") or 1) == 1]
+        exact = [r for r in exact if same_point(r, row)]
+        if row.get("confidence_threshold") is not None:
+            one_by_one = next((r for r in exact if _close(r.get("confidence_threshold"), 1.0)), None)
+            if one_by_one is not None and one_by_one is not row:
+                return one_by_one
+        return next((r for r in exact if r.get("confidence_threshold") is None), None)
+
+    references = [
+        r for r in rows if is_exact(r) and r.get("remask") is not None and any(same_point(r, c) for c in cheaper)
+    ]
+    head = [_cheaper_cells(draft, draft, None)] if draft is not None else []
+    head += [_cheaper_cells(r, draft, r) for r in references]
+    body = [
+        _cheaper_cells(row, draft, reference(row))
+        for row in sorted(cheaper, key=lambda r: _sort_value(r.get("refine_seconds")))
+    ]
+    headers = [
+        "variant",
+        "threshold",
+        "R",
+        "refine NFEs / sample",
+        "draft s / sample",
+        "refine s / sample",
+        "refine ÷ draft time",
+        "gen PPL",
+        "entropy",
+        "exact gain kept",
+        "against",
+    ]
+    return [
+        "### Cheaper refinement: time against quality",
+        _table(headers, head + body),
+        "Threshold variants commit, per call, every remasked position whose sampled token's probability exceeds the "
+        "threshold, and at least the most confident one (confidence order: a threshold of 1 is one token per call); "
+        "R reuses kept positions' keys/values for R calls of the global block. **Exact gain kept** is (draft gen PPL "
+        "− variant) / (draft − reference), the reference being the exact refinement, or for threshold variants the "
+        "one-token-per-call confidence order (threshold 1) when it was run. The issue's goal: refine time ≤ draft time "
+        "at ≥ 90 %. Seconds are wall-clock, so on a shared machine they carry its load.",
+    ]
+
+
+def _cheaper_cells(row: Row, draft: Row | None, exact: Row | None) -> list[str]:
+    kept = "—"
+    if draft is not None and exact is not None and row is not draft:
+        base, best, value = draft.get("gen_ppl"), exact.get("gen_ppl"), row.get("gen_ppl")
+        if _finite(base) and _finite(best) and _finite(value) and base != best:
+            kept = f"{100 * (base - value) / (base - best):.0f} %"
+    threshold = row.get("confidence_threshold")
+    draft_seconds, refine_seconds = row.get("draft_seconds"), row.get("refine_seconds")
+    timed = row.get("remask") is not None and _finite(refine_seconds) and _finite(draft_seconds) and draft_seconds
+    ratio = refine_seconds / draft_seconds if timed else None
+    name = "draft (no refinement)" if row.get("remask") is None else row["variant"]
+    against = "—" if exact is None or exact is row or row is draft else exact["variant"]
+    return [
+        name,
+        "—" if threshold is None else f"{threshold:g}",
+        str(row.get("refine_cache") or 1) if row.get("remask") is not None else "—",
+        _num(row.get("refine_nfes"), 1),
+        _num(draft_seconds, 3),
+        _num(refine_seconds, 3) if row.get("remask") is not None else "—",
+        _num(ratio, 2),
+        _ppl(row),
+        _num(row.get("entropy"), 3),
+        kept,
+        against,
     ]
 
 
@@ -569,7 +667,9 @@ def write_report(
     if plots and classes is None:
         note = NO_PLOTS
     elif classes is not None:
-        if _save_figure(gamma_figure(classes, rows, base_refine_block_size), out / GAMMA_PLOT):
+        if _save_figure(
+            gamma_figure(classes, [r for r in rows if is_exact(r)], base_refine_block_size), out / GAMMA_PLOT
+        ):
             written.append(out / GAMMA_PLOT)
         if _save_figure(pareto_figure(classes, rows), out / PARETO_PLOT):
             written.append(out / PARETO_PLOT)

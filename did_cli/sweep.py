@@ -6,7 +6,10 @@ any model and judge, and `did_cli.report` turns the scores into the paper's tabl
 * remask strategy (`remask`): no refinement (the draft), random, post-hoc and snapshot confidence;
 * remask fraction γ (`gamma`): a U-curve in the paper, best at 0.25–0.5 and exploding as γ → 1;
 * refine block size B2 (`refine_block_size`): only a global block (B2 = L) helps in the paper;
-* NFEs against gen PPL: the speed–quality trade-off.
+* NFEs against gen PPL: the speed–quality trade-off;
+* cheaper refinement (`confidence_thresholds`, `refine_caches`): threshold commits and reused kept keys/values at
+  the base strategy and γ with a global block, every combination, so the frontier of gen PPL against NFEs and
+  seconds per sample holds draft-only, exact and each accelerated refinement.
 
 Design choices:
 
@@ -130,18 +133,42 @@ class Variant:
         remask: snapshot, posthoc or random; None for the draft without refinement.
         gamma: fraction γ of generated tokens remasked.
         refine_block_size: B2 resolved against the length: L means one global block.
+        confidence_threshold: commit every position above it per call (confidence order); None: the sweep's order.
+        refine_cache: R, kept positions' keys/values recomputed every R calls (1: exact).
     """
 
     remask: str | None = None
     gamma: float | None = None
     refine_block_size: int | None = None
+    confidence_threshold: float | None = None
+    refine_cache: int = 1
 
     @property
     def id(self) -> str:
-        """File and row name: `draft`, or e.g. `snapshot-g0.5-b1024`."""
+        """File and row name: `draft`, or e.g. `snapshot-g0.5-b1024` (`-t0.9`, `-r4` for cheaper refinements)."""
         if self.remask is None:
             return "draft"
-        return f"{self.remask}-g{self.gamma:.10g}-b{self.refine_block_size}"
+        name = f"{self.remask}-g{self.gamma:.10g}-b{self.refine_block_size}"
+        if self.confidence_threshold is not None:
+            name += f"-t{self.confidence_threshold:.10g}"
+        return name + (f"-r{self.refine_cache}" if self.refine_cache > 1 else "")
+
+    @property
+    def exact(self) -> bool:
+        """Whether this is the draft or an exact refinement (no threshold commits, no reused keys/values)."""
+        return self.confidence_threshold is None and self.refine_cache == 1
+
+    def unmasking(self, base: UnmaskingSettings) -> UnmaskingSettings:
+        """The refinement's unmasking: the sweep's, or confidence order with this variant's threshold."""
+        if self.confidence_threshold is None:
+            return base
+        return dataclasses.replace(
+            base,
+            order="confidence",
+            steps_per_block=None,
+            tokens_per_call=1,
+            confidence_threshold=self.confidence_threshold,
+        )
 
 
 DRAFT = Variant()
@@ -187,6 +214,9 @@ def plan_variants(
     base_block_size: int,
     grid: bool = False,
     base_remask: str = BASE_REMASK,
+    confidence_thresholds: Sequence[float] = (),
+    refine_caches: Sequence[int] = (),
+    length: int | None = None,
 ) -> list[Variant]:
     """The draft, every strategy at the base point, then the base strategy's γ slice and B2 slice: one axis at a time.
 
@@ -202,9 +232,12 @@ def plan_variants(
         base_block_size: resolved B2 of the γ slice and of the strategy ablation.
         grid: run the full product instead of the slices.
         base_remask: the strategy swept over γ and B2.
+        confidence_thresholds: thresholds of cheaper refinements (each with each R, and alone).
+        refine_caches: R values of cheaper refinements (1 means none; each with each threshold, and alone).
+        length: L, the global block of cheaper refinements (default: the largest of `block_sizes`).
 
     Returns:
-        Distinct variants, the draft first.
+        Distinct variants, the draft first, cheaper refinements (at the base strategy and γ, B2 = L) last.
     """
     base_point = [Variant(strategy, float(base_gamma), base_block_size) for strategy in remask]
     if grid:
@@ -214,7 +247,17 @@ def plan_variants(
         swept = base_remask if base_remask in remask else remask[0]
         pairs = [(gamma, base_block_size) for gamma in gammas] + [(base_gamma, size) for size in block_sizes]
         slices = [Variant(swept, float(gamma), size) for gamma, size in pairs]
-    return [DRAFT, *dict.fromkeys([*base_point, *slices])]
+    swept = base_remask if base_remask in remask else remask[0]
+    global_size = length if length is not None else max(block_sizes, default=base_block_size)
+    cheaper = [
+        Variant(swept, float(base_gamma), global_size, threshold, r)
+        for threshold in (None, *(float(t) for t in confidence_thresholds))
+        for r in dict.fromkeys((1, *refine_caches))
+        if threshold is not None or r > 1
+    ]
+    if cheaper:
+        cheaper.insert(0, Variant(swept, float(base_gamma), global_size))  # the exact refinement they are read against
+    return [DRAFT, *dict.fromkeys([*base_point, *slices, *cheaper])]
 
 
 @dataclass(frozen=True)
@@ -241,6 +284,9 @@ class SweepSettings:
         dtype: weights dtype of the models; the judge scores in float32, as upstream.
         unmasking: how draft and refinement commit tokens (BD3-LM's first-hitting sampler, nucleus 0.9).
         evaluation: judge context, stride, batch size and degenerate-entropy threshold.
+        confidence_thresholds: cheaper refinements committing every position above each threshold per call
+            (confidence order), at the base strategy and γ with a global block.
+        refine_caches: cheaper refinements reusing kept positions' keys/values for R calls, likewise (1: exact).
     """
 
     models: Sequence[str]
@@ -262,10 +308,12 @@ class SweepSettings:
     dtype: str = "float32"
     unmasking: UnmaskingSettings = field(default_factory=UnmaskingSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    confidence_thresholds: Sequence[float] = ()
+    refine_caches: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         # Lists from Python callers become tuples, so the settings stay hashable and cannot change under a run.
-        for name in ("models", "remask", "gammas", "refine_block_sizes"):
+        for name in ("models", "remask", "gammas", "refine_block_sizes", "confidence_thresholds", "refine_caches"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
@@ -288,6 +336,10 @@ class SweepSettings:
         elif self.draft_block_size < 1:
             raise UsageError(f"--draft-block-size must be positive, got {self.draft_block_size}")
         parse_dtype(self.dtype)
+        for threshold in self.confidence_thresholds:
+            UnmaskingSettings(order="confidence", confidence_threshold=threshold, top_p=self.unmasking.top_p)
+        for r in self.refine_caches:
+            RefineSettings(refine_cache=r)
 
     @property
     def model_specs(self) -> list[ModelSpec]:
@@ -441,6 +493,9 @@ def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
         base_gamma=settings.base_gamma,
         base_block_size=base_size,
         grid=settings.grid,
+        confidence_thresholds=settings.confidence_thresholds,
+        refine_caches=settings.refine_caches,
+        length=length,
     )
     weights = folder / _WEIGHTS
     config = {
@@ -450,7 +505,7 @@ def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
         "num_samples": settings.num_samples,
         "seed": settings.seed,
         "dtype": _dtype_name(settings.dtype),
-        "unmasking": dataclasses.asdict(settings.unmasking),
+        "unmasking": _unmasking_config(settings.unmasking),
         "kv_cache": settings.kv_cache,
         "judge": settings.judge,
         "context": settings.evaluation.context,
@@ -556,7 +611,8 @@ class _Run:
             block_size=None if variant.refine_block_size >= plan.draft.length else variant.refine_block_size,
             remask=variant.remask,
             kv_cache=self.settings.kv_cache,
-            unmasking=self.settings.unmasking,
+            unmasking=variant.unmasking(self.settings.unmasking),
+            refine_cache=variant.refine_cache,
         )
         stream = api.refine(
             model,
@@ -611,7 +667,8 @@ def result_row(
     """One line of `results.jsonl`: the variant, its scores, its cost per sample, and what produced it.
 
     `nfes` and `seconds` are means per sample over all stages (draft + refinement), as the paper counts the cost
-    of a refined sample; `draft_nfes` and `refine_nfes` split the NFEs.
+    of a refined sample; `draft_nfes` and `refine_nfes` split the NFEs, `draft_seconds` and `refine_seconds` the
+    wall-clock.
     """
     ppls = [s.ppl for s in result.samples if s.scored_tokens]
     finite = all(math.isfinite(p) for p in ppls)
@@ -624,6 +681,8 @@ def result_row(
         "remask": variant.remask,
         "gamma": variant.gamma,
         "refine_block_size": variant.refine_block_size,
+        "confidence_threshold": variant.confidence_threshold,
+        "refine_cache": variant.refine_cache,
         "length": config["length"],
         "draft_block_size": config["draft_block_size"],
         **{key: summary[key] for key in ("gen_ppl", "gen_ppl_pooled", "entropy", "num_degenerate", "num_samples")},
@@ -633,6 +692,8 @@ def result_row(
         "draft_nfes": _mean(r.stages[0].get("nfes", 0) for r in records),
         "refine_nfes": _mean(sum(s.get("nfes", 0) for s in r.stages[1:]) for r in records),
         "seconds": _mean(sum(s.get("seconds", 0.0) for s in r.stages) for r in records),
+        "draft_seconds": _mean(r.stages[0].get("seconds", 0.0) for r in records),
+        "refine_seconds": _mean(sum(s.get("seconds", 0.0) for s in r.stages[1:]) for r in records),
         "file": result.source,
         "judge": judge,
         "config": config,
@@ -703,11 +764,25 @@ def _refined_match(records: list[Record], drafts: list[Record], variant: Variant
         "remask": variant.remask,
         "seed": plan.config["seed"],
         **plan.config["unmasking"],
+        **_unmasking_config(variant.unmasking(UnmaskingSettings(**plan.config["unmasking"]))),
     }
+    # Files written before `refine_cache` existed were exact refinements.
     return len(records) == len(drafts) and all(
-        r.id == d.id and r.draft_tokens == d.tokens and len(r.stages) == 2 and _has(r.stages[1], stage)
+        r.id == d.id
+        and r.draft_tokens == d.tokens
+        and len(r.stages) == 2
+        and _has(r.stages[1], stage)
+        and r.stages[1].get("refine_cache", 1) == variant.refine_cache
         for r, d in zip(records, drafts, strict=True)
     )
+
+
+def _unmasking_config(unmasking: UnmaskingSettings) -> dict[str, Any]:
+    """The unmasking settings as configuration; an unset threshold is left out, as in rows written before it."""
+    config = dataclasses.asdict(unmasking)
+    if config["confidence_threshold"] is None:
+        del config["confidence_threshold"]
+    return config
 
 
 def _key(label: str, variant: str, config: dict[str, Any]) -> tuple[str, str, str]:

@@ -81,6 +81,22 @@ StepsPerBlock = Annotated[
 TokensPerCall = Annotated[
     int, typer.Option("--tokens-per-call", help="Tokens committed per model call (1 = BD3-LM; not with steps).")
 ]
+ConfidenceThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--confidence-threshold",
+        help="Commit every masked position of the block whose sampled token's probability exceeds this, at least "
+        "the most confident one per call (implies --order confidence; calls go where the model is unsure).",
+    ),
+]
+RefineCache = Annotated[
+    int,
+    typer.Option(
+        "--refine-cache",
+        help="Recompute kept positions' keys/values only every R calls of the global refine block (approximate; "
+        "1 = exact, the default).",
+    ),
+]
 NoKVCache = Annotated[bool, typer.Option("--no-kv-cache", help="Recompute the prefix at every call (slow oracle).")]
 AttnBackend = Annotated[
     str, typer.Option("--attn-backend", help="Attention kernels: auto (flex on CUDA, sdpa elsewhere), sdpa or flex.")

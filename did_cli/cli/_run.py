@@ -71,19 +71,28 @@ def check_kv_cache_flags(kv_cache_dtype: str | None, no_kv_cache: bool) -> None:
 
 
 def unmasking(
-    order: str | None, steps_per_block: int | None, tokens_per_call: int, top_p: float, temperature: float
+    order: str | None,
+    steps_per_block: int | None,
+    tokens_per_call: int,
+    top_p: float,
+    temperature: float,
+    confidence_threshold: float | None = None,
 ) -> UnmaskingSettings:
     """UnmaskingSettings from CLI flags; `--steps-per-block` alone implies `--order steps`.
 
+    `--confidence-threshold` alone implies `--order confidence`.
+
     A flag that the chosen order would ignore is refused rather than silently dropped or silently changing the order.
     """
+    if order is None and confidence_threshold is not None and steps_per_block is None:
+        order = "confidence"
     if order is None:
         order = "steps" if steps_per_block is not None else "first-hitting"
     if steps_per_block is not None and order != "steps":
         raise UsageError(f"--steps-per-block only applies to --order steps, not --order {order}")
     if order == "steps" and tokens_per_call != 1:
         raise UsageError("--tokens-per-call does not apply to --order steps (--steps-per-block sets the calls)")
-    return UnmaskingSettings(order, steps_per_block, tokens_per_call, top_p, temperature)
+    return UnmaskingSettings(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
 
 
 def _plain_interval() -> float:

@@ -80,6 +80,7 @@ def draft(
     order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
+    confidence_threshold: o.ConfidenceThreshold = None,
     no_kv_cache: o.NoKVCache = False,
     reject_entropy: RejectEntropy = 4.0,
     max_tries: MaxTries = 10,
@@ -102,7 +103,7 @@ def draft(
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
     check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
-    sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
+    sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
     if length is not None:
         DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
     with output(out, resume=resume) as run:

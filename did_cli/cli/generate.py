@@ -80,6 +80,8 @@ def generate(
     order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
+    confidence_threshold: o.ConfidenceThreshold = None,
+    refine_cache: o.RefineCache = 1,
     no_kv_cache: o.NoKVCache = False,
     reject_entropy: RejectEntropy = 4.0,
     max_tries: MaxTries = 10,
@@ -102,7 +104,8 @@ def generate(
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
     check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
-    sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature)
+    sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
+    RefineSettings(refine_cache=refine_cache)  # a bad R fails before any model loads
     if length is not None:
         # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
         for size in parse_stages(stages, block_size, length):
@@ -129,6 +132,8 @@ def generate(
         if var_length and any(size < length for size in sizes[1:]):
             # A variable-length sample's length is not a multiple of a smaller B2; one global block fits any length.
             raise UsageError("--var-length works only with global refine stages (block size = the length)")
+        if refine_cache > 1 and any(size < length for size in sizes[1:]):
+            raise UsageError("--refine-cache needs global refine stages (block size = the length)")
         draft_settings = DraftSettings(
             length=length,
             block_size=sizes[0],
@@ -145,6 +150,7 @@ def generate(
                 remask=remask,
                 kv_cache=not no_kv_cache,
                 unmasking=sampling,
+                refine_cache=refine_cache,
             )
             for size, g in zip(sizes[1:], gammas, strict=True)
         ]

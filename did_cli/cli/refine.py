@@ -40,6 +40,8 @@ def refine(
     order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
+    confidence_threshold: o.ConfidenceThreshold = None,
+    refine_cache: o.RefineCache = 1,
     no_kv_cache: o.NoKVCache = False,
     force: o.Force = False,
     out: o.Out = None,
@@ -64,8 +66,11 @@ def refine(
         block_size=block_size,
         remask=remask,
         kv_cache=not no_kv_cache,
-        unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
+        unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold),
+        refine_cache=refine_cache,
     )
+    if refine_cache > 1 and block_size is not None:
+        raise UsageError("--refine-cache needs one global refine block; drop --block-size")
     if same_file(input, out):
         raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
     total = check_records_file(input) or None  # a file is read once in full first: a bad line fails before any work

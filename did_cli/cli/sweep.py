@@ -60,6 +60,22 @@ Grid = Annotated[
         "--grid", help="Run every (strategy, γ, B2) combination, not one axis at a time around (snapshot, 0.5, L)."
     ),
 ]
+Thresholds = Annotated[
+    str | None,
+    typer.Option(
+        "--confidence-threshold",
+        help="Cheaper refinements: commit every position above each threshold per call (confidence order), e.g. "
+        "0.9,0.7; run at the base strategy and γ with a global block, beside the exact refinement.",
+    ),
+]
+RefineCaches = Annotated[
+    str | None,
+    typer.Option(
+        "--refine-cache",
+        help="Cheaper refinements: recompute kept positions' keys/values every R calls, e.g. 1,4,16 (1 = exact); "
+        "crossed with --confidence-threshold.",
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
 
@@ -95,6 +111,8 @@ def sweep(
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
+    confidence_threshold: Thresholds = None,
+    refine_cache: RefineCaches = None,
     batch_size: BatchSize = 8,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
@@ -130,6 +148,10 @@ def sweep(
         device=device,
         dtype=dtype,
         evaluation=EvalSettings(degenerate_entropy=degenerate_entropy),
+        confidence_thresholds=parse_list(confidence_threshold, "--confidence-threshold", float)
+        if confidence_threshold
+        else (),
+        refine_caches=parse_list(refine_cache, "--refine-cache", int) if refine_cache else (),
     )
     with _events(quiet) as on_event:
         result = run_sweep(settings, on_event, processes)

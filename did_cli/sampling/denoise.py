@@ -9,7 +9,11 @@ Speed: which positions each call commits is decided on the CPU from per-position
 (first-hitting and fixed-step orders need no model output for that), so the loop never waits on the device to
 find out what to do next; positions travel to the device as small index tensors and results are written back with
 scatters, never with boolean indexing (which forces a device sync). Only the committed rows reach the output layer.
-The confidence order must look at the model's output and syncs once per call.
+The confidence order must look at the model's output and syncs once per call; with a confidence threshold it
+commits every position the model is sure enough of, so its calls go where confidence is low.
+
+A global block (B >= L) can reuse kept positions' keys and values between calls (`refine_cache` R > 1, see
+`did_cli.sampling.reuse`); R = 1 is the exact pass.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from did_cli.config import UnmaskingSettings
+from did_cli.errors import UsageError
 from did_cli.kv_cache import KVCache
 from did_cli.model import BD3LM
 from did_cli.sampling.primitives import sample_from_logits
+from did_cli.sampling.reuse import KeptKVReuse
 from did_cli.sampling.schedules import first_hitting_calls, fixed_step_calls, most_confident
 
 # on_call(tokens committed so far, tokens to commit in total); the CLI turns it into a progress bar.
@@ -41,6 +47,8 @@ class DenoiseResult:
         nfes: [B] int64 (CPU), model calls in which each sample committed at least one token.
         model_calls: batched denoiser calls made (each counts once however many samples it served).
         cache_calls: calls that only appended clean blocks to the KV cache (no logits; BD3-LM does not count them).
+        commits: per sample, {tokens committed in one call: number of such calls} over the calls it took part in.
+        full_calls: model calls that ran the whole sequence (all of them, unless `refine_cache` R > 1).
     """
 
     tokens: torch.Tensor
@@ -48,6 +56,8 @@ class DenoiseResult:
     nfes: torch.Tensor
     model_calls: int
     cache_calls: int
+    commits: list[dict[int, int]]
+    full_calls: int
 
 
 def denoise(
@@ -63,6 +73,7 @@ def denoise(
     on_call: CallCallback | None = None,
     on_block_end: BlockEndHook | None = None,
     vocab_size: int | None = None,
+    refine_cache: int = 1,
 ) -> DenoiseResult:
     """Fill every masked position, block by block.
 
@@ -75,6 +86,7 @@ def denoise(
         block_size: B (any value >= L means one global block).
         settings: unmasking order and token sampling.
         vocab_size: ids at or above it are never drawn (see `sample_from_logits`).
+        refine_cache: R; above 1 (one global block only), kept positions' keys/values are recomputed every R calls.
         kv_cache: use the KV cache (True) or recompute the prefix at every call (the oracle).
         on_call: optional progress callback.
         on_block_end: optional hook called after each block that had masked positions, with the block's end and
@@ -83,10 +95,17 @@ def denoise(
 
     Returns:
         A DenoiseResult; the inputs are not modified.
+
+    Raises:
+        UsageError: `refine_cache` above 1 with blocks smaller than the sequence.
     """
     batch, length = tokens.shape
     loop = _Loop(model, tokens, is_masked, uniforms, confidence, block_size, settings, on_call)
     loop.vocab_size = vocab_size
+    if refine_cache > 1:
+        if block_size < length:
+            raise UsageError(f"--refine-cache needs one global refine block (B2 = L = {length}), not B2 = {block_size}")
+        loop.reuse = KeptKVReuse(model, is_masked, refine_cache)
     cache = model.new_cache(batch, length) if kv_cache and block_size < length else None
     for start in range(0, length, block_size):
         end = min(start + block_size, length)
@@ -101,7 +120,11 @@ def denoise(
         stop = on_block_end(end, loop.tokens) if on_block_end is not None else None
         if stop is not None:
             loop.masked[stop, end:] = False
-    return DenoiseResult(loop.tokens, loop.confidence, loop.nfes, loop.model_calls, loop.cache_calls)
+    full_calls = loop.model_calls - (loop.reuse.calls - loop.reuse.full_calls if loop.reuse is not None else 0)
+    commits = [dict(sorted(row.items())) for row in loop.commits]
+    return DenoiseResult(
+        loop.tokens, loop.confidence, loop.nfes, loop.model_calls, loop.cache_calls, commits, full_calls
+    )
 
 
 def _slots(commit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,6 +168,8 @@ class _Loop:
         self.total = int(self.masked.sum())
         self.done = 0
         self.vocab_size: int | None = None
+        self.reuse: KeptKVReuse | None = None
+        self.commits: list[dict[int, int]] = [{} for _ in range(tokens.shape[0])]
 
     def denoise_block(self, start: int, end: int, cache: KVCache | None) -> None:
         masked = self.masked[:, start:end]
@@ -170,6 +195,10 @@ class _Loop:
         tokens, confidence = self._sample(start, end, gather, cache)
         valid = torch.arange(gather.shape[1])[None, :] < counts[:, None]
         chosen = most_confident(confidence, valid.to(self.device), self.settings.tokens_per_call).cpu()
+        threshold = self.settings.confidence_threshold
+        if threshold is not None:
+            # Every position above the threshold, and the most confident one whatever its probability.
+            chosen |= (confidence.cpu() > threshold) & valid
         width = end - start
         scatter = torch.where(chosen, gather, width)
         commit = torch.zeros(masked.shape[0], width + 1, dtype=torch.bool)
@@ -185,7 +214,9 @@ class _Loop:
         self.model_calls += 1
         draws = self._to_device(self.draws[:, start:end].gather(1, gather))
         index = self._to_device(gather)
-        if cache is not None:
+        if self.reuse is not None:
+            logits = self.reuse(self.tokens, index)
+        elif cache is not None:
             # The finished block before this one is appended to the cache by this same forward pass (block-causal
             # among the new tokens, so it sees exactly what a separate append would): one weight read saved per
             # block, which is what bounds a small-batch call.
@@ -225,6 +256,9 @@ class _Loop:
     def _account(self, start: int, end: int, commit: torch.Tensor, counts: torch.Tensor) -> None:
         self.masked[:, start:end] &= ~commit
         self.nfes += counts > 0
+        for row, count in enumerate(counts.tolist()):
+            if count:
+                self.commits[row][count] = self.commits[row].get(count, 0) + 1
         if self.on_call is not None:
             self.done += int(counts.sum())
             self.on_call(self.done, self.total)

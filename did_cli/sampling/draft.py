@@ -40,6 +40,7 @@ class DraftResult:
         model_calls: batched denoiser calls, rejected draws included.
         cache_calls: KV-cache append calls (no logits).
         seconds: wall-clock for the batch.
+        commits: per sample, {tokens committed in one call: calls} in the accepted draw.
     """
 
     tokens: torch.Tensor
@@ -51,6 +52,7 @@ class DraftResult:
     model_calls: int
     cache_calls: int
     seconds: float
+    commits: list[dict[int, int]]
 
 
 @torch.inference_mode()
@@ -101,6 +103,7 @@ def draft(
     tokens = torch.full((batch, length), model.mask_id, dtype=torch.long, device=model.device)
     confidence = torch.zeros(batch, length, device=model.device)
     lengths, tries, nfes = [length] * batch, [0] * batch, [0] * batch
+    commits: list[dict[int, int]] = [{} for _ in range(batch)]
     model_calls = cache_calls = 0
     pending = list(range(batch))
     for attempt in range(settings.max_tries):
@@ -115,6 +118,7 @@ def draft(
         confidence[index] = result.confidence
         for row, i in enumerate(pending):
             lengths[i], tries[i], nfes[i] = stops.lengths[row], attempt + 1, int(result.nfes[row])
+            commits[i] = result.commits[row]
         pending = [i for row, i in enumerate(pending) if stops.rejected[row]]
         if not pending:
             break
@@ -133,6 +137,7 @@ def draft(
         model_calls=model_calls,
         cache_calls=cache_calls,
         seconds=time.perf_counter() - start,
+        commits=commits,
     )
 
 

@@ -3,6 +3,10 @@
 With B2 = L (the default) the whole sequence is one bidirectional block: no KV cache, every call sees every kept
 token. With B2 < L blocks are refined left to right, block-causally, with the KV cache over refined blocks, so the
 paper's B2 sweep can be run. Only remasked positions can change; kept tokens keep their confidence.
+
+Cheaper refinement, both off by default: a confidence threshold commits several confident positions per call
+(`UnmaskingSettings.confidence_threshold`), and `refine_cache` R > 1 recomputes kept positions' keys/values only
+every R calls of the global block (`did_cli.sampling.reuse`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from did_cli.config import RefineSettings, check_block_size
+from did_cli.errors import UsageError
 from did_cli.model import BD3LM
 from did_cli.sampling.denoise import CallCallback, denoise
 from did_cli.sampling.primitives import draw_uniforms
@@ -31,6 +36,8 @@ class RefineResult:
         model_calls: batched denoiser calls, scoring pass included.
         cache_calls: KV-cache append calls.
         seconds: wall-clock for the batch.
+        commits: per sample, {tokens committed in one call: calls} (the scoring pass is not a commit).
+        full_calls: batched calls that ran the whole sequence (with `refine_cache` R > 1, one in R).
     """
 
     tokens: torch.Tensor
@@ -40,6 +47,8 @@ class RefineResult:
     model_calls: int
     cache_calls: int
     seconds: float
+    commits: list[dict[int, int]]
+    full_calls: int
 
 
 @torch.inference_mode()
@@ -77,6 +86,8 @@ def refine(
     batch, length = tokens.shape
     block_size = settings.block_size or length
     check_block_size(block_size, length)
+    if settings.refine_cache > 1 and block_size < length:
+        raise UsageError(f"--refine-cache needs one global refine block (B2 = L = {length}), not B2 = {block_size}")
     device = tokens.device
     lengths = torch.tensor(prompt_lengths, device=device)
     eligible = torch.arange(length, device=device)[None, :] >= lengths[:, None]
@@ -94,6 +105,7 @@ def refine(
         kv_cache=settings.kv_cache,
         on_call=on_call,
         vocab_size=vocab_size,
+        refine_cache=settings.refine_cache,
     )
     scoring_calls = 1 if settings.remask == "posthoc" else 0
     return RefineResult(
@@ -104,4 +116,6 @@ def refine(
         model_calls=result.model_calls + scoring_calls,
         cache_calls=result.cache_calls,
         seconds=time.perf_counter() - start,
+        commits=result.commits,
+        full_calls=result.full_calls + scoring_calls,
     )
