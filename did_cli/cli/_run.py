@@ -41,26 +41,32 @@ def say(message: str) -> None:
     stderr.print(escape(message), soft_wrap=True)
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How the model runs, from the speed and cache-numerics flags (none changes float32 samples)."""
+
+    attn_backend: str = "auto"
+    compile: bool = False
+    cuda_graphs: bool = False
+    kv_cache_dtype: str | None = None
+
+
 def load(
     model: str,
     tokenizer: str | None,
     revision: str | None,
     device: str,
     dtype: str,
-    *,
-    attn_backend: str = "auto",
-    compile: bool = False,
-    cuda_graphs: bool = False,
-    kv_cache_dtype: str | None = None,
+    execution: Execution = Execution(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> tuple[BD3LM, Any]:
-    """The model and its tokenizer, checked against each other, set to execute as the speed flags ask."""
+    """The model and its tokenizer, checked against each other, set to execute as `execution` asks."""
     from did_cli.attention import check_attn_backend
     from did_cli.checkpoints import load_model, load_tokenizer
     from did_cli.compile import optimize
 
-    check_attn_backend(attn_backend)
-    loaded = load_model(model, device=device, dtype=dtype, revision=revision, kv_cache_dtype=kv_cache_dtype)
-    optimize(loaded, attn_backend=attn_backend, compile=compile, cuda_graphs=cuda_graphs)
+    check_attn_backend(execution.attn_backend)
+    loaded = load_model(model, device=device, dtype=dtype, revision=revision, kv_cache_dtype=execution.kv_cache_dtype)
+    optimize(loaded, attn_backend=execution.attn_backend, compile=execution.compile, cuda_graphs=execution.cuda_graphs)
     return loaded, load_tokenizer(loaded, tokenizer)
 
 

@@ -9,7 +9,7 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, check_kv_cache_flags, load, output, unmasking, write_records
+from did_cli.cli._run import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.config import DraftSettings
 from did_cli.errors import InputError, UsageError
 
@@ -106,18 +106,9 @@ def draft(
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
     if length is not None:
         DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
+    execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     with output(out, resume=resume) as run:
-        loaded, tok = load(
-            model or o.DEFAULT_MODEL,
-            tokenizer,
-            revision,
-            run.device(device),
-            dtype,
-            attn_backend=attn_backend,
-            compile=compile,
-            cuda_graphs=cuda_graphs,
-            kv_cache_dtype=kv_cache_dtype,
-        )
+        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype, execution)
         settings = DraftSettings(
             length=loaded.config.model_length if length is None else length,
             block_size=block_size,

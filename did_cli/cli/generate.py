@@ -8,7 +8,7 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, check_kv_cache_flags, load, output, unmasking, write_records
+from did_cli.cli._run import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.cli.draft import (
     Length,
     MaxTries,
@@ -112,18 +112,9 @@ def generate(
             check_block_size(size, length)
         for g in parse_gammas(gamma, len(parse_stages(stages, block_size, length)) - 1):
             RefineSettings(gamma=g, remask=remask)
+    execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     with output(out, resume=resume) as run:
-        loaded, tok = load(
-            model or o.DEFAULT_MODEL,
-            tokenizer,
-            revision,
-            run.device(device),
-            dtype,
-            attn_backend=attn_backend,
-            compile=compile,
-            cuda_graphs=cuda_graphs,
-            kv_cache_dtype=kv_cache_dtype,
-        )
+        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype, execution)
         length = loaded.config.model_length if length is None else length
         sizes = parse_stages(stages, block_size, length)
         for size in sizes:

@@ -9,7 +9,7 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Reporter, check_kv_cache_flags, load, output, unmasking, write_records
+from did_cli.cli._run import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.config import RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.records import check_records_file, read_records, same_file
@@ -77,21 +77,12 @@ def refine(
     records = read_records(input)
     first = next(records)
     records = itertools.chain([first], records)
+    execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     with output(out, resume=resume) as run:
         name = model or record_model(first)
         if name is None:
             raise InputError("the records do not name the model that made them; pass --model")
-        loaded, tok = load(
-            name,
-            tokenizer,
-            revision,
-            run.device(device),
-            dtype,
-            attn_backend=attn_backend,
-            compile=compile,
-            cuda_graphs=cuda_graphs,
-            kv_cache_dtype=kv_cache_dtype,
-        )
+        loaded, tok = load(name, tokenizer, revision, run.device(device), dtype, execution)
         stage = api.refine_stage_settings(settings, seed, len(first.tokens))
         skip = api.check_resumable(run.writer.kept, [stage], loaded)
         with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:
