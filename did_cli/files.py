@@ -60,3 +60,14 @@ def write_atomically(target: str | Path, write: Callable[[Path], Any]) -> None:
 def write_text_atomically(target: str | Path, text: str) -> None:
     """Write UTF-8 text to `target` atomically."""
     write_atomically(target, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+def write_output(target: str | Path, text: str) -> None:
+    """`text` to stdout when `target` is "-", else atomically to the file (what `--json FILE|-` options write)."""
+    if str(target) == "-":
+        import sys
+
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    write_text_atomically(target, text)

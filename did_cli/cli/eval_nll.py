@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -19,8 +18,9 @@ from rich.table import Table
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import stderr
+from did_cli.cli.eval_ppl import strict_json
 from did_cli.errors import UsageError
-from did_cli.files import write_text_atomically
+from did_cli.files import write_output
 from did_cli.zero_shot import PRESETS
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def eval_nll(
     if not _is_main_process():
         return
     if json_out is not None:
-        _write(json_out, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sequence is not None:
         lines = [
             {
@@ -153,7 +153,7 @@ def eval_nll(
             for r in result.results
             for row in r.rows
         ]
-        _write(per_sequence, "".join(json.dumps(line) + "\n" for line in lines))
+        write_output(per_sequence, "".join(strict_json(line) + "\n" for line in lines))
     if not quiet:
         stderr.print(_table(result))
 
@@ -194,14 +194,6 @@ def _layout(no_wrap: bool, wrap_format: str | None, preset: str | None) -> str:
 def _is_main_process() -> bool:
     # Under `accelerate launch` every process computes the gathered result; only the first one writes it.
     return os.environ.get("RANK", "0") == "0"
-
-
-def _write(path: Path, text: str) -> None:
-    if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    write_text_atomically(path, text)
 
 
 @contextlib.contextmanager

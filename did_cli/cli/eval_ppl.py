@@ -26,7 +26,7 @@ from rich.text import Text
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, UsageError
-from did_cli.files import write_text_atomically
+from did_cli.files import write_output
 
 if TYPE_CHECKING:
     from did_cli import evaluation
@@ -118,10 +118,10 @@ def eval_ppl(
     if not shard.is_main:
         return  # the main process holds the same gathered result and writes it once
     if json_out is not None:
-        _write(json_out, strict_json(result.to_dict(), indent=2) + "\n")
+        write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sample is not None:
         lines = [{"file": f.source, **s.to_dict()} for f in result.files for s in f.samples]
-        _write(per_sample, "".join(strict_json(line) + "\n" for line in lines))
+        write_output(per_sample, "".join(strict_json(line) + "\n" for line in lines))
     if not quiet:
         stderr.print(_table(result, stderr.width))
 
@@ -166,15 +166,6 @@ def _check_outputs(files: list[Path], json_out: Path | None, per_sample: Path | 
             raise UsageError(f"{out} is an input; choose another output file")
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise UsageError("--json and --per-sample name the same file")
-
-
-def _write(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file renamed into place), or to stdout for "-"."""
-    if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    write_text_atomically(path, text)
 
 
 @contextlib.contextmanager
