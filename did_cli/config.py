@@ -262,8 +262,10 @@ class DraftSettings:
         if self.length < 2:
             raise UsageError(f"length must be at least 2, got {self.length}")
         check_block_size(self.block_size, self.length)
-        if not self.reject_entropy >= 0.0:
-            raise UsageError(f"--reject-entropy must be at least 0 (0 turns it off), got {self.reject_entropy}")
+        if not 0.0 <= self.reject_entropy < math.inf:
+            raise UsageError(
+                f"reject_entropy must be a finite number of nats >= 0 (0 turns it off), got {self.reject_entropy}"
+            )
         if self.max_tries < 1:
             raise UsageError(f"--max-tries must be at least 1, got {self.max_tries}")
         if self.entropy_window < 1:
@@ -393,6 +395,8 @@ class FinetuneSettings:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if self.seq_len is not None and self.seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2 (BOS and one token), got {self.seq_len}")
         positive = {
             "steps": self.steps,
             "batch_size": self.batch_size,

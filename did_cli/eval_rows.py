@@ -55,6 +55,10 @@ class NllData:
     layout: str | None = None
     num_samples: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.seq_len is not None and self.seq_len < 2:
+            raise UsageError(f"seq_len must be at least 2 (BOS and one token), got {self.seq_len}")
+
 
 @dataclass(frozen=True)
 class EvalRows:

@@ -48,6 +48,7 @@ from did_cli.distributed import ONE_PROCESS, Shard, interleave
 from did_cli.errors import InputError, UsageError
 from did_cli.judge import DEFAULT_JUDGE, Judge, load_judge
 from did_cli.provenance import device_info, versions
+from did_cli.records import parse_record
 
 __all__ = [
     "DEFAULT_JUDGE",
@@ -466,6 +467,8 @@ def _parse_sample(line: str, name: str, lineno: int, first: bool) -> Sample:
         raise InputError(f"{where}: not valid JSON ({exc.msg}{hint})") from None
     if not isinstance(body, dict):
         raise InputError(f"{where}: expected a JSON object with a text field")
+    if "tokens" in body or "confidence" in body:
+        parse_record(line, where)  # a did sample record is checked field by field, as refine and show check it
     text, prompt = body.get("text"), body.get("prompt")
     if not isinstance(text, str):
         raise InputError(f"{where}: no text field (a string) to score")

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from did_cli.errors import OutputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -42,9 +44,63 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def output_target(path: str | Path, flag: str) -> Path:
+    """Where an output named on the command line goes, checked before any work starts.
+
+    A symbolic link is followed, so its target is replaced rather than the link. Device files and pipes
+    (`/dev/null`, a fifo) are returned as they are: `is_special` tells writers to write into them, never to replace
+    them with a renamed file.
+
+    Raises:
+        OutputError: an empty name, a directory, a path under a file, or a folder this process cannot write.
+    """
+    text = str(path)
+    if not text.strip() or Path(text) == Path("."):
+        raise OutputError(f"{flag} needs a file name, got {text!r}")
+    target = Path(text).expanduser()
+    if target.is_symlink():
+        target = target.resolve()
+    if target.is_dir():
+        raise OutputError(f"{flag} {text} is a directory; give a file name")
+    if is_special(target):
+        return target
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{flag} {text}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {text}: cannot write in {folder}")
+    return target
+
+
+def is_special(path: Path) -> bool:
+    """Whether `path` exists and is not a regular file (a device like /dev/null, a fifo, a socket)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def write_atomically(target: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(staging_path)` to produce the file, then rename it onto `target`."""
+    """Call `write(staging_path)` to produce the file, then rename it onto `target`.
+
+    A symbolic link's target is replaced (the link stays); a device file or pipe is written into directly, since a
+    rename would put a regular file in its place.
+
+    Raises:
+        OutputError: the file cannot be written (no space left, no permission): one line naming it.
+    """
     target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()
+    try:
+        if is_special(target):
+            write(target)
+            return
+        _write_beside(target, write)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def _write_beside(target: Path, write: Callable[[Path], Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from did_cli.errors import InputError, OutputError, UsageError
+from did_cli.files import is_special, output_target
 
 _REQUIRED = ("id", "tokens", "confidence", "prompt_len")
 _NULLABLE = ("prompt", "draft_tokens")
@@ -225,7 +226,9 @@ class RecordWriter:
 
     def __init__(self, out: str | Path | None = None, *, resume: bool = False, replace_partial: bool = False) -> None:
         self.path = None if out is None or str(out) == "-" else Path(out)
-        self.partial = None if self.path is None else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.partial = (
+            None if self.path is None or not self.path.name else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        )
         self.resume = resume
         self.replace_partial = replace_partial
         self.count = 0
@@ -235,6 +238,7 @@ class RecordWriter:
         self._offset = 0
         self._done = False
         self._copy_of_out = False  # the partial file only repeats a finished `out` (a resumed finished run)
+        self._special = False  # `out` is a device or pipe, written into directly
 
     # --- opening ------------------------------------------------------------------------------------------------
 
@@ -245,9 +249,10 @@ class RecordWriter:
                 raise UsageError("--resume needs --out FILE: records already sent to stdout cannot be read back")
             self._fd, self._stream = _stdout()
             return self
-        assert self.partial is not None
-        if self.path.is_dir():
-            raise OutputError(f"--out {self.path} is a directory; give a file name")
+        self.path = output_target(self.path, "--out")  # a symlink's target; refuses '', folders, unwritable places
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        if is_special(self.path):
+            return self._open_special()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -262,6 +267,18 @@ class RecordWriter:
         except BaseException:
             self._close()  # a partial file that cannot be resumed: release it (and the lock) untouched
             raise
+        return self
+
+    def _open_special(self) -> RecordWriter:
+        # /dev/null, a fifo: written into line by line like stdout; renaming a file onto it would replace the device.
+        assert self.path is not None
+        if self.resume:
+            raise UsageError(f"--resume needs a regular file as --out, not {self.path}")
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.partial, self._special = None, True
         return self
 
     def _adopt_existing(self) -> None:
@@ -317,14 +334,14 @@ class RecordWriter:
             raise
         except OSError as exc:
             self._cut_back(offset)
-            where = "stdout" if self.path is None else str(self.partial)
+            where = "stdout" if self.path is None else str(self.partial or self.path)
             raise OutputError(f"writing to {where} failed: {exc.strerror}; {self._kept_note()}") from None
         self._offset = offset + len(data) if offset is not None else 0
         self.count += 1
 
     def _position(self) -> int | None:
         assert self._fd is not None
-        if self.path is not None:
+        if self.path is not None and not self._special:
             return self._offset
         try:
             return os.lseek(self._fd, 0, os.SEEK_CUR)  # a regular file behind stdout can be cut back
@@ -349,6 +366,9 @@ class RecordWriter:
         self._done = True
         if self.path is None:
             return
+        if self._special:
+            self._close()
+            return
         assert self._fd is not None and self.partial is not None
         try:
             os.fsync(self._fd)
@@ -363,8 +383,8 @@ class RecordWriter:
         if self._done:
             return None
         self._done = True
-        if self.path is None or self._fd is None:
-            self._fd = None
+        if self.path is None or self._fd is None or self._special:
+            self._close()
             return None
         assert self.partial is not None
         empty = self._offset == 0 or (self._copy_of_out and self.count == 0)
@@ -376,7 +396,7 @@ class RecordWriter:
         return self._kept_note()
 
     def _kept_note(self) -> str:
-        if self.path is None:
+        if self.path is None or self._special:
             return f"{self.count} finished samples were written before it"
         total = len(self.kept) + self.count
         return f"{total} finished samples are kept in {self.partial} ({self.path} is unchanged; --resume continues)"

@@ -242,3 +242,29 @@ def test_a_closed_stdout_is_an_output_error():
 
 def test_partial_name_sits_beside_out():
     assert RecordWriter(Path("a/b.jsonl")).partial == Path("a/b.jsonl.partial")
+
+
+def test_out_may_be_a_device_a_pipe_or_a_symlink_and_stays_one(tmp_path):
+    with RecordWriter("/dev/null") as writer:
+        writer.write(_record(0))
+    assert Path("/dev/null").is_char_device()
+    target = tmp_path / "target.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    with RecordWriter(link) as writer:
+        writer.write(_record(3))
+    assert link.is_symlink() and json.loads(target.read_text())["id"] == 3
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    with RecordWriter(fifo) as writer:
+        writer.write(_record(5))
+    assert json.loads(reader.communicate(timeout=10)[0])["id"] == 5
+    assert fifo.is_fifo()
+
+
+@pytest.mark.parametrize("name", ["", "."])
+def test_an_empty_out_name_is_refused(name):
+    with pytest.raises(OutputError, match="needs a file name"):
+        RecordWriter(name).open()

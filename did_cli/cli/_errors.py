@@ -66,6 +66,13 @@ def handle_errors(command: F | None = None, *, on_interrupt: str = "interrupted"
         except KeyboardInterrupt:
             _say(on_interrupt)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            # The machine said no (disk full, no permission, a vanished file): the user's to fix, so one line.
+            if debug:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            _say(f"error: {exc.strerror or exc}{where}")
+            raise typer.Exit(1) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:

@@ -20,7 +20,7 @@ from did_cli.cli._errors import handle_errors
 from did_cli.cli._run import stderr
 from did_cli.cli.eval_ppl import strict_json
 from did_cli.errors import UsageError
-from did_cli.files import write_output
+from did_cli.files import output_target, write_output
 from did_cli.zero_shot import PRESETS
 
 if TYPE_CHECKING:
@@ -125,6 +125,9 @@ def eval_nll(
     )
     if per_sequence is not None and str(per_sequence) == "-":
         raise UsageError("--per-sequence needs a file name; only --json can go to stdout")
+    for out, flag in ((json_out, "--json"), (per_sequence, "--per-sequence")):
+        if out is not None and str(out) != "-":
+            output_target(out, flag)  # unwritable outputs fail before any model loads
     with _progress(quiet) as on_progress:
         result = likelihood.eval_nll(
             model,

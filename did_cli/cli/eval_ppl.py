@@ -26,7 +26,7 @@ from rich.text import Text
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, UsageError
-from did_cli.files import write_output
+from did_cli.files import output_target, write_output
 
 if TYPE_CHECKING:
     from did_cli import evaluation
@@ -160,6 +160,9 @@ def _check_outputs(files: list[Path], json_out: Path | None, per_sample: Path | 
     outputs = [p for p in (json_out, per_sample) if p is not None and str(p) != "-"]
     if per_sample is not None and str(per_sample) == "-":
         raise UsageError("--per-sample needs a file name; only --json can go to stdout")
+    for out, flag in ((json_out, "--json"), (per_sample, "--per-sample")):
+        if out is not None and str(out) != "-":
+            output_target(out, flag)  # unwritable outputs fail before the judge loads
     resolved = {p.resolve() for p in files if str(p) != "-"}
     for out in outputs:
         if out.resolve() in resolved:

@@ -184,6 +184,8 @@ def finetune(
     if valid_data is not None:
         check_data_source(valid_data, "--valid-data")
     for flag, folder in (("--out", out), ("--cache-dir", cache_dir)):
+        if folder is not None and (not str(folder).strip() or folder == Path(".")):
+            raise UsageError(f"{flag} needs a folder name (a run writes checkpoints/, final/ and metrics there)")
         if folder is not None and folder.exists() and not folder.is_dir():
             raise UsageError(f"{flag} {folder} is a file; pass a folder")
 

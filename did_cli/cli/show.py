@@ -17,7 +17,7 @@ from rich.console import Console
 
 from did_cli.cli._errors import handle_errors
 from did_cli.errors import InputError, ModelLoadError, UsageError
-from did_cli.files import write_text_atomically
+from did_cli.files import output_target, write_text_atomically
 from did_cli.records import Record, read_records
 
 File = Annotated[str, typer.Argument(help="Sample records (JSONL from draft, refine or generate), or - for stdin.")]
@@ -125,6 +125,8 @@ def show(
     tokenizer: Tokenizer = None,
 ) -> None:
     """Show one sample: tokens coloured by confidence, remasked positions and what refinement changed."""
+    if html is not None and str(html) != "-":
+        output_target(html, "--html")  # an unwritable page fails before the record is read
     record = select_record(file, index)
     tok = record_tokenizer(record, model, tokenizer)
     check_ids(record, tok)
