@@ -36,7 +36,7 @@ def test_txt_holds_one_sample_per_line_kept_verbatim(tmp_path):
     [
         ('{"text": "ok"}\n{"text": "cut', "line 2: not valid JSON"),
         ('{"text": "ok"}\n\n[1, 2]', "line 3: expected a JSON object"),
-        ('{"text": "ok"}\n{"tokens": [1]}', "line 2: record lacks confidence"),
+        ('{"text": "ok"}\n{"tokens": [1]}', "line 2: record lacks id, confidence"),
         ('{"text": 3}', "line 1: no text field"),
         ('{"text": "ok", "prompt": 5}', "line 1: prompt must be a string or null"),
         ("plain words", "line 1: not valid JSON (Expecting value; for plain text with one sample per line, name"),
