@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Annotated
 
 import typer
@@ -71,6 +72,8 @@ def refine(
     )
     if refine_cache > 1 and block_size is not None:
         raise UsageError("--refine-cache needs one global refine block; drop --block-size")
+    if input == "-" and sys.stdin is not None and sys.stdin.isatty():
+        raise UsageError("refine reads records from stdin: pipe them in (did draft | did refine) or name a file")
     if same_file(input, out):
         raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
     total = check_records_file(input) or None  # a file is read once in full first: a bad line fails before any work

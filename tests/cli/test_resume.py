@@ -84,3 +84,13 @@ def test_resume_with_other_settings_names_the_first_difference(tiny_checkpoint, 
 def test_resume_to_stdout_is_refused(tiny_checkpoint):
     result = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "--resume"])
     assert result.exit_code == 2 and "--resume needs --out" in result.stderr
+
+
+def test_a_refused_resume_is_one_line_that_says_what_is_kept(tiny_checkpoint, tmp_path):
+    model = str(tiny_checkpoint)
+    out = tmp_path / "out.jsonl"
+    assert runner.invoke(app, ["draft", "-m", model, "-n", "2", "-q", "--out", str(out)]).exit_code == 0
+    out.rename(tmp_path / "out.jsonl.partial")  # what an interrupted run leaves
+    result = runner.invoke(app, ["draft", "-m", model, "-n", "4", "--seed", "1", "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "cannot resume" in result.stderr and "2 finished samples are kept" in result.stderr

@@ -100,7 +100,7 @@ def test_plain_progress_lines_and_a_summary_reach_stderr_without_a_terminal(tiny
         text=True,
     )
     assert done.returncode == 0
-    assert "draft: 1/2 samples finished" in done.stderr and "2 samples, 62 generated tokens" in done.stderr
+    assert "draft: 1/2 samples finished" in done.stderr and "2 samples, 62 tokens generated" in done.stderr
     quiet = subprocess.run([*DID, "draft", "-m", str(tiny_checkpoint), "-q"], env=env, capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
