@@ -28,13 +28,13 @@ Tokenizer = Annotated[
 ]
 Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) to pin.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32 or bfloat16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Weights dtype: float32, bfloat16 or float16.")]
 SamplingDtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Weights dtype: float32 or bfloat16. float32: tokens independent of batch size and cache use; "
-        "bfloat16: faster on GPU, but rounding can change tokens across batch sizes and with --no-kv-cache "
+        help="Weights dtype: float32, bfloat16 or float16. float32: tokens independent of batch size and cache use; "
+        "bfloat16/float16: faster on GPU, but rounding can change tokens across batch sizes and with --no-kv-cache "
         "(--kv-cache-dtype bfloat16 is BD3-LM's closer bf16 scheme).",
     ),
 ]

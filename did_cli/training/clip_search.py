@@ -82,8 +82,11 @@ def block_losses(
 
 
 def summed_variance(per_batch: Iterable[torch.Tensor]) -> float:
-    """Sum over batches of the sample variance of each batch's per-block losses (BD3-LM's search statistic)."""
-    return float(sum(float(losses.double().var()) for losses in per_batch))
+    """Sum over batches of the sample variance of each batch's per-block losses (BD3-LM's search statistic).
+
+    A batch with a single block loss has no sample variance; it adds 0 (torch would warn and return NaN).
+    """
+    return float(sum(float(losses.double().var()) if losses.numel() > 1 else 0.0 for losses in per_batch))
 
 
 def search_clip(candidates: Sequence[Clip], losses_for: Callable[[Clip], Iterable[torch.Tensor]]) -> tuple[Clip, dict]:
