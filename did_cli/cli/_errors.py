@@ -78,6 +78,9 @@ def handle_errors(command: F | None = None, *, on_interrupt: str = "interrupted"
         except Exception as exc:
             if debug:
                 raise
+            if type(exc).__name__ == "SafetensorError":  # safetensors' I/O error (a full disk while saving, say)
+                _say(f"error: {exc}")
+                raise typer.Exit(1) from None
             _say(f"internal error: {type(exc).__name__}: {exc} (set DID_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
 
