@@ -60,6 +60,37 @@ class TokenizedCorpus:
     meta: dict[str, Any]
 
 
+def _check_local_text(builder: str, files: list[str]) -> None:
+    """Text and JSON lines files read whole once before `datasets` sees them.
+
+    `datasets` reports a non-UTF-8, empty or malformed file with a logged pyarrow message and a vague error; here it is
+    one line naming the file (and the line).
+
+    Raises:
+        DataError: a file that is not UTF-8, holds no text, or (JSON lines) has a line that is not a JSON object.
+    """
+    if builder not in ("text", "json"):
+        return
+    for name in files:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{name} is not UTF-8 text") from None
+        if not text.strip():
+            raise DataError(f"{name} holds no text")
+        if builder != "json" or name.endswith(".json"):
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                body = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{name} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(body, dict):
+                raise DataError(f"{name} line {number}: expected a JSON object with a text field")
+
+
 def _local_files(path: Path) -> dict[str, list[str]]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     by_builder: dict[str, list[str]] = {}
@@ -125,6 +156,7 @@ def load_documents(spec: DataSpec, cache_dir: Path | None = None) -> Any:
     try:
         if path.exists():
             builder, files = next(iter(_local_files(path).items()))
+            _check_local_text(builder, files)
             kwargs: dict[str, Any] = {}
             if builder == "text":
                 field = "text"

@@ -121,3 +121,22 @@ def test_unreachable_hub_dataset_fails_in_seconds(tmp_path, char_tokenizer, monk
         tokenize_corpus(DataSpec("some-org/not-cached-dataset"), char_tokenizer, tmp_path / "c")
     assert time.perf_counter() - started < 10
     assert datasets.config.HF_HUB_OFFLINE is False  # restored after the call
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("bad.jsonl", b'garbage\n{"text": "x"}\n', "line 1: not valid JSON"),
+        ("list.jsonl", b'{"text": "x"}\n[1, 2]\n', "line 2: expected a JSON object"),
+        ("latin1.txt", "caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+        ("empty.txt", b"\n \n", "holds no text"),
+    ],
+)
+def test_broken_local_files_are_one_line_data_errors(tmp_path, name, content, message):
+    from did_cli.data import DataSpec, load_documents
+    from did_cli.errors import DataError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_documents(DataSpec(str(path)), cache_dir=tmp_path / "cache")
