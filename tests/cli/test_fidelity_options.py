@@ -65,7 +65,8 @@ def test_bad_stop_options_and_over_long_lengths_fail_in_one_line(tiny_checkpoint
     model = str(tiny_checkpoint)
     cases = [
         (["draft", "-m", model, "--max-tries", "0"], "--max-tries"),
-        (["draft", "-m", model, "--reject-entropy", "-1"], "--reject-entropy"),
+        (["draft", "-m", model, "--reject-entropy", "-1"], "reject_entropy"),
+        (["draft", "-m", model, "--reject-entropy", "inf"], "reject_entropy must be a finite number"),
         (["draft", "-m", model, "--length", "64"], "not supported"),
         (["generate", "-m", model, "--stages", "4,16", "--var-length"], "global refine stages"),
     ]

@@ -174,7 +174,7 @@ def test_var_length_needs_an_eos_id():
 
 
 def test_bad_stop_settings_are_usage_errors():
-    with pytest.raises(UsageError, match="reject-entropy"):
+    with pytest.raises(UsageError, match="reject_entropy"):
         _settings(reject_entropy=-1.0)
     with pytest.raises(UsageError, match="max-tries"):
         _settings(max_tries=0)
