@@ -53,7 +53,7 @@ BatchSize = Annotated[
     int,
     typer.Option(
         "--batch-size",
-        help="Samples per model call. In float32 it never changes the tokens (confidences agree to ~1e-6).",
+        help="Samples per model call. In float32 it never changes the tokens (confidences agree to 1e-5).",
     ),
 ]
 Out = Annotated[

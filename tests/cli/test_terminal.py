@@ -234,3 +234,12 @@ def test_bad_flags_and_values_are_one_line_errors(args, message):
     done = subprocess.run([*DID, *args], env=_env(), capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr
+
+
+def test_cli_defaults_name_the_library_defaults():
+    # The CLI keeps copies so `--help` needs no torch; they must not drift from the library's.
+    from did_cli.checkpoints import DEFAULT_MODEL
+    from did_cli.cli import _options
+    from did_cli.judge import DEFAULT_JUDGE
+
+    assert (_options.DEFAULT_MODEL, _options.DEFAULT_JUDGE) == (DEFAULT_MODEL, DEFAULT_JUDGE)
