@@ -25,6 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from did_cli.entropy_matched import (
+    BEATS,
+    WORSE,
+    FrontierPoint,
+    Matched,
+    PerSample,
+    draft_frontier,
+    match_entropy,
+    verdict,
+)
 from did_cli.files import write_atomically
 
 __all__ = [
@@ -33,6 +43,8 @@ __all__ = [
     "ReportResult",
     "STRATEGY_STYLES",
     "append_result",
+    "entropy_figure",
+    "matched_comparison",
     "gamma_figure",
     "is_exact",
     "latest_rows",
@@ -47,6 +59,7 @@ RESULTS = "results.jsonl"
 REPORT = "report.md"
 GAMMA_PLOT = "gamma_curve.png"
 PARETO_PLOT = "nfe_pareto.png"
+ENTROPY_PLOT = "entropy_frontier.png"
 NO_PLOTS = "Plots skipped: matplotlib is not installed (pip install 'did[plots]')."
 
 # Table order of the strategy ablation (the paper's), and of the series in the γ and B2 tables.
@@ -136,14 +149,23 @@ def render_report(
     """
     models = list(dict.fromkeys(row["model"] for row in rows))
     by_model = {model: [row for row in rows if row["model"] == model] for model in models}
+    # Drafts of the draft frontier only serve the entropy-matched comparison; the paper's tables never see them.
+    paper = {
+        model: [row for row in model_rows if not row.get("draft_frontier")] for model, model_rows in by_model.items()
+    }
     parts = ["# DiD ablation sweep", _header(rows), _LEGEND]
+    verdicts = [line for model_rows in by_model.values() if (line := _verdict_line(model_rows))]
+    if verdicts:
+        parts += ["## Verdict at matched entropy", "\n".join(f"- {line}" for line in verdicts)]
     if len(models) > 1:
         parts += [
             "## Models side by side: remask strategy",
-            _side_by_side(by_model, base_gamma, base_refine_block_size),
+            _side_by_side(paper, base_gamma, base_refine_block_size),
         ]
     for model, model_rows in by_model.items():
-        parts += _model_section(model, model_rows, base_gamma, _base_size(model_rows, base_refine_block_size))
+        size = _base_size(model_rows, base_refine_block_size)
+        parts += _model_section(model, paper[model], base_gamma, size)
+        parts += _matched_section(model_rows)
     if plots or note:
         parts.append("## Plots")
         parts += [f"![{name}]({name})" for name in plots]
@@ -294,6 +316,171 @@ def _cheaper_cells(row: Row, draft: Row | None, exact: Row | None) -> list[str]:
         kept,
         against,
     ]
+
+
+# --- Entropy-matched comparison: pure --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchedComparison:
+    """One model's refined variants against its draft frontier (see did_cli.entropy_matched).
+
+    Attributes:
+        points: every draft point (the sweep's draft and the frontier's drafts), ascending in entropy.
+        frontier: the points on the frontier (no other draft has entropy >= and gen PPL <=).
+        variants: each refined row with its Matched, in row order.
+    """
+
+    points: list[tuple[Row, FrontierPoint]]
+    frontier: list[FrontierPoint]
+    variants: list[tuple[Row, Matched]]
+
+
+def _point(row: Row) -> FrontierPoint:
+    entropy, gen_ppl = row.get("entropy"), row.get("gen_ppl")
+    per_sample = row.get("per_sample")
+    samples = None
+    if isinstance(per_sample, dict):
+        try:
+            samples = PerSample(
+                tuple(_hashable(i) for i in per_sample["id"]),
+                tuple(math.nan if v is None else float(v) for v in per_sample["ppl"]),
+                tuple(math.nan if v is None else float(v) for v in per_sample["entropy"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            samples = None  # a row edited by hand or cut short: the point stands, its standard error does not
+    return FrontierPoint(
+        str(row.get("variant")),
+        float(entropy) if _finite(entropy) else math.nan,
+        float(gen_ppl) if _finite(gen_ppl) else math.nan,
+        samples,
+    )
+
+
+def _hashable(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+
+
+def matched_comparison(rows: Sequence[Row]) -> MatchedComparison | None:
+    """One model's rows as an entropy-matched comparison, or None without a draft frontier (a single draft point).
+
+    Args:
+        rows: one model's results rows: its draft, the frontier's drafts (`draft_frontier`) and refined variants.
+    """
+    drafts = [r for r in rows if r.get("remask") is None]
+    if not any(r.get("draft_frontier") for r in drafts):
+        return None
+    points = sorted(((r, _point(r)) for r in drafts), key=lambda pair: _sort_value(pair[1].entropy))
+    frontier = draft_frontier([p for _, p in points])
+    variants = [(r, match_entropy(_point(r), frontier)) for r in rows if r.get("remask") is not None]
+    return MatchedComparison(points, frontier, variants)
+
+
+def _difference(matched: Matched) -> str:
+    if matched.difference is None or matched.frontier_gen_ppl is None:
+        return "—"
+    text = f"{matched.difference:+.2f}"
+    if matched.sem is not None and math.isfinite(matched.sem):
+        text += f" ± {matched.sem:.2f}"
+    if matched.frontier_gen_ppl:
+        text += f" ({100 * matched.difference / matched.frontier_gen_ppl:+.0f} %)"
+    return text
+
+
+def _reading(row: Row, matched: Matched) -> str:
+    """What the comparison says about one variant, in words."""
+    if matched.status in ("below", "above") and matched.range is not None:
+        low, high = matched.range
+        side = (
+            f"below the frontier's lowest entropy ({low:.3f})"
+            if matched.status == "below"
+            else (f"above its highest ({high:.3f})")
+        )
+        return f"not matched: entropy {row.get('entropy', math.nan):.3f} is {side}"
+    result = verdict(matched)
+    if result is None:
+        return "not matched: no scored frontier"
+    if result == BEATS:
+        return f"**beats** the frontier by {-matched.difference:.2f}"  # type: ignore[operator]
+    if result == WORSE:
+        return f"worse than the frontier by {matched.difference:.2f}"
+    return "within noise of the frontier" + ("" if matched.sem is not None else " (no standard error)")
+
+
+def _matched_section(rows: list[Row]) -> list[str]:
+    comparison = matched_comparison(rows)
+    if comparison is None:
+        return []
+    on_frontier = {id(p) for p in comparison.frontier}
+    draft_body = [
+        [
+            "draft (refined by every variant)" if not row.get("draft_frontier") else row["variant"],
+            _num(row.get("top_p"), 3),
+            _num(row.get("temperature"), 3),
+            _ppl(row),
+            _num(row.get("entropy"), 3),
+            "●" if id(point) in on_frontier else "",
+        ]
+        for row, point in comparison.points
+    ]
+    variant_body = [
+        [
+            row["variant"],
+            _num(row.get("entropy"), 3),
+            _ppl(row),
+            _num(matched.frontier_gen_ppl, 2),
+            _difference(matched),
+            _reading(row, matched),
+        ]
+        for row, matched in comparison.variants
+    ]
+    return [
+        "### Gen PPL at matched entropy",
+        "The draft frontier: drafts from the same model and seed, sampled sharper or flatter (top-p, temperature). "
+        "● marks the drafts no other draft beats on both entropy and gen PPL; joined by straight lines they are "
+        "the frontier.",
+        _table(["draft", "top-p", "temperature", "gen PPL", "entropy", "frontier"], draft_body),
+        _table(
+            ["variant", "entropy", "gen PPL", "frontier gen PPL at its entropy", "difference", "reading"],
+            variant_body,
+        ),
+        "**Difference** is the variant's gen PPL minus the frontier's at the variant's entropy (negative: better "
+        "than drafting alone at the same diversity), ± its standard error by the delta method over per-sample "
+        "values, samples paired by id, entropies' noise included; **beats** / **worse** need two standard errors. "
+        "A variant outside the frontier's entropy range is not compared (no extrapolation): widen the frontier with "
+        "lower or higher `--top-p` / `--temperature` values.",
+    ]
+
+
+def _verdict_line(rows: list[Row]) -> str | None:
+    """One line per model: which refined variants beat the frontier and by how much, and what could not be read."""
+    comparison = matched_comparison(rows)
+    if comparison is None or not comparison.variants:
+        return None
+    model = rows[0]["model"]
+    groups: dict[str | None, list[tuple[Row, Matched]]] = {}
+    for row, matched in comparison.variants:
+        groups.setdefault(verdict(matched), []).append((row, matched))
+    parts = []
+    beats = sorted(groups.get(BEATS, []), key=lambda pair: pair[1].difference or 0.0)
+    if beats:
+        listed = ", ".join(f"{row['variant']} by {-m.difference:.2f} ± {m.sem:.2f}" for row, m in beats)  # type: ignore[operator]
+        parts.append(f"{len(beats)} beat the draft frontier at matched entropy ({listed} gen PPL)")
+    else:
+        parts.append("none beats the draft frontier at matched entropy")
+    worse = groups.get(WORSE, [])
+    if worse:
+        parts.append(f"{len(worse)} worse ({', '.join(row['variant'] for row, _ in worse)})")
+    within = [pair for key, pairs in groups.items() if key not in (BEATS, WORSE, None) for pair in pairs]
+    if within:
+        parts.append(f"{len(within)} within noise ({', '.join(row['variant'] for row, _ in within)})")
+    outside = groups.get(None, [])
+    if outside:
+        parts.append(
+            f"{len(outside)} outside the frontier's entropy range ({', '.join(r['variant'] for r, _ in outside)})"
+        )
+    total = len(comparison.variants)
+    return f"{model} ({total} refined variant{'s' if total != 1 else ''}): " + "; ".join(parts) + "."
 
 
 def _strategy_table(rows: list[Row], base_gamma: float, base_size: int) -> str:
@@ -474,7 +661,13 @@ def _model_styles(rows: Sequence[Row]) -> dict[str, str]:
     return {model: _LINE_STYLES[i % len(_LINE_STYLES)] for i, model in enumerate(models)}
 
 
-def _legend(figure: Any, strategies: Sequence[str | None], models: dict[str, str], draft_line: bool = False) -> None:
+def _legend(
+    figure: Any,
+    strategies: Sequence[str | None],
+    models: dict[str, str],
+    draft_line: bool = False,
+    extra: Sequence[Any] = (),
+) -> None:
     """One legend beside the axes: a colour and marker per strategy, a line style per model (when several)."""
     from matplotlib.lines import Line2D
 
@@ -484,6 +677,7 @@ def _legend(figure: Any, strategies: Sequence[str | None], models: dict[str, str
         else Line2D([], [], color=STRATEGY_STYLES[s][0], linewidth=1, label=_NAMES[s])
         for s in strategies
     ]
+    handles += list(extra)
     if len(models) > 1:
         handles += [Line2D([], [], color="#555555", linestyle=style, label=model) for model, style in models.items()]
     figure.legend(handles=handles, loc="outside right upper", fontsize="small")
@@ -579,20 +773,24 @@ def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     return figure
 
 
-def _label_without_overlap(figure: Any, axes: Any, points: Sequence[Row]) -> None:
-    """Label each point with its variant at the first offset whose box overlaps no label or axes edge; else skip it.
+def _label_without_overlap(
+    figure: Any, axes: Any, points: Sequence[Row], x: str = "nfes", name: Callable[[Row], str] | None = None
+) -> None:
+    """Label each point (`x`, gen PPL) at the first offset whose box overlaps no label or axes edge; else skip it.
 
-    A variant on several models' fronts is labelled once.
+    Labels are `name(row)`, by default the variant; a label shared by several points (a variant on several models'
+    fronts) is placed once.
     """
+    name = name or (lambda row: row["variant"])
     renderer = figure.canvas.get_renderer()
     figure.draw_without_rendering()  # settle the layout, so the boxes measured below are final
     inside = axes.get_window_extent(renderer)
     placed: list[Any] = []
-    for row in {r["variant"]: r for r in points}.values():
+    for text, row in {name(r): r for r in points}.items():
         for offset in ((5, 5), (5, -12), (-5, 5), (-5, -12), (5, 14), (5, -22)):
             label = axes.annotate(
-                row["variant"],
-                (row["nfes"], row["gen_ppl"]),
+                text,
+                (row[x], row["gen_ppl"]),
                 xytext=offset,
                 textcoords="offset points",
                 fontsize=7,
@@ -604,6 +802,74 @@ def _label_without_overlap(figure: Any, axes: Any, points: Sequence[Row]) -> Non
                 placed.append(box)
                 break
             label.remove()
+
+
+def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
+    """Gen PPL against entropy: each model's draft frontier as a line through its drafts, refined variants as points.
+
+    A refined point below a model's line is better than drafting alone at the same entropy; its label names it.
+
+    Returns:
+        The matplotlib Figure, or None when no model has a draft frontier.
+    """
+    figure, axes = _new_axes(classes)
+    models = _model_styles(rows)
+    drawn: list[float] = []
+    strategies: set[str | None] = set()
+    labelled: list[Row] = []
+    for model, linestyle in models.items():
+        comparison = matched_comparison([r for r in rows if r["model"] == model])
+        if comparison is None:
+            continue
+        drafts = [(r, p) for r, p in comparison.points if math.isfinite(p.entropy) and math.isfinite(p.gen_ppl)]
+        axes.scatter([p.entropy for _, p in drafts], [p.gen_ppl for _, p in drafts], color="#999999", marker="x", s=25)
+        axes.plot(
+            [p.entropy for p in comparison.frontier],
+            [p.gen_ppl for p in comparison.frontier],
+            color="#555555",
+            linestyle=linestyle,
+            zorder=2,
+        )
+        base = next((r for r, _ in drafts if not r.get("draft_frontier")), None)
+        if base is not None:
+            color, marker = STRATEGY_STYLES[None]
+            axes.scatter([base["entropy"]], [base["gen_ppl"]], color=color, marker=marker, s=120, zorder=3)
+            strategies.add(None)
+        drawn += [p.gen_ppl for _, p in drafts]
+        for strategy in _SERIES_ORDER:
+            points = [r for r, _ in comparison.variants if r.get("remask") == strategy]
+            points = [r for r in points if _finite(r.get("entropy")) and _finite(r.get("gen_ppl"))]
+            if points:
+                color, marker = STRATEGY_STYLES[strategy]
+                axes.scatter(
+                    [r["entropy"] for r in points],
+                    [r["gen_ppl"] for r in points],
+                    color=color,
+                    marker=marker,
+                    s=30,
+                    zorder=3,
+                )
+                strategies.add(strategy)
+                drawn += [r["gen_ppl"] for r in points]
+                labelled += points
+    if not drawn:
+        return None
+    _log_if_wide(axes, drawn)
+    axes.set_xlabel("entropy (nats, mean per sample)")
+    axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
+    axes.set_title("Gen PPL against entropy (below the line: better than drafting alone)")
+    from matplotlib.lines import Line2D
+
+    extra = [
+        Line2D([], [], color="#999999", marker="x", linestyle="", label="draft at other top-p / T"),
+        Line2D([], [], color="#555555", label="draft frontier"),
+    ]
+    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], models, extra=extra)
+    several = len(models) > 1
+    _label_without_overlap(
+        figure, axes, labelled, x="entropy", name=lambda r: f"{r['model']}: {r['variant']}" if several else r["variant"]
+    )
+    return figure
 
 
 def _save_figure(figure: Any | None, path: Path) -> bool:
@@ -634,11 +900,12 @@ def _save(figure: Any, path: Path) -> None:
 
 @dataclass
 class ReportResult:
-    """The written report, its plots, and a one-line note when plots were skipped."""
+    """The written report, its plots, a one-line note when plots were skipped, and each model's verdict line."""
 
     path: Path
     plots: list[Path] = field(default_factory=list)
     note: str | None = None
+    verdicts: list[str] = field(default_factory=list)
 
 
 def write_report(
@@ -667,12 +934,15 @@ def write_report(
     if plots and classes is None:
         note = NO_PLOTS
     elif classes is not None:
+        paper = [r for r in rows if not r.get("draft_frontier")]
         if _save_figure(
-            gamma_figure(classes, [r for r in rows if is_exact(r)], base_refine_block_size), out / GAMMA_PLOT
+            gamma_figure(classes, [r for r in paper if is_exact(r)], base_refine_block_size), out / GAMMA_PLOT
         ):
             written.append(out / GAMMA_PLOT)
-        if _save_figure(pareto_figure(classes, rows), out / PARETO_PLOT):
+        if _save_figure(pareto_figure(classes, paper), out / PARETO_PLOT):
             written.append(out / PARETO_PLOT)
+        if _save_figure(entropy_figure(classes, rows), out / ENTROPY_PLOT):
+            written.append(out / ENTROPY_PLOT)
     text = render_report(
         rows,
         base_gamma=base_gamma,
@@ -682,4 +952,6 @@ def write_report(
     )
     path = out / REPORT
     write_atomically(path, lambda staging: staging.write_text(text, encoding="utf-8"))
-    return ReportResult(path, written, note)
+    by_model = {row["model"]: [r for r in rows if r["model"] == row["model"]] for row in rows}
+    verdicts = [line for model_rows in by_model.values() if (line := _verdict_line(model_rows))]
+    return ReportResult(path, written, note, verdicts)

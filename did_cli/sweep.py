@@ -74,6 +74,7 @@ __all__ = [
     "SweepResult",
     "SweepSettings",
     "Variant",
+    "frontier_variants",
     "parse_model",
     "plan_variants",
     "refine_block_sizes",
@@ -135,6 +136,8 @@ class Variant:
         refine_block_size: B2 resolved against the length: L means one global block.
         confidence_threshold: commit every position above it per call (confidence order); None: the sweep's order.
         refine_cache: R, kept positions' keys/values recomputed every R calls (1: exact).
+        top_p: for a draft of the draft frontier, its nucleus mass (None: the sweep's).
+        temperature: for a draft of the draft frontier, its temperature (None: the sweep's).
     """
 
     remask: str | None = None
@@ -142,12 +145,18 @@ class Variant:
     refine_block_size: int | None = None
     confidence_threshold: float | None = None
     refine_cache: int = 1
+    top_p: float | None = None
+    temperature: float | None = None
 
     @property
     def id(self) -> str:
-        """File and row name: `draft`, or e.g. `snapshot-g0.5-b1024` (`-t0.9`, `-r4` for cheaper refinements)."""
+        """File and row name: `draft`, `draft-p0.8-temp0.7` (draft frontier), or e.g. `snapshot-g0.5-b1024`.
+
+        Cheaper refinements add `-t0.9` (threshold) and `-r4` (R).
+        """
         if self.remask is None:
-            return "draft"
+            name = "draft" + (f"-p{self.top_p:.10g}" if self.top_p is not None else "")
+            return name + (f"-temp{self.temperature:.10g}" if self.temperature is not None else "")
         name = f"{self.remask}-g{self.gamma:.10g}-b{self.refine_block_size}"
         if self.confidence_threshold is not None:
             name += f"-t{self.confidence_threshold:.10g}"
@@ -158,8 +167,20 @@ class Variant:
         """Whether this is the draft or an exact refinement (no threshold commits, no reused keys/values)."""
         return self.confidence_threshold is None and self.refine_cache == 1
 
+    @property
+    def frontier(self) -> bool:
+        """Whether this is a draft at other sampling settings than the sweep's, drawn only for the draft frontier."""
+        return self.remask is None and (self.top_p is not None or self.temperature is not None)
+
     def unmasking(self, base: UnmaskingSettings) -> UnmaskingSettings:
-        """The refinement's unmasking: the sweep's, or confidence order with this variant's threshold."""
+        """The variant's unmasking: the sweep's, or its own where it differs.
+
+        A draft-frontier variant has its own nucleus and temperature, a cheaper refinement confidence order with its
+        threshold.
+        """
+        if self.frontier:
+            overrides = {"top_p": self.top_p, "temperature": self.temperature}
+            return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if self.confidence_threshold is None:
             return base
         return dataclasses.replace(
@@ -172,6 +193,31 @@ class Variant:
 
 
 DRAFT = Variant()
+
+
+def frontier_variants(top_ps: Sequence[float], temperatures: Sequence[float], base: UnmaskingSettings) -> list[Variant]:
+    """Drafts of the draft frontier: every (top-p, temperature) pair of the axes except the sweep's own setting.
+
+    The sweep's draft (`DRAFT`, the one every variant refines) is the frontier's point at the base setting; an axis
+    left empty stays at the base value. Only the value that differs from the base is named in a variant's id.
+
+    Args:
+        top_ps: nucleus masses of the frontier (empty: the base only).
+        temperatures: temperatures of the frontier (empty: the base only).
+        base: the sweep's unmasking, whose top-p and temperature the refined variants' drafts use.
+    """
+    variants = []
+    for top_p in dict.fromkeys(float(p) for p in (top_ps or (base.top_p,))):
+        for temperature in dict.fromkeys(float(t) for t in (temperatures or (base.temperature,))):
+            if math.isclose(top_p, base.top_p) and math.isclose(temperature, base.temperature):
+                continue
+            variants.append(
+                Variant(
+                    top_p=None if math.isclose(top_p, base.top_p) else top_p,
+                    temperature=None if math.isclose(temperature, base.temperature) else temperature,
+                )
+            )
+    return variants
 
 
 def refine_block_sizes(sizes: Sequence[int] | None, length: int) -> tuple[list[int], list[str]]:
@@ -287,6 +333,10 @@ class SweepSettings:
         confidence_thresholds: cheaper refinements committing every position above each threshold per call
             (confidence order), at the base strategy and γ with a global block.
         refine_caches: cheaper refinements reusing kept positions' keys/values for R calls, likewise (1: exact).
+        draft_top_ps: nucleus masses of the draft frontier: extra drafts (never refined) at each value, crossed with
+            `draft_temperatures`, so refined variants can be read at matched entropy (`did_cli.entropy_matched`).
+            The sweep's own draft, at `unmasking.top_p`, is always a point of it. Empty: no frontier along top-p.
+        draft_temperatures: temperatures of the draft frontier, likewise.
     """
 
     models: Sequence[str]
@@ -310,10 +360,13 @@ class SweepSettings:
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     confidence_thresholds: Sequence[float] = ()
     refine_caches: Sequence[int] = ()
+    draft_top_ps: Sequence[float] = ()
+    draft_temperatures: Sequence[float] = ()
 
     def __post_init__(self) -> None:
         # Lists from Python callers become tuples, so the settings stay hashable and cannot change under a run.
-        for name in ("models", "remask", "gammas", "refine_block_sizes", "confidence_thresholds", "refine_caches"):
+        names = ("models", "remask", "gammas", "refine_block_sizes", "confidence_thresholds", "refine_caches")
+        for name in (*names, "draft_top_ps", "draft_temperatures"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
@@ -340,6 +393,10 @@ class SweepSettings:
             UnmaskingSettings(order="confidence", confidence_threshold=threshold, top_p=self.unmasking.top_p)
         for r in self.refine_caches:
             RefineSettings(refine_cache=r)
+        for top_p in self.draft_top_ps:
+            UnmaskingSettings(top_p=top_p)
+        for temperature in self.draft_temperatures:
+            UnmaskingSettings(temperature=temperature)
 
     @property
     def model_specs(self) -> list[ModelSpec]:
@@ -389,6 +446,7 @@ class SweepResult:
         refined: refined files sampled in this run.
         scored: files scored with the judge in this run.
         reused: variants whose results were already in `results.jsonl`.
+        verdicts: per model with a draft frontier, one line saying which refined variants beat it at matched entropy.
     """
 
     rows: list[dict[str, Any]]
@@ -398,6 +456,7 @@ class SweepResult:
     refined: int = 0
     scored: int = 0
     reused: int = 0
+    verdicts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -473,7 +532,7 @@ def run_sweep(
     if report.note:
         emit(SweepEvent("note", report.note))
     emit(SweepEvent("step", "done", run.step, run.steps))
-    return SweepResult(rows, report.path, report.plots, **run.counts)
+    return SweepResult(rows, report.path, report.plots, **run.counts, verdicts=report.verdicts)
 
 
 def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
@@ -497,6 +556,8 @@ def _plan_model(spec: ModelSpec, settings: SweepSettings) -> _ModelPlan:
         refine_caches=settings.refine_caches,
         length=length,
     )
+    frontier = frontier_variants(settings.draft_top_ps, settings.draft_temperatures, settings.unmasking)
+    variants = [variants[0], *frontier, *variants[1:]]  # the draft frontier right after the sweep's draft
     weights = folder / _WEIGHTS
     config = {
         "sha256": file_sha256(weights) if weights.is_file() else None,
@@ -548,19 +609,24 @@ class _Run:
             if row is not None:
                 self.counts["reused"] += 1
             else:
-                drafts = drafts if drafts is not None else self._drafts(plan, load)
-                records = drafts if variant is DRAFT else self._refined(plan, variant, drafts, load)
+                if variant.frontier:
+                    records = self._drafts(plan, load, variant)
+                else:
+                    drafts = drafts if drafts is not None else self._drafts(plan, load)
+                    records = drafts if variant is DRAFT else self._refined(plan, variant, drafts, load)
                 row = self._score(plan, variant, records)
             rows.append(row)
             self.step += 1
         return rows
 
-    def _drafts(self, plan: _ModelPlan, load: Callable[[], tuple[Any, Any]]) -> list[Record]:
-        path = self.out / plan.folder / "draft.jsonl"
+    def _drafts(self, plan: _ModelPlan, load: Callable[[], tuple[Any, Any]], variant: Variant = DRAFT) -> list[Record]:
+        """The sweep's drafts, or (for a draft-frontier variant) drafts at that variant's top-p and temperature."""
+        path = self.out / plan.folder / f"{variant.id}.jsonl"
+        draft = dataclasses.replace(plan.draft, unmasking=variant.unmasking(plan.draft.unmasking))
 
         def reusable() -> list[Record] | None:
             records = _read_complete(path)
-            return records if records is not None and _drafts_match(records, plan) else None
+            return records if records is not None and _drafts_match(records, plan, draft.unmasking) else None
 
         records = self.processes.from_main(reusable)
         if records is not None:
@@ -570,7 +636,7 @@ class _Run:
         stream = api.draft(
             model,
             tokenizer,
-            plan.draft,
+            draft,
             num_samples=self.settings.num_samples,
             seed=self.settings.seed,
             batch_size=self.settings.batch_size,
@@ -668,16 +734,21 @@ def result_row(
 
     `nfes` and `seconds` are means per sample over all stages (draft + refinement), as the paper counts the cost
     of a refined sample; `draft_nfes` and `refine_nfes` split the NFEs, `draft_seconds` and `refine_seconds` the
-    wall-clock.
+    wall-clock. `top_p` and `temperature` are the draft's; `draft_frontier` marks drafts drawn only for the draft
+    frontier; `per_sample` holds the ids, perplexities and entropies behind `gen_ppl` and `entropy`.
     """
     ppls = [s.ppl for s in result.samples if s.scored_tokens]
     finite = all(math.isfinite(p) for p in ppls)
     sem = statistics.stdev(ppls) / math.sqrt(len(ppls)) if len(ppls) > 1 and finite else None
     summary = result.summary()
+    unmasking = config["unmasking"]
     return {
         "model": spec.label,
         "model_path": spec.path,
         "variant": variant.id,
+        "draft_frontier": variant.frontier,
+        "top_p": variant.top_p if variant.top_p is not None else unmasking["top_p"],
+        "temperature": variant.temperature if variant.temperature is not None else unmasking["temperature"],
         "remask": variant.remask,
         "gamma": variant.gamma,
         "refine_block_size": variant.refine_block_size,
@@ -695,6 +766,13 @@ def result_row(
         "draft_seconds": _mean(r.stages[0].get("seconds", 0.0) for r in records),
         "refine_seconds": _mean(sum(s.get("seconds", 0.0) for s in r.stages[1:]) for r in records),
         "file": result.source,
+        # What gen PPL and entropy average, per sample (null: no token to score), for standard errors of
+        # differences between variants (did_cli.entropy_matched pairs samples by id).
+        "per_sample": {
+            "id": [s.id for s in result.samples],
+            "ppl": [s.ppl if s.scored_tokens and math.isfinite(s.ppl) else None for s in result.samples],
+            "entropy": [s.entropy for s in result.samples],
+        },
         "judge": judge,
         "config": config,
         "versions": versions(),
@@ -733,15 +811,15 @@ def _has(stage: dict[str, Any], expected: dict[str, Any]) -> bool:
     return all(stage.get(key) == value for key, value in expected.items())
 
 
-def _drafts_match(records: list[Record], plan: _ModelPlan) -> bool:
-    """Whether a draft file holds exactly the drafts this plan asks for, from these weights."""
+def _drafts_match(records: list[Record], plan: _ModelPlan, unmasking: UnmaskingSettings) -> bool:
+    """Whether a draft file holds exactly the drafts this plan asks for at this unmasking, from these weights."""
     config = plan.config
     stage = {
         "kind": "draft",
         "block_size": config["draft_block_size"],
         "seed": config["seed"],
         "kv_cache": config["kv_cache"],
-        **config["unmasking"],
+        **json.loads(json.dumps(_unmasking_config(unmasking))),
     }
     return len(records) == config["num_samples"] and all(
         r.id == i

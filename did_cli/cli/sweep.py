@@ -7,6 +7,7 @@ dropped default B2, skipped plots) and a one-line summary go to stderr unless `-
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,23 @@ RefineCaches = Annotated[
         "crossed with --confidence-threshold.",
     ),
 ]
+TopPs = Annotated[
+    str,
+    typer.Option(
+        "--top-p",
+        help="Nucleus mass of the drafts (BD3-LM's protocol: 0.9), or a list for the draft frontier, e.g. "
+        "0.8,0.85,0.9,0.95,1.0: a draft at each value, so every refined variant is read at matched entropy. "
+        "Variants refine the drafts at 0.9 when listed, else at the first value.",
+    ),
+]
+Temperatures = Annotated[
+    str,
+    typer.Option(
+        "--temperature",
+        help="Softmax temperature of the drafts, or a list for the draft frontier (crossed with --top-p); variants "
+        "refine the drafts at 1 when listed, else at the first value.",
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
 
@@ -105,8 +123,8 @@ def sweep(
     refine_block_size: RefineBlockSizes = None,
     grid: Grid = False,
     seed: o.SamplingSeed = 0,
-    top_p: o.TopP = 0.9,
-    temperature: o.Temperature = 1.0,
+    top_p: TopPs = "0.9",
+    temperature: Temperatures = "1.0",
     order: o.Order = "first-hitting",
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
@@ -129,6 +147,8 @@ def sweep(
     if processes.device is not None and device in ("auto", "cuda"):
         device = processes.device  # each launched process samples and scores on its own accelerator
     quiet = quiet or not processes.shard.is_main
+    top_ps = parse_list(top_p, "--top-p", float)
+    temperatures = parse_list(temperature, "--temperature", float)
     settings = SweepSettings(
         models=model or [],
         judge=judge,
@@ -143,7 +163,7 @@ def sweep(
         seed=seed,
         kv_cache=not no_kv_cache,
         # The same rule as draft, refine and generate (e.g. --steps-per-block alone implies --order steps).
-        unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature),
+        unmasking=unmasking(order, steps_per_block, tokens_per_call, _base(top_ps, 0.9), _base(temperatures, 1.0)),
         batch_size=batch_size,
         device=device,
         dtype=dtype,
@@ -152,6 +172,8 @@ def sweep(
         if confidence_threshold
         else (),
         refine_caches=parse_list(refine_cache, "--refine-cache", int) if refine_cache else (),
+        draft_top_ps=top_ps if len(top_ps) > 1 else (),
+        draft_temperatures=temperatures if len(temperatures) > 1 else (),
     )
     with _events(quiet) as on_event:
         result = run_sweep(settings, on_event, processes)
@@ -163,6 +185,13 @@ def sweep(
             markup=False,  # paths are printed as they are, never read as rich markup
             soft_wrap=True,  # one line, however narrow the terminal: scripts grep it
         )
+        for line in result.verdicts:
+            stderr.print(f"verdict: {line}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _base(values: list[float], usual: float) -> float:
+    """The setting the refined variants' drafts use: the usual one when listed, else the first listed."""
+    return next((v for v in values if math.isclose(v, usual)), values[0])
 
 
 @contextlib.contextmanager
