@@ -2,7 +2,7 @@
 # Rebuild the embedded models from scratch: corpus, tokenizer, diffusion pretrain, mix-scale and no-mix
 # fine-tunes, the GPT-2 judge, then ship did-tiny and did-tiny-judge into the package and measure them.
 # Everything is seeded; on the same library versions and thread count the shipped files come out bit for bit.
-# About 85 minutes on 2 CPU cores (docs/tiny-models.md times each run). Run from the repository root with the project installed (pip install -e .).
+# About 145 minutes on 2 CPU cores (docs/tiny-models.md times each run). Run from the repository root with the project installed (pip install -e .).
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 
@@ -26,6 +26,10 @@ did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:0.9,128:0.1 
   --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-mix --overwrite
 did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:1 --steps 400 --lr 5e-4 --warmup 20 \
   --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-nomix --overwrite
+# The no-mix baseline at the paper's budget ratio: its standard BD3-LM baseline had ~4x DiD's small-block training
+# (150K steps against 40K), so 1600 steps against the mix-scale fine-tune's 400 (about 60 minutes on 2 cores).
+did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:1 --steps 1600 --lr 5e-4 --warmup 20 \
+  --save-every 200 --val-every 200 --log-every 50 --out runs/tiny-nomix-long --overwrite
 
 # 5. The judge: a standard transformers GPT-2 (4 layers, width 256) on the same corpus and tokenizer.
 python examples/tiny/train_judge.py --tokenizer data/tiny-tokenizer --data data/tiny-corpus/train.jsonl \
@@ -34,3 +38,5 @@ python examples/tiny/train_judge.py --tokenizer data/tiny-tokenizer --data data/
 # 6. Ship (bf16 weights) and measure.
 python examples/tiny/ship.py --model runs/tiny-mix/final --judge runs/tiny-judge/final
 bash examples/tiny/measure.sh
+# 7. The ablations of docs/ablations.md: entropy-matched sweeps of the three fine-tunes and their NELBO.
+bash examples/tiny/ablations.sh
