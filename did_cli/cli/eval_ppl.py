@@ -282,7 +282,7 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
     # A comparison is read by file name: never break one over lines; shorten it to what the numbers leave free.
     numbers = sum(max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers))
     # Each column takes its padding (one space each side) and one divider besides its text.
-    room = max(10, width - numbers - 3 * (len(headers) + 1) - 1 + (0 if table.pad_edge else 2))
+    room = max(8, width - numbers - 3 * (len(headers) + 1) - 1 + (0 if table.pad_edge else 2))
     table.add_column("file", no_wrap=True)
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
