@@ -25,7 +25,8 @@ The protocol follows BD3-LM's `metrics.record_generative_perplexity` (research n
 Layout: the pure functions over token ids and a logits callable (`sliding_windows`, `target_nlls`,
 `unigram_entropy`, `score_sequence`, `summarize`) come first and know nothing of files or transformers. Then come
 input files (`read_samples`) and last the API that joins them with a judge (`score_samples`, `eval_ppl`). Loading
-the judge lives in `did_cli.judge` (re-exported here).
+the judge lives in `did_cli.judge` (re-exported here). Given a reference file, `eval_ppl` adds each input's MAUVE
+against it (`did_cli.mauve`).
 """
 
 from __future__ import annotations
