@@ -271,7 +271,11 @@ def _quiet_native_stderr() -> Iterator[None]:
     bucket) always gives; the advice does not apply to MAUVE and would break the one-line stderr of the CLI.
     """
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
