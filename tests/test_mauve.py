@@ -126,3 +126,19 @@ def test_without_mauve_text_the_score_raises_and_the_report_says_skipped(judge, 
     report = mauve_report({"a": ["a b", "c d"]}, ["a b", "c d"], judge, reference_name="ref.txt")
     assert report.skipped == "MAUVE skipped: mauve-text is not installed (pip install 'did[mauve]')"
     assert report.results == {} and report.value("a") is None
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "record_lengths", "expected"),
+    [
+        (None, [None, None], 256),  # plain text: 1024, capped at the judge's 256 positions
+        (None, [32, 48], 48),  # records: the longest sampling length, for the reference too
+        (20, [32, 48], 20),  # --max-tokens wins
+        (0, [32], 256),  # 0: everything the judge can take
+    ],
+)
+def test_eval_ppl_cuts_inputs_and_reference_at_one_length(judge, max_tokens, record_lengths, expected):
+    from did_cli.evaluation import EvalSettings, Sample, _mauve_cut
+
+    inputs = [("a", [Sample("x", max_tokens=n) for n in record_lengths]), ("b", [Sample("y")])]
+    assert _mauve_cut(EvalSettings(max_tokens=max_tokens), inputs, judge) == expected
