@@ -25,7 +25,8 @@ The protocol follows BD3-LM's `metrics.record_generative_perplexity` (research n
 Layout: the pure functions over token ids and a logits callable (`sliding_windows`, `target_nlls`,
 `unigram_entropy`, `score_sequence`, `summarize`) come first and know nothing of files or transformers. Then come
 input files (`read_samples`) and last the API that joins them with a judge (`score_samples`, `eval_ppl`). Loading
-the judge lives in `did_cli.judge` (re-exported here).
+the judge lives in `did_cli.judge` (re-exported here). Given a reference file, `eval_ppl` adds each input's MAUVE
+against it (`did_cli.mauve`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from did_cli.distributed import ONE_PROCESS, Shard, interleave
 from did_cli.errors import InputError, UsageError
 from did_cli.judge import DEFAULT_JUDGE, Judge, load_judge
+from did_cli.mauve import MauveReport, MauveSettings, mauve_report
 from did_cli.provenance import device_info, versions
 from did_cli.records import parse_record
 
@@ -554,21 +556,28 @@ def _encode(judge: Judge, sample: Sample, settings: EvalSettings) -> tuple[list[
 
 @dataclass
 class EvalResult:
-    """Per-input results plus everything needed to reproduce them: judge, settings, package versions."""
+    """Per-input results plus everything needed to reproduce them: judge, settings, package versions.
+
+    `mauve` is set when a reference was given: each input's MAUVE against it, or why it was skipped.
+    """
 
     files: list[FileResult]
     judge: dict[str, Any]
     settings: dict[str, Any]
     versions: dict[str, Any]
+    mauve: MauveReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The `--json` body: per input its aggregates, then judge, settings and versions."""
-        return {
-            "files": {f.source: f.summary() for f in self.files},
-            "judge": self.judge,
-            "settings": self.settings,
-            "versions": self.versions,
-        }
+        """The `--json` body: per input its aggregates, then judge, settings, versions; with a reference, `mauve`.
+
+        With a reference, each input's aggregates hold its `mauve` (null when skipped) and the body the MAUVE report.
+        """
+        files = {f.source: f.summary() for f in self.files}
+        if self.mauve is not None:
+            for source, summary in files.items():
+                summary["mauve"] = self.mauve.value(source)
+        body = {"files": files, "judge": self.judge, "settings": self.settings, "versions": self.versions}
+        return body if self.mauve is None else {**body, "mauve": self.mauve.to_dict()}
 
 
 def eval_ppl(
@@ -582,6 +591,7 @@ def eval_ppl(
     on_progress: Callable[[str, int, int], None] | None = None,
     shard: Shard = ONE_PROCESS,
     gather: Callable[[list[SampleResult]], list[list[SampleResult]]] | None = None,
+    reference: str | Path | None = None,
 ) -> EvalResult:
     """Generative perplexity and entropy of each input file under a judge (what `did eval-ppl` runs).
 
@@ -599,6 +609,8 @@ def eval_ppl(
         on_progress: called with (source, windows done, windows total) after each judge call.
         shard: the positions this process scores.
         gather: all processes' per-sample results (accelerate's `gather_object` per rank); needed when sharded.
+        reference: a file of reference texts (read like the inputs): adds each input's MAUVE against it
+            (`did_cli.mauve`), skipped with a note when mauve-text is not installed. Every process computes it whole.
     """
     settings = settings or EvalSettings()
     if shard.world > 1 and gather is None:
@@ -610,6 +622,7 @@ def eval_ppl(
     if repeated is not None:
         raise UsageError(f"{repeated} is given twice; each input is one row of the results")
     inputs = [(name, read_samples(source)) for name, source in zip(names, sources, strict=True)]
+    references = _read_reference(reference, inputs) if reference is not None else None
     if not isinstance(judge, Judge):
         judge = load_judge(judge, revision=revision, device=device, dtype=dtype)
     context, stride = settings.windows_for(judge.max_positions)
@@ -640,4 +653,43 @@ def eval_ppl(
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "eos_ids": sorted(judge.eos_ids),
     }
-    return EvalResult(files, dict(judge.info), run_settings, versions())
+    mauve = None
+    if references is not None:
+        texts = {name: _mauve_texts(samples, judge, settings) for name, samples in inputs}
+        mauve_settings = MauveSettings(_mauve_cut(settings, inputs, judge), settings.batch_size)
+        refs = _mauve_texts(references, judge, settings)
+        mauve = mauve_report(texts, refs, judge, mauve_settings, reference_name=str(reference))
+    return EvalResult(files, dict(judge.info), run_settings, versions(), mauve)
+
+
+def _read_reference(reference: str | Path, inputs: list[tuple[str, list[Sample]]]) -> list[Sample]:
+    """The reference texts, read (and refused in one line) before the judge loads."""
+    if str(reference) == "-" and any(name == "-" for name, _ in inputs):
+        raise UsageError("stdin (-) cannot be both an input and the reference")
+    references = read_samples(reference)
+    for name, samples in [(str(reference), references), *inputs]:
+        if len(samples) < 2:
+            raise InputError(f"MAUVE needs at least 2 texts per file; {name} has {len(samples)}")
+    return references
+
+
+def _mauve_texts(samples: Sequence[Sample], judge: Judge, settings: EvalSettings) -> list[str]:
+    # The texts as they are scored for gen PPL (a prompt conditions gen PPL but is not part of the generated text).
+    if settings.clean_up_spaces:
+        return [judge.tokenizer.clean_up_tokenization(s.text) for s in samples]
+    return [s.text for s in samples]
+
+
+def _mauve_cut(settings: EvalSettings, inputs: list[tuple[str, list[Sample]]], judge: Judge) -> int:
+    """The MAUVE token cut, one for every input and the reference (so the rows compare against the same features).
+
+    --max-tokens, else the records' longest sampling length (human text is cut as long as the samples), else 1024;
+    0 or anything longer stops at the judge's positions.
+    """
+    if settings.max_tokens is not None:
+        limit = settings.max_tokens
+    else:
+        lengths = [s.max_tokens for _, samples in inputs for s in samples if s.max_tokens]
+        limit = max(lengths, default=PLAIN_TEXT_MAX_TOKENS)
+    positions = judge.max_positions or PLAIN_TEXT_MAX_TOKENS
+    return max(2, min(limit, positions)) if limit else positions

@@ -69,6 +69,14 @@ CleanUpSpaces = Annotated[
 JsonOut = Annotated[
     Path | None, typer.Option("--json", help="Write the results, judge, settings and versions here (- for stdout).")
 ]
+Reference = Annotated[
+    Path | None,
+    typer.Option(
+        "--reference",
+        help="Reference texts (same formats as the inputs): add each file's MAUVE against them, with features from "
+        "the judge (needs the mauve extra: pip install 'did[mauve]'; skipped with a note without it).",
+    ),
+]
 PerSample = Annotated[
     Path | None, typer.Option("--per-sample", help="Write one JSON line per sample here: ppl, nll, tokens, entropy.")
 ]
@@ -91,11 +99,12 @@ def eval_ppl(
     clean_up_spaces: CleanUpSpaces = False,
     json_out: JsonOut = None,
     per_sample: PerSample = None,
+    reference: Reference = None,
     quiet: o.Quiet = False,
 ) -> None:
     """Generative perplexity (BD3-LM protocol) and entropy of each file's samples under a judge LM."""
-    _check_inputs(files)
-    _check_outputs(files, json_out, per_sample)
+    _check_inputs([*files, *([reference] if reference is not None else [])])
+    _check_outputs([*files, *([reference] if reference is not None else [])], json_out, per_sample)
     from did_cli import evaluation
     from did_cli.distributed import current_shard
 
@@ -114,9 +123,12 @@ def eval_ppl(
             on_progress=on_progress,
             shard=shard,
             gather=_gather if state is not None else None,
+            reference=reference,
         )
     if not shard.is_main:
         return  # the main process holds the same gathered result and writes it once
+    if result.mauve is not None and result.mauve.skipped:
+        stderr.print(f"note: {result.mauve.skipped}", highlight=False, soft_wrap=True, markup=False)
     if json_out is not None:
         write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sample is not None:
@@ -246,7 +258,7 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
         f"n tokens (BOS + 127 tokens: {at_127:.2f}); tokens: mean judge tokens per sample"
     )
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
-    headers = ("samples", "gen PPL", "pooled", "entropy", "degenerate", "tokens")
+    headers: tuple[str, ...] = ("samples", "gen PPL", "pooled", "entropy", "degenerate", "tokens")
     rows = [
         [
             str(f.num_samples),
@@ -258,10 +270,19 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
         ]
         for f in result.files
     ]
+    if result.mauve is not None:
+        cut = next(iter(result.mauve.results.values()), None)
+        detail = f"judge features, {cut.max_tokens} tokens" if cut is not None else "skipped"
+        caption.append(f"; MAUVE: against {result.mauve.reference} ({detail})")
+        headers = (*headers, "MAUVE")
+        table.pad_edge = False  # the seventh number column fits 80 columns without the outer padding
+        for f, row in zip(result.files, rows, strict=True):
+            value = result.mauve.value(f.source)
+            row.append(_number(value, 3) if value is not None else "—")
     # A comparison is read by file name: never break one over lines; shorten it to what the numbers leave free.
     numbers = sum(max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers))
     # Each column takes its padding (one space each side) and one divider besides its text.
-    room = max(10, width - numbers - 3 * (len(headers) + 1) - 1)
+    room = max(8, width - numbers - 3 * (len(headers) + 1) - 1 + (0 if table.pad_edge else 2))
     table.add_column("file", no_wrap=True)
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
