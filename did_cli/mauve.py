@@ -23,7 +23,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "mauve_available",
     "mauve_report",
     "mauve_score",
+    "mauve_scorer",
 ]
 
 # mauve-text's `max_text_length`: texts are cut to 1024 tokens by default.
@@ -217,6 +218,33 @@ def mauve_score(
     p = judge_features(samples, judge, max_tokens=limit, batch_size=settings.batch_size)
     q = judge_features(references, judge, max_tokens=limit, batch_size=settings.batch_size)
     return _mauve_from_features(mauve, p, q, settings, limit)
+
+
+def mauve_scorer(
+    references: Sequence[str], judge: Judge, settings: MauveSettings | None = None
+) -> Callable[[Sequence[str]], MauveResult]:
+    """A function giving the MAUVE of generated texts against `references`, featurised once, on its first call.
+
+    For callers that score many sets against one reference one at a time (`did sweep`, variant by variant).
+
+    Raises:
+        MauveUnavailable: `mauve-text` cannot be imported (raised here, before anything is computed).
+        UsageError: fewer than 2 reference texts (here), or fewer than 2 generated texts (when called).
+    """
+    settings = settings or MauveSettings()
+    mauve = _import_mauve()
+    _check_counts(2, len(references), settings)
+    limit = _cut(settings.max_tokens, judge)
+    features: list[torch.Tensor] = []
+
+    def score(samples: Sequence[str]) -> MauveResult:
+        _check_counts(len(samples), len(references), settings)
+        if not features:
+            features.append(judge_features(references, judge, max_tokens=limit, batch_size=settings.batch_size))
+        p = judge_features(samples, judge, max_tokens=limit, batch_size=settings.batch_size)
+        return _mauve_from_features(mauve, p, features[0], settings, limit)
+
+    return score
 
 
 def _cut(max_tokens: int, judge: Judge) -> int:

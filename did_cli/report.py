@@ -154,6 +154,14 @@ def render_report(
         model: [row for row in model_rows if not row.get("draft_frontier")] for model, model_rows in by_model.items()
     }
     parts = ["# DiD ablation sweep", _header(rows), _LEGEND]
+    reference = next((r["mauve"] for r in rows if isinstance(r.get("mauve"), dict)), None)
+    if reference is not None:
+        parts.append(
+            f"**MAUVE** (Pillutla et al. 2021) against `{reference.get('reference')}` (sha256 "
+            f"{str(reference.get('reference_sha256'))[:12]}), from the judge's final-layer features, texts cut to "
+            f"{reference.get('max_tokens')} judge tokens: 1 means indistinguishable from the reference, higher is "
+            "closer."
+        )
     verdicts = [line for model_rows in by_model.values() if (line := _verdict_line(model_rows))]
     if verdicts:
         parts += ["## Verdict at matched entropy", "\n".join(f"- {line}" for line in verdicts)]
@@ -412,6 +420,7 @@ def _matched_section(rows: list[Row]) -> list[str]:
     if comparison is None:
         return []
     on_frontier = {id(p) for p in comparison.frontier}
+    mauve = _has_mauve(rows)
     draft_body = [
         [
             "draft (refined by every variant)" if not row.get("draft_frontier") else row["variant"],
@@ -419,6 +428,7 @@ def _matched_section(rows: list[Row]) -> list[str]:
             _num(row.get("temperature"), 3),
             _ppl(row),
             _num(row.get("entropy"), 3),
+            *([_mauve(row)] if mauve else []),
             "●" if id(point) in on_frontier else "",
         ]
         for row, point in comparison.points
@@ -428,20 +438,22 @@ def _matched_section(rows: list[Row]) -> list[str]:
             row["variant"],
             _num(row.get("entropy"), 3),
             _ppl(row),
+            *([_mauve(row)] if mauve else []),
             _num(matched.frontier_gen_ppl, 2),
             _difference(matched),
             _reading(row, matched),
         ]
         for row, matched in comparison.variants
     ]
+    maybe = ["MAUVE"] if mauve else []
     return [
         "### Gen PPL at matched entropy",
         "The draft frontier: drafts from the same model and seed, sampled sharper or flatter (top-p, temperature). "
         "● marks the drafts no other draft beats on both entropy and gen PPL; joined by straight lines they are "
         "the frontier.",
-        _table(["draft", "top-p", "temperature", "gen PPL", "entropy", "frontier"], draft_body),
+        _table(["draft", "top-p", "temperature", "gen PPL", "entropy", *maybe, "frontier"], draft_body),
         _table(
-            ["variant", "entropy", "gen PPL", "frontier gen PPL at its entropy", "difference", "reading"],
+            ["variant", "entropy", "gen PPL", *maybe, "frontier gen PPL at its entropy", "difference", "reading"],
             variant_body,
         ),
         "**Difference** is the variant's gen PPL minus the frontier's at the variant's entropy (negative: better "
@@ -563,6 +575,7 @@ def _nfe_table(rows: list[Row]) -> str:
     ordered = sorted(rows, key=lambda r: (_sort_value(r.get("nfes")), _sort_value(r.get("gen_ppl"))))
     scored = [r for r in ordered if _finite(r.get("gen_ppl")) and _finite(r.get("nfes"))]
     front = {id(scored[i]) for i in pareto_front([(r["nfes"], r["gen_ppl"]) for r in scored])}
+    mauve = _has_mauve(rows)
     body = [
         [
             r["variant"],
@@ -570,11 +583,23 @@ def _nfe_table(rows: list[Row]) -> str:
             _num(r.get("seconds"), 3),
             _ppl(r),
             _num(r.get("entropy"), 3),
+            *([_mauve(r)] if mauve else []),
             "●" if id(r) in front else "",
         ]
         for r in ordered
     ]
-    return _table(["variant", "NFEs / sample", "seconds / sample", "gen PPL", "entropy", "Pareto"], body)
+    headers = ["variant", "NFEs / sample", "seconds / sample", "gen PPL", "entropy", *(["MAUVE"] if mauve else [])]
+    return _table([*headers, "Pareto"], body)
+
+
+def _has_mauve(rows: Sequence[Row]) -> bool:
+    return any(isinstance(r.get("mauve"), dict) for r in rows)
+
+
+def _mauve(row: Row) -> str:
+    """MAUVE against the sweep's reference (higher is closer to it), or — when not computed."""
+    mauve = row.get("mauve")
+    return _num(mauve.get("mauve"), 3) if isinstance(mauve, dict) else "—"
 
 
 def _table(headers: list[str], body: list[list[str]]) -> str:

@@ -60,9 +60,11 @@ from did_cli.evaluation import (
     Judge,
     Sample,
     load_judge,
+    read_samples,
     score_samples,
     summarize,
 )
+from did_cli.mauve import INSTALL_HINT, MauveSettings, mauve_available, mauve_scorer
 from did_cli.provenance import versions
 from did_cli.records import Record, RecordWriter, read_records
 from did_cli.report import RESULTS, append_result, read_results, write_report
@@ -337,6 +339,9 @@ class SweepSettings:
             `draft_temperatures`, so refined variants can be read at matched entropy (`did_cli.entropy_matched`).
             The sweep's own draft, at `unmasking.top_p`, is always a point of it. Empty: no frontier along top-p.
         draft_temperatures: temperatures of the draft frontier, likewise.
+        reference: reference texts (JSONL with a text field, sample records, or .txt one per line) for MAUVE of every
+            scored file against them, with the judge's features (`did_cli.mauve`); None: no MAUVE. Added to existing
+            rows without sampling or scoring again; skipped with a note when mauve-text is not installed.
     """
 
     models: Sequence[str]
@@ -362,6 +367,7 @@ class SweepSettings:
     refine_caches: Sequence[int] = ()
     draft_top_ps: Sequence[float] = ()
     draft_temperatures: Sequence[float] = ()
+    reference: str | Path | None = None
 
     def __post_init__(self) -> None:
         # Lists from Python callers become tuples, so the settings stay hashable and cannot change under a run.
@@ -509,13 +515,18 @@ def run_sweep(
     """
     emit = on_event if on_event is not None and processes.shard.is_main else (lambda event: None)
     out = Path(settings.out)
+    references = _read_references(settings.reference)  # a broken reference fails before any model is looked up
     plans = [_plan_model(spec, settings) for spec in settings.model_specs]
     for plan in plans:
         for note in plan.notes:
             emit(SweepEvent("note", f"{plan.spec.label}: {note}"))
     done = processes.from_main(lambda: _index(read_results(out / RESULTS)))
     run = _Run(settings, out, emit, done, sum(len(p.variants) for p in plans), processes)
-    if any(run.done.get(_key(p.spec.label, v.id, p.config)) is None for p in plans for v in p.variants):
+    if references is not None:
+        run.start_mauve(references, max(plan.draft.length for plan in plans))
+    if references is not None or any(
+        run.done.get(_key(p.spec.label, v.id, p.config)) is None for p in plans for v in p.variants
+    ):
         # Something will be scored: a judge that cannot load must fail now, not after minutes of drafting.
         emit(SweepEvent("step", f"loading the judge {settings.judge}", run.step, run.steps))
         run.judge()
@@ -594,6 +605,42 @@ class _Run:
         self.step, self.steps = 0, steps
         self.counts = {"drafted": 0, "refined": 0, "scored": 0, "reused": 0}
         self.judge = functools.cache(lambda: load_judge(settings.judge, device=settings.device))
+        self.mauve: Callable[[list[str]], dict[str, Any]] | None = None
+        self.mauve_reference: dict[str, Any] | None = None
+
+    def start_mauve(self, references: tuple[str, str, list[str]], length: int) -> None:
+        """Score MAUVE of every file against the references, cut at `length` judge tokens; or note why not."""
+        name, digest, texts = references
+        self.mauve_reference = {"reference": name, "reference_sha256": digest}
+        if not mauve_available():
+            self.emit(SweepEvent("note", f"MAUVE skipped: mauve-text is not installed ({INSTALL_HINT})"))
+            return
+        settings = MauveSettings(max_tokens=length, batch_size=self.settings.evaluation.batch_size)
+
+        def score(samples: list[str]) -> dict[str, Any]:
+            scorer = self._mauve_scorer()
+            return {**self.mauve_reference, **scorer(samples).to_dict()}  # type: ignore[dict-item]
+
+        self._mauve_scorer = functools.cache(lambda: mauve_scorer(texts, self.judge(), settings))
+        self.mauve = score
+
+    def with_mauve(self, row: dict[str, Any], records: list[Record] | None) -> dict[str, Any]:
+        """The row with MAUVE against the sweep's reference, computed (and the row appended again) when it lacks it."""
+        if self.mauve is None or self.mauve_reference is None:
+            return row
+        present = row.get("mauve") or {}
+        if all(present.get(key) == value for key, value in self.mauve_reference.items()):
+            return row
+        if records is None:
+            records = self.processes.from_main(lambda: _read_complete(self.out / str(row.get("file"))))
+        if records is None:
+            self.emit(SweepEvent("note", f"{row['model']} {row['variant']}: sample file gone; no MAUVE"))
+            return row
+        self.emit(SweepEvent("progress", "MAUVE", self.step, self.steps))
+        texts = [record.text for record in records]
+        updated = {**row, "mauve": self.processes.from_main(lambda: self.mauve(texts))}  # type: ignore[misc]
+        self.processes.from_main(lambda: append_result(self.out / RESULTS, updated))
+        return updated
 
     def model(self, plan: _ModelPlan) -> list[dict[str, Any]]:
         """Rows for every variant of one model, computing only what `results.jsonl` lacks."""
@@ -606,6 +653,7 @@ class _Run:
             name = f"{label}: {'draft' if variant is DRAFT else 'refine ' + variant.id}"
             self.emit(SweepEvent("step", name, self.step, self.steps))
             row = self.done.get(_key(label, variant.id, plan.config))
+            records = None
             if row is not None:
                 self.counts["reused"] += 1
             else:
@@ -615,7 +663,7 @@ class _Run:
                     drafts = drafts if drafts is not None else self._drafts(plan, load)
                     records = drafts if variant is DRAFT else self._refined(plan, variant, drafts, load)
                 row = self._score(plan, variant, records)
-            rows.append(row)
+            rows.append(self.with_mauve(row, records))
             self.step += 1
         return rows
 
@@ -780,6 +828,19 @@ def result_row(
 
 
 # --- Files and checks -------------------------------------------------------------------------------------------------
+
+
+def _read_references(reference: str | Path | None) -> tuple[str, str, list[str]] | None:
+    """(name, sha256, texts) of the MAUVE reference, read whole and checked before anything runs."""
+    if reference is None:
+        return None
+    path = Path(reference)
+    if str(reference) == "-" or not path.is_file():
+        raise InputError(f"--reference {reference}: not a file (MAUVE's reference texts must be a file)")
+    texts = [sample.text for sample in read_samples(path)]
+    if len(texts) < 2:
+        raise InputError(f"--reference {reference}: MAUVE needs at least 2 reference texts, found {len(texts)}")
+    return str(reference), file_sha256(path), texts
 
 
 def _load(path: str, settings: SweepSettings) -> tuple[Any, Any]:

@@ -94,6 +94,14 @@ Temperatures = Annotated[
         "refine the drafts at 1 when listed, else at the first value.",
     ),
 ]
+Reference = Annotated[
+    Path | None,
+    typer.Option(
+        "--reference",
+        help="Reference texts (.jsonl with a text field, records, or .txt one per line): MAUVE of every file "
+        "against them, from the judge's features (needs pip install 'did[mauve]'; skipped with a note otherwise).",
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
 
@@ -132,6 +140,7 @@ def sweep(
     confidence_threshold: Thresholds = None,
     refine_cache: RefineCaches = None,
     batch_size: BatchSize = 8,
+    reference: Reference = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     out: OutDir = Path("sweep"),
@@ -174,6 +183,7 @@ def sweep(
         refine_caches=parse_list(refine_cache, "--refine-cache", int) if refine_cache else (),
         draft_top_ps=top_ps if len(top_ps) > 1 else (),
         draft_temperatures=temperatures if len(temperatures) > 1 else (),
+        reference=reference,
     )
     with _events(quiet) as on_event:
         result = run_sweep(settings, on_event, processes)
