@@ -7,11 +7,13 @@ flatter sampling (research notes §1.5: generative perplexity is read together w
 
 * The frontier is built from draft points (each a draft setting with its gen PPL and mean entropy): the points no
   other draft beats on both (higher-or-equal entropy and lower-or-equal gen PPL), joined by straight lines in
-  (entropy, gen PPL). Choosing the best drafts on noisy data favours the frontier, so a variant that beats it has
+  (entropy, log gen PPL). Choosing the best drafts on noisy data favours the frontier, so a variant that beats it has
   beaten the strongest reading of the baseline.
-* A variant's **matched gen PPL** is the frontier linearly interpolated at the variant's mean entropy; a variant
-  outside the frontier's entropy range has none (no extrapolation: the frontier's shape beyond its points is
-  unknown).
+* A variant's **matched gen PPL** is the frontier interpolated at the variant's mean entropy, linearly in log gen PPL
+  (geometrically between the two neighbours). Along a nucleus sweep gen PPL grows about exponentially with entropy
+  (the tiny models' drafts double from top-p 0.9 to 1.0 over 0.1 nats), so a straight line in gen PPL itself would
+  run above the curve between points and flatter every variant. A variant outside the frontier's entropy range has
+  no matched value (no extrapolation: the frontier's shape beyond its points is unknown).
 * The **difference** is the variant's gen PPL minus the matched one; negative means better than drafting alone at
   the same diversity. Its standard error comes from the per-sample values by the delta method, counting the noise
   in the two frontier points' gen PPL *and* in all three mean entropies (which set the interpolation weight). When
@@ -84,11 +86,11 @@ class Matched:
     Attributes:
         status: `matched`, `below` or `above` (the variant's entropy is outside the frontier's range), or `none`
             (fewer than one usable frontier point).
-        frontier_gen_ppl: the frontier interpolated at the variant's entropy (None unless matched).
+        frontier_gen_ppl: the frontier interpolated (in log gen PPL) at the variant's entropy (None unless matched).
         difference: variant gen PPL − frontier gen PPL (None unless matched); negative is better.
         sem: standard error of `difference` (None without per-sample values in all files involved).
         lower, upper: labels of the frontier points interpolated between (equal at an exact point).
-        weight: share of `upper` in the interpolation, in [0, 1].
+        weight: share of `upper` in the interpolation, in [0, 1]: frontier = lower^(1 − weight) · upper^weight.
         range: the frontier's (lowest, highest) entropy, for saying how far out an unmatched variant is.
     """
 
@@ -145,7 +147,7 @@ def match_entropy(variant: FrontierPoint, frontier: Sequence[FrontierPoint]) -> 
         i = max(j for j in range(len(frontier) - 1) if frontier[j].entropy <= variant.entropy)
         a, b = frontier[i], frontier[i + 1]
         weight = (variant.entropy - a.entropy) / (b.entropy - a.entropy)
-    matched_ppl = a.gen_ppl + weight * (b.gen_ppl - a.gen_ppl)
+    matched_ppl = math.exp((1.0 - weight) * math.log(a.gen_ppl) + weight * math.log(b.gen_ppl))
     difference = variant.gen_ppl - matched_ppl
     return Matched(
         "matched",
@@ -176,14 +178,14 @@ def verdict(matched: Matched) -> str | None:
 
 
 def _difference_sem(variant: FrontierPoint, a: FrontierPoint, b: FrontierPoint, weight: float) -> float | None:
-    """Delta-method standard error of d = R − [A + w (B − A)] with w = (e_R − e_A) / (e_B − e_A).
+    """Delta-method standard error of d = R − M, M = A^(1 − w) B^w, w = (e_R − e_A) / (e_B − e_A).
 
     R, A, B are the mean perplexities of the variant and the two frontier points, e_* their mean entropies. The
-    gradient of d in those six means is (1, −(1 − w), −w) for the perplexities and (−s, s (1 − w), s w) for the
-    entropies, s = (B − A) / (e_B − e_A) being the frontier's slope; at a single point (A = B) only the perplexities
-    count. Each sample contributes the gradient-weighted deviation of its values from its file's means; the
-    standard error is the sample standard deviation of those contributions over √n, summed over files when they are
-    independent.
+    gradient of d in those six means is (1, −(1 − w) M / A, −w M / B) for the perplexities and (−s, s (1 − w), s w)
+    for the entropies, s = M (ln B − ln A) / (e_B − e_A) being the frontier's slope at the variant; at a single point
+    (A = B) only the perplexities count. Each sample contributes the gradient-weighted deviation of its values from
+    its file's means; the standard error is the sample standard deviation of those contributions over √n, summed
+    over files when they are independent.
     """
     files = [variant.samples, a.samples] if a is b else [variant.samples, a.samples, b.samples]
     if any(f is None for f in files):
@@ -191,8 +193,9 @@ def _difference_sem(variant: FrontierPoint, a: FrontierPoint, b: FrontierPoint, 
     if a is b:
         ppl_weights, entropy_weights = [1.0, -1.0], [0.0, 0.0]
     else:
-        slope = (b.gen_ppl - a.gen_ppl) / (b.entropy - a.entropy)
-        ppl_weights = [1.0, -(1.0 - weight), -weight]
+        matched = math.exp((1.0 - weight) * math.log(a.gen_ppl) + weight * math.log(b.gen_ppl))
+        slope = matched * (math.log(b.gen_ppl) - math.log(a.gen_ppl)) / (b.entropy - a.entropy)
+        ppl_weights = [1.0, -(1.0 - weight) * matched / a.gen_ppl, -weight * matched / b.gen_ppl]
         entropy_weights = [-slope, slope * (1.0 - weight), slope * weight]
     id_sets = [set(f.ids) for f in files]  # type: ignore[union-attr]
     paired = all(len(ids) == len(f.ids) for ids, f in zip(id_sets, files, strict=True)) and all(  # type: ignore[union-attr]

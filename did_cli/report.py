@@ -449,16 +449,17 @@ def _matched_section(rows: list[Row]) -> list[str]:
     return [
         "### Gen PPL at matched entropy",
         "The draft frontier: drafts from the same model and seed, sampled sharper or flatter (top-p, temperature). "
-        "● marks the drafts no other draft beats on both entropy and gen PPL; joined by straight lines they are "
-        "the frontier.",
+        "● marks the drafts no other draft beats on both entropy and gen PPL; joined by straight lines in log gen "
+        "PPL they are the frontier.",
         _table(["draft", "top-p", "temperature", "gen PPL", "entropy", *maybe, "frontier"], draft_body),
         _table(
-            ["variant", "entropy", "gen PPL", *maybe, "frontier gen PPL at its entropy", "difference", "reading"],
+            ["variant", "entropy", "gen PPL", *maybe, "frontier at its entropy", "difference", "reading"],
             variant_body,
         ),
-        "**Difference** is the variant's gen PPL minus the frontier's at the variant's entropy (negative: better "
-        "than drafting alone at the same diversity), ± its standard error by the delta method over per-sample "
-        "values, samples paired by id, entropies' noise included; **beats** / **worse** need two standard errors. "
+        "**Difference** is the variant's gen PPL minus the frontier's at the variant's entropy (interpolated in log "
+        "gen PPL; negative: better than drafting alone at the same diversity), ± its standard error by the delta "
+        "method over per-sample values, samples paired by id, entropies' noise included; **beats** / **worse** need "
+        "two standard errors. "
         "A variant outside the frontier's entropy range is not compared (no extrapolation): widen the frontier with "
         "lower or higher `--top-p` / `--temperature` values.",
     ]
@@ -848,9 +849,10 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
             continue
         drafts = [(r, p) for r, p in comparison.points if math.isfinite(p.entropy) and math.isfinite(p.gen_ppl)]
         axes.scatter([p.entropy for _, p in drafts], [p.gen_ppl for _, p in drafts], color="#999999", marker="x", s=25)
+        line = _frontier_line(comparison.frontier)
         axes.plot(
-            [p.entropy for p in comparison.frontier],
-            [p.gen_ppl for p in comparison.frontier],
+            [x for x, _ in line],
+            [y for _, y in line],
             color="#555555",
             linestyle=linestyle,
             zorder=2,
@@ -895,6 +897,16 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
         figure, axes, labelled, x="entropy", name=lambda r: f"{r['model']}: {r['variant']}" if several else r["variant"]
     )
     return figure
+
+
+def _frontier_line(frontier: Sequence[FrontierPoint], steps: int = 16) -> list[tuple[float, float]]:
+    """Points along the frontier as `match_entropy` interpolates it (geometric between neighbours), for drawing."""
+    line = [(frontier[0].entropy, frontier[0].gen_ppl)] if frontier else []
+    for a, b in zip(frontier, frontier[1:], strict=False):
+        for k in range(1, steps + 1):
+            w = k / steps
+            line.append((a.entropy + w * (b.entropy - a.entropy), a.gen_ppl ** (1 - w) * b.gen_ppl**w))
+    return line
 
 
 def _save_figure(figure: Any | None, path: Path) -> bool:

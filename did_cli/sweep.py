@@ -10,6 +10,11 @@ any model and judge, and `did_cli.report` turns the scores into the paper's tabl
 * cheaper refinement (`confidence_thresholds`, `refine_caches`): threshold commits and reused kept keys/values at
   the base strategy and γ with a global block, every combination, so the frontier of gen PPL against NFEs and
   seconds per sample holds draft-only, exact and each accelerated refinement.
+* the draft frontier (`draft_top_ps`, `draft_temperatures`): extra drafts at sharper or flatter sampling, scored but
+  never refined, so every refined variant is read at matched entropy (`did_cli.entropy_matched`): better text, or
+  only less diverse text?
+* MAUVE of every scored file against reference texts (`reference`, `did_cli.mauve`), added to finished rows later
+  without sampling or scoring again.
 
 Design choices:
 

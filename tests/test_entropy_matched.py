@@ -33,15 +33,15 @@ def test_frontier_keeps_only_drafts_nothing_beats_sorted_by_entropy():
     assert [p.label for p in draft_frontier(points)] == ["p0.8", "p0.9", "p1.0"]
 
 
-def test_matched_gen_ppl_is_the_straight_line_between_the_two_neighbours():
+def test_matched_gen_ppl_is_the_straight_line_in_log_gen_ppl_between_the_two_neighbours():
     frontier = draft_frontier([_point("a", 3.8, 30.0), _point("b", 4.0, 50.0), _point("c", 4.2, 80.0)])
     matched = match_entropy(_point("v", 3.85, 33.0), frontier)
     assert matched.status == "matched" and (matched.lower, matched.upper) == ("a", "b")
     assert matched.weight == pytest.approx(0.25)
-    assert matched.frontier_gen_ppl == pytest.approx(35.0)  # 30 + 0.25 * 20
-    assert matched.difference == pytest.approx(-2.0)
+    assert matched.frontier_gen_ppl == pytest.approx(30**0.75 * 50**0.25)  # 34.08: a quarter of the way, in log
+    assert matched.difference == pytest.approx(33.0 - 30**0.75 * 50**0.25)
     upper = match_entropy(_point("v", 4.1, 70.0), frontier)
-    assert (upper.lower, upper.upper, upper.frontier_gen_ppl) == ("b", "c", pytest.approx(65.0))
+    assert (upper.lower, upper.upper, upper.frontier_gen_ppl) == ("b", "c", pytest.approx(math.sqrt(50 * 80)))
     at_end = match_entropy(_point("v", 4.2, 70.0), frontier)
     assert at_end.frontier_gen_ppl == pytest.approx(80.0) and at_end.difference == pytest.approx(-10.0)
 
@@ -72,7 +72,8 @@ def _means(s: PerSample):
 def _difference(x):
     """d as a function of the six means (R, e_R, A, e_A, B, e_B), written from its definition."""
     r, er, a, ea, b, eb = x
-    return r - (a + (er - ea) / (eb - ea) * (b - a))
+    w = (er - ea) / (eb - ea)
+    return r - a ** (1 - w) * b**w
 
 
 def _gradient(x, h=1e-6):
@@ -139,16 +140,21 @@ def test_with_constant_entropies_the_error_is_that_of_the_paired_differences():
     low = _point("a", 3.8, sum(a) / 4, PerSample(ids, tuple(a), (3.8,) * 4))
     high = _point("b", 4.0, sum(b) / 4, PerSample(ids, tuple(b), (4.0,) * 4))
     matched = match_entropy(variant, [low, high])
-    differences = [ri - 0.5 * ai - 0.5 * bi for ri, ai, bi in zip(r, a, b, strict=True)]
-    mean = sum(differences) / 4
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
-    assert matched.difference == pytest.approx(mean)
+    mean_a, mean_b = sum(a) / 4, sum(b) / 4
+    geometric = math.sqrt(mean_a * mean_b)  # halfway in entropy: the geometric mean of the neighbours
+    assert matched.difference == pytest.approx(sum(r) / 4 - geometric)
+    # d(sqrt(A B))/dA = B / (2 sqrt(A B)): each sample's linearised difference, then its standard error.
+    linear = [
+        ri - 0.5 * geometric / mean_a * ai - 0.5 * geometric / mean_b * bi for ri, ai, bi in zip(r, a, b, strict=True)
+    ]
+    mean = sum(linear) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in linear) / 3)
     assert matched.sem == pytest.approx(sd / 2)
 
 
 def test_no_standard_error_without_per_sample_values():
     matched = match_entropy(_point("v", 3.9, 30.0), [_point("a", 3.8, 30.0), _point("b", 4.0, 50.0)])
-    assert matched.difference == pytest.approx(-10.0) and matched.sem is None
+    assert matched.difference == pytest.approx(30.0 - math.sqrt(30 * 50)) and matched.sem is None
     assert verdict(matched) == WITHIN
 
 

@@ -129,11 +129,11 @@ def test_a_variant_outside_the_frontier_is_said_to_be_so_in_table_and_verdict():
         row("draft", 4.0, 70.0),
         row("draft-p0.8", 3.9, 55.0, frontier=True),
         row("snapshot-g0.5-b128", 3.85, 40.0, remask="snapshot"),  # below 3.9: not matched
-        row("random-g0.5-b128", 3.95, 60.0, remask="random"),  # 62.5 on the line
+        row("random-g0.5-b128", 3.95, 60.0, remask="random"),  # halfway: sqrt(55 * 70) = 62.05
     ]
     comparison = matched_comparison(rows)
     assert [m.status for _, m in comparison.variants] == ["below", "matched"]
-    assert comparison.variants[1][1].frontier_gen_ppl == pytest.approx(62.5)
+    assert comparison.variants[1][1].frontier_gen_ppl == pytest.approx(math.sqrt(55.0 * 70.0))
     text = render_report(rows)
     section = text.split("### Gen PPL at matched entropy")[1]
     line = next(line for line in section.splitlines() if line.startswith("| snapshot-g0.5-b128 |"))
