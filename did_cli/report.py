@@ -478,7 +478,8 @@ def _verdict_line(rows: list[Row]) -> str | None:
     beats = sorted(groups.get(BEATS, []), key=lambda pair: pair[1].difference or 0.0)
     if beats:
         listed = ", ".join(f"{row['variant']} by {-m.difference:.2f} ± {m.sem:.2f}" for row, m in beats)  # type: ignore[operator]
-        parts.append(f"{len(beats)} beat the draft frontier at matched entropy ({listed} gen PPL)")
+        verb = "beats" if len(beats) == 1 else "beat"
+        parts.append(f"{len(beats)} {verb} the draft frontier at matched entropy ({listed} gen PPL)")
     else:
         parts.append("none beats the draft frontier at matched entropy")
     worse = groups.get(WORSE, [])
@@ -831,71 +832,62 @@ def _label_without_overlap(
 
 
 def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
-    """Gen PPL against entropy: each model's draft frontier as a line through its drafts, refined variants as points.
+    """Gen PPL against entropy, one panel per model: the draft frontier as a line, refined variants as points.
 
-    A refined point below a model's line is better than drafting alone at the same entropy; its label names it.
+    Refined points are coloured by strategy and labelled with their variant. A refined point below its model's line
+    is better than drafting alone at the same entropy.
 
     Returns:
         The matplotlib Figure, or None when no model has a draft frontier.
     """
-    figure, axes = _new_axes(classes)
-    models = _model_styles(rows)
-    drawn: list[float] = []
+    from matplotlib.lines import Line2D
+
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    comparisons = {m: c for m in models if (c := matched_comparison([r for r in rows if r["model"] == m]))}
+    if not comparisons:
+        return None
+    figure_class, canvas_class = classes
+    figure = figure_class(figsize=(3 + 4.5 * len(comparisons), 4.5), layout="constrained")
+    canvas_class(figure)
+    panels = figure.subplots(1, len(comparisons), sharey=True, squeeze=False)[0]
     strategies: set[str | None] = set()
-    labelled: list[Row] = []
-    for model, linestyle in models.items():
-        comparison = matched_comparison([r for r in rows if r["model"] == model])
-        if comparison is None:
-            continue
+    drawn: list[float] = []
+    to_label: list[tuple[Any, list[Row]]] = []
+    for axes, (model, comparison) in zip(panels, comparisons.items(), strict=True):
         drafts = [(r, p) for r, p in comparison.points if math.isfinite(p.entropy) and math.isfinite(p.gen_ppl)]
         axes.scatter([p.entropy for _, p in drafts], [p.gen_ppl for _, p in drafts], color="#999999", marker="x", s=25)
         line = _frontier_line(comparison.frontier)
-        axes.plot(
-            [x for x, _ in line],
-            [y for _, y in line],
-            color="#555555",
-            linestyle=linestyle,
-            zorder=2,
-        )
+        axes.plot([x for x, _ in line], [y for _, y in line], color="#555555", zorder=2)
         base = next((r for r, _ in drafts if not r.get("draft_frontier")), None)
         if base is not None:
             color, marker = STRATEGY_STYLES[None]
             axes.scatter([base["entropy"]], [base["gen_ppl"]], color=color, marker=marker, s=120, zorder=3)
             strategies.add(None)
         drawn += [p.gen_ppl for _, p in drafts]
+        labelled = []
         for strategy in _SERIES_ORDER:
             points = [r for r, _ in comparison.variants if r.get("remask") == strategy]
             points = [r for r in points if _finite(r.get("entropy")) and _finite(r.get("gen_ppl"))]
             if points:
                 color, marker = STRATEGY_STYLES[strategy]
-                axes.scatter(
-                    [r["entropy"] for r in points],
-                    [r["gen_ppl"] for r in points],
-                    color=color,
-                    marker=marker,
-                    s=30,
-                    zorder=3,
-                )
+                xs, ys = [r["entropy"] for r in points], [r["gen_ppl"] for r in points]
+                axes.scatter(xs, ys, color=color, marker=marker, s=30, zorder=3)
                 strategies.add(strategy)
-                drawn += [r["gen_ppl"] for r in points]
+                drawn += ys
                 labelled += points
-    if not drawn:
-        return None
-    _log_if_wide(axes, drawn)
-    axes.set_xlabel("entropy (nats, mean per sample)")
-    axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
-    axes.set_title("Gen PPL against entropy (below the line: better than drafting alone)")
-    from matplotlib.lines import Line2D
-
+        axes.set_title(model, fontsize="medium")
+        axes.set_xlabel("entropy (nats, mean per sample)")
+        to_label.append((axes, labelled))
+    _log_if_wide(panels[0], drawn)
+    panels[0].set_ylabel(f"gen PPL ({_judge_name(rows)})")
+    figure.suptitle("Gen PPL against entropy: below the line is better than drafting alone")
     extra = [
         Line2D([], [], color="#999999", marker="x", linestyle="", label="draft at other top-p / T"),
         Line2D([], [], color="#555555", label="draft frontier"),
     ]
-    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], models, extra=extra)
-    several = len(models) > 1
-    _label_without_overlap(
-        figure, axes, labelled, x="entropy", name=lambda r: f"{r['model']}: {r['variant']}" if several else r["variant"]
-    )
+    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], {}, extra=extra)
+    for axes, labelled in to_label:  # after the legend and shared axis are set, so the layout is final
+        _label_without_overlap(figure, axes, labelled, x="entropy")
     return figure
 
 
