@@ -41,12 +41,18 @@ __all__ = [
     "WITHIN",
     "draft_frontier",
     "match_entropy",
+    "t_quantile",
     "verdict",
 ]
 
-# Verdicts: the difference is beyond two standard errors either way, or within them.
+# Verdicts: the difference is beyond the two-sided 95 % bound either way, or within it.
 BEATS, WORSE, WITHIN = "beats", "worse", "within noise"
-_Z = 2.0
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (standard table values). Few samples give a standard
+# error that is itself noisy: with 2 samples the bound is 12.7 standard errors, not 2. Seven constants do not warrant
+# scipy as a dependency; between table entries the smaller df (the larger quantile) is used, so the bound errs wide.
+_T975 = ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (6, 2.447), (7, 2.365), (8, 2.306))
+_T975 += ((9, 2.262), (10, 2.228), (12, 2.179), (15, 2.131), (20, 2.086), (25, 2.060), (30, 2.042), (40, 2.021))
+_T975 += ((60, 2.000), (120, 1.980))
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class Matched:
         lower, upper: labels of the frontier points interpolated between (equal at an exact point).
         weight: share of `upper` in the interpolation, in [0, 1]: frontier = lower^(1 − weight) · upper^weight.
         range: the frontier's (lowest, highest) entropy, for saying how far out an unmatched variant is.
+        num_samples: samples behind `sem` (paired samples, or the smallest file when unpaired).
     """
 
     status: str
@@ -102,6 +109,21 @@ class Matched:
     upper: str | None = None
     weight: float | None = None
     range: tuple[float, float] | None = None
+    num_samples: int | None = None
+
+    @property
+    def bound(self) -> float | None:
+        """Half-width of the two-sided 95 % interval of `difference`: Student's t at n − 1 df times `sem`."""
+        if self.sem is None or not math.isfinite(self.sem) or not self.num_samples or self.num_samples < 2:
+            return None
+        return t_quantile(self.num_samples - 1) * self.sem
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with `df` degrees of freedom (table value at or below `df`)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    return next(q for d, q in reversed(_T975) if d <= df)
 
 
 def draft_frontier(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
@@ -149,35 +171,47 @@ def match_entropy(variant: FrontierPoint, frontier: Sequence[FrontierPoint]) -> 
         weight = (variant.entropy - a.entropy) / (b.entropy - a.entropy)
     matched_ppl = math.exp((1.0 - weight) * math.log(a.gen_ppl) + weight * math.log(b.gen_ppl))
     difference = variant.gen_ppl - matched_ppl
+    sem, n = _difference_sem(variant, a, b, weight)
+    i = frontier.index(a)
+    if weight == 0.0 and i > 0 and sem is not None:
+        # Exactly at an interior frontier point the slope jumps: take the wider of the two segments' errors.
+        other, other_n = _difference_sem(variant, frontier[i - 1], a, 1.0)
+        if other is not None and other > sem:
+            sem, n = other, other_n
     return Matched(
         "matched",
         frontier_gen_ppl=matched_ppl,
         difference=difference,
-        sem=_difference_sem(variant, a, b, weight),
+        sem=sem,
         lower=a.label,
         upper=b.label,
         weight=weight,
         range=span,
+        num_samples=n,
     )
 
 
 def verdict(matched: Matched) -> str | None:
-    """`beats` or `worse` when the difference is beyond two standard errors, else `within noise`; None unmatched.
+    """`beats` or `worse` when the difference is outside its two-sided 95 % interval, else `within noise`.
 
+    The interval is Student's t at n − 1 degrees of freedom times the standard error; None when not matched.
     Without a standard error only the sign can be read, and that is not a verdict: `within noise` is returned.
     """
     if matched.status != "matched" or matched.difference is None:
         return None
-    if matched.sem is None or not math.isfinite(matched.sem):
+    bound = matched.bound
+    if bound is None:
         return WITHIN
-    if matched.difference < -_Z * matched.sem:
+    if matched.difference < -bound:
         return BEATS
-    if matched.difference > _Z * matched.sem:
+    if matched.difference > bound:
         return WORSE
     return WITHIN
 
 
-def _difference_sem(variant: FrontierPoint, a: FrontierPoint, b: FrontierPoint, weight: float) -> float | None:
+def _difference_sem(
+    variant: FrontierPoint, a: FrontierPoint, b: FrontierPoint, weight: float
+) -> tuple[float | None, int | None]:
     """Delta-method standard error of d = R − M, M = A^(1 − w) B^w, w = (e_R − e_A) / (e_B − e_A).
 
     R, A, B are the mean perplexities of the variant and the two frontier points, e_* their mean entropies. The
@@ -185,11 +219,12 @@ def _difference_sem(variant: FrontierPoint, a: FrontierPoint, b: FrontierPoint, 
     for the entropies, s = M (ln B − ln A) / (e_B − e_A) being the frontier's slope at the variant; at a single point
     (A = B) only the perplexities count. Each sample contributes the gradient-weighted deviation of its values from
     its file's means; the standard error is the sample standard deviation of those contributions over √n, summed
-    over files when they are independent.
+    over files when they are independent. Returns (standard error, samples behind it); (None, None) without
+    per-sample values.
     """
     files = [variant.samples, a.samples] if a is b else [variant.samples, a.samples, b.samples]
     if any(f is None for f in files):
-        return None
+        return None, None
     if a is b:
         ppl_weights, entropy_weights = [1.0, -1.0], [0.0, 0.0]
     else:
@@ -203,27 +238,30 @@ def _difference_sem(variant: FrontierPoint, a: FrontierPoint, b: FrontierPoint, 
     )
     if paired:
         return _paired_sem(files, ppl_weights, entropy_weights)  # type: ignore[arg-type]
-    variance = 0.0
+    variance, counts = 0.0, []
     for f, wp, we in zip(files, ppl_weights, entropy_weights, strict=True):
         contributions = _contributions(f.ppl, f.entropy, wp, we)  # type: ignore[union-attr]
         if len(contributions) < 2:
-            return None
+            return None, None
         variance += statistics.variance(contributions) / len(contributions)
-    return math.sqrt(variance)
+        counts.append(len(contributions))
+    return math.sqrt(variance), min(counts)
 
 
-def _paired_sem(files: list[PerSample], ppl_weights: list[float], entropy_weights: list[float]) -> float | None:
+def _paired_sem(
+    files: list[PerSample], ppl_weights: list[float], entropy_weights: list[float]
+) -> tuple[float | None, int | None]:
     """Samples matched by id across files; only ids with a finite perplexity in every file take part."""
     by_id = [dict(zip(f.ids, zip(f.ppl, f.entropy, strict=True), strict=True)) for f in files]
     ids = [i for i in files[0].ids if all(math.isfinite(values[i][0]) for values in by_id)]
     if len(ids) < 2:
-        return None
+        return None, None
     total = [0.0] * len(ids)
     for values, wp, we in zip(by_id, ppl_weights, entropy_weights, strict=True):
         ppl = [values[i][0] for i in ids]
         entropy = [values[i][1] for i in ids]
         total = [t + c for t, c in zip(total, _contributions(ppl, entropy, wp, we), strict=True)]
-    return statistics.stdev(total) / math.sqrt(len(ids))
+    return statistics.stdev(total) / math.sqrt(len(ids)), len(ids)
 
 
 def _contributions(ppl: Sequence[float], entropy: Sequence[float], wp: float, we: float) -> list[float]:

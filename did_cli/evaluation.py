@@ -655,10 +655,22 @@ def eval_ppl(
     }
     mauve = None
     if references is not None:
-        texts = {name: _mauve_texts(samples, judge, settings) for name, samples in inputs}
-        mauve_settings = MauveSettings(_mauve_cut(settings, inputs, judge), settings.batch_size)
+        # Each input is cut at its own length and compared with the reference cut alike, so an input's MAUVE never
+        # depends on which other files were given with it; the reference is featurised once per distinct cut.
+        by_cut: dict[int, dict[str, list[str]]] = {}
+        for name, samples in inputs:
+            by_cut.setdefault(_mauve_cut(settings, [(name, samples)], judge), {})[name] = _mauve_texts(
+                samples, judge, settings
+            )
         refs = _mauve_texts(references, judge, settings)
-        mauve = mauve_report(texts, refs, judge, mauve_settings, reference_name=str(reference))
+        parts = [
+            mauve_report(texts, refs, judge, MauveSettings(cut, settings.batch_size), reference_name=str(reference))
+            for cut, texts in by_cut.items()
+        ]
+        results = {name: part.results[name] for part in parts for name in part.results}
+        skipped = next((part.skipped for part in parts if part.skipped), None)
+        ordered = {name: results[name] for name, _ in inputs if name in results}
+        mauve = MauveReport(str(reference), ordered, skipped)
     return EvalResult(files, dict(judge.info), run_settings, versions(), mauve)
 
 
@@ -681,7 +693,7 @@ def _mauve_texts(samples: Sequence[Sample], judge: Judge, settings: EvalSettings
 
 
 def _mauve_cut(settings: EvalSettings, inputs: list[tuple[str, list[Sample]]], judge: Judge) -> int:
-    """The MAUVE token cut, one for every input and the reference (so the rows compare against the same features).
+    """The MAUVE token cut for `inputs` (eval_ppl passes one input at a time) and the reference compared with them.
 
     --max-tokens, else the records' longest sampling length (human text is cut as long as the samples), else 1024;
     0 or anything longer stops at the judge's positions.

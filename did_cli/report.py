@@ -199,7 +199,8 @@ def _header(rows: Sequence[Row]) -> str:
     unmasking = config.get("unmasking", {})
     return (
         f"Judge `{judge}` · {config.get('num_samples')} samples per variant · seed {config.get('seed')} · "
-        f"{unmasking.get('order')} unmasking, top-p {unmasking.get('top_p')} · {config.get('dtype')}"
+        f"{unmasking.get('order')} unmasking, top-p {unmasking.get('top_p')}, temperature "
+        f"{unmasking.get('temperature')} · {config.get('dtype')}"
     )
 
 
@@ -412,7 +413,7 @@ def _reading(row: Row, matched: Matched) -> str:
         return f"**beats** the frontier by {-matched.difference:.2f}"  # type: ignore[operator]
     if result == WORSE:
         return f"worse than the frontier by {matched.difference:.2f}"
-    return "within noise of the frontier" + ("" if matched.sem is not None else " (no standard error)")
+    return "within noise of the frontier" if matched.bound is not None else "no standard error: no verdict"
 
 
 def _matched_section(rows: list[Row]) -> list[str]:
@@ -458,8 +459,8 @@ def _matched_section(rows: list[Row]) -> list[str]:
         ),
         "**Difference** is the variant's gen PPL minus the frontier's at the variant's entropy (interpolated in log "
         "gen PPL; negative: better than drafting alone at the same diversity), ± its standard error by the delta "
-        "method over per-sample values, samples paired by id, entropies' noise included; **beats** / **worse** need "
-        "two standard errors. "
+        "method over per-sample values, samples paired by id, entropies' noise included; **beats** / **worse**: "
+        "outside the two-sided 95 % interval (Student's t with n − 1 degrees of freedom times the standard error). "
         "A variant outside the frontier's entropy range is not compared (no extrapolation): widen the frontier with "
         "lower or higher `--top-p` / `--temperature` values.",
     ]
@@ -486,8 +487,15 @@ def _verdict_line(rows: list[Row]) -> str | None:
     if worse:
         parts.append(f"{len(worse)} worse ({', '.join(row['variant'] for row, _ in worse)})")
     within = [pair for key, pairs in groups.items() if key not in (BEATS, WORSE, None) for pair in pairs]
+    unknown = [row["variant"] for row, m in within if m.bound is None]
+    within = [row["variant"] for row, m in within if m.bound is not None]
     if within:
-        parts.append(f"{len(within)} within noise ({', '.join(row['variant'] for row, _ in within)})")
+        parts.append(f"{len(within)} within noise ({', '.join(within)})")
+    if unknown:
+        parts.append(
+            f"{len(unknown)} without a standard error ({', '.join(unknown)}: rows without per-sample values, from an "
+            "older did or too few samples; sweep into a new --out to get them)"
+        )
     outside = groups.get(None, [])
     if outside:
         parts.append(
@@ -694,8 +702,9 @@ def _legend(
     models: dict[str, str],
     draft_line: bool = False,
     extra: Sequence[Any] = (),
+    below: bool = False,
 ) -> None:
-    """One legend beside the axes: a colour and marker per strategy, a line style per model (when several)."""
+    """One legend beside the axes (or below): a colour and marker per strategy, a line style per model if several."""
     from matplotlib.lines import Line2D
 
     handles = [
@@ -707,7 +716,10 @@ def _legend(
     handles += list(extra)
     if len(models) > 1:
         handles += [Line2D([], [], color="#555555", linestyle=style, label=model) for model, style in models.items()]
-    figure.legend(handles=handles, loc="outside right upper", fontsize="small")
+    if below:  # one row under the panels, clear of a title that spans them
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+    else:
+        figure.legend(handles=handles, loc="outside right upper", fontsize="small")
 
 
 def gamma_figure(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None) -> Any | None:
@@ -885,7 +897,7 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
         Line2D([], [], color="#999999", marker="x", linestyle="", label="draft at other top-p / T"),
         Line2D([], [], color="#555555", label="draft frontier"),
     ]
-    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], {}, extra=extra)
+    _legend(figure, [s for s in _ABLATION_ORDER if s in strategies], {}, extra=extra, below=True)
     for axes, labelled in to_label:  # after the legend and shared axis are set, so the layout is final
         _label_without_overlap(figure, axes, labelled, x="entropy")
     return figure
@@ -981,6 +993,10 @@ def write_report(
     )
     path = out / REPORT
     write_atomically(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+    if classes is not None:
+        for name in (GAMMA_PLOT, PARETO_PLOT, ENTROPY_PLOT):  # a plot of earlier rows must not outlive them
+            if out / name not in written:
+                (out / name).unlink(missing_ok=True)
     by_model = {row["model"]: [r for r in rows if r["model"] == row["model"]] for row in rows}
     verdicts = [line for model_rows in by_model.values() if (line := _verdict_line(model_rows))]
     return ReportResult(path, written, note, verdicts)

@@ -74,6 +74,7 @@ from did_cli.provenance import versions
 from did_cli.records import Record, RecordWriter, read_records
 from did_cli.report import RESULTS, append_result, read_results, write_report
 from did_cli.sampling.remask import canonical_remask
+from did_cli.training import run_folder
 
 __all__ = [
     "ModelSpec",
@@ -408,6 +409,8 @@ class SweepSettings:
             UnmaskingSettings(top_p=top_p)
         for temperature in self.draft_temperatures:
             UnmaskingSettings(temperature=temperature)
+        if self.reference is not None and self.num_samples < 2:
+            raise UsageError("MAUVE (--reference) needs --num-samples of at least 2")
 
     @property
     def model_specs(self) -> list[ModelSpec]:
@@ -522,6 +525,20 @@ def run_sweep(
     out = Path(settings.out)
     references = _read_references(settings.reference)  # a broken reference fails before any model is looked up
     plans = [_plan_model(spec, settings) for spec in settings.model_specs]
+    # One sweep per folder at a time: a second would redo the first one's work and collide on its files.
+    with run_folder.locked(out, take=processes.shard.is_main, what="did sweep"):
+        return _run_locked(settings, out, plans, references, emit, processes)
+
+
+def _run_locked(
+    settings: SweepSettings,
+    out: Path,
+    plans: list[_ModelPlan],
+    references: tuple[str, str, list[str]] | None,
+    emit: EventFn,
+    processes: Processes,
+) -> SweepResult:
+    """`run_sweep`'s work, with the output folder locked and every input checked."""
     for plan in plans:
         for note in plan.notes:
             emit(SweepEvent("note", f"{plan.spec.label}: {note}"))
@@ -621,6 +638,14 @@ class _Run:
             self.emit(SweepEvent("note", f"MAUVE skipped: mauve-text is not installed ({INSTALL_HINT})"))
             return
         settings = MauveSettings(max_tokens=length, batch_size=self.settings.evaluation.batch_size)
+        if self.settings.num_samples < _MAUVE_FEW:
+            self.emit(
+                SweepEvent(
+                    "note",
+                    f"MAUVE from {self.settings.num_samples} samples per file is coarse (k-means on so few texts has "
+                    f"{max(2, round(self.settings.num_samples / 10))} buckets; mauve-text's authors use thousands)",
+                )
+            )
 
         def score(samples: list[str]) -> dict[str, Any]:
             scorer = self._mauve_scorer()
@@ -629,8 +654,12 @@ class _Run:
         self._mauve_scorer = functools.cache(lambda: mauve_scorer(texts, self.judge(), settings))
         self.mauve = score
 
-    def with_mauve(self, row: dict[str, Any], records: list[Record] | None) -> dict[str, Any]:
-        """The row with MAUVE against the sweep's reference, computed (and the row appended again) when it lacks it."""
+    def with_mauve(self, row: dict[str, Any], records: list[Record] | None, append: bool = True) -> dict[str, Any]:
+        """The row with MAUVE against the sweep's reference, computed when it lacks it.
+
+        A row that was already in `results.jsonl` is appended again with MAUVE (`append`), superseding the old line:
+        readers take the last row per (model, variant, configuration), as `report.latest_rows` does.
+        """
         if self.mauve is None or self.mauve_reference is None:
             return row
         present = row.get("mauve") or {}
@@ -644,7 +673,8 @@ class _Run:
         self.emit(SweepEvent("progress", "MAUVE", self.step, self.steps))
         texts = [record.text for record in records]
         updated = {**row, "mauve": self.processes.from_main(lambda: self.mauve(texts))}  # type: ignore[misc]
-        self.processes.from_main(lambda: append_result(self.out / RESULTS, updated))
+        if append:
+            self.processes.from_main(lambda: append_result(self.out / RESULTS, updated))
         return updated
 
     def model(self, plan: _ModelPlan) -> list[dict[str, Any]]:
@@ -655,7 +685,7 @@ class _Run:
         drafts: list[Record] | None = None
         rows = []
         for variant in plan.variants:
-            name = f"{label}: {'draft' if variant is DRAFT else 'refine ' + variant.id}"
+            name = f"{label}: {'refine ' + variant.id if variant.remask else variant.id}"
             self.emit(SweepEvent("step", name, self.step, self.steps))
             row = self.done.get(_key(label, variant.id, plan.config))
             records = None
@@ -668,7 +698,7 @@ class _Run:
                     drafts = drafts if drafts is not None else self._drafts(plan, load)
                     records = drafts if variant is DRAFT else self._refined(plan, variant, drafts, load)
                 row = self._score(plan, variant, records)
-            rows.append(self.with_mauve(row, records))
+            rows.append(self.with_mauve(row, records))  # a reused row without it gets MAUVE and is appended again
             self.step += 1
         return rows
 
@@ -758,6 +788,7 @@ class _Run:
         if shard.world > 1:
             result = summarize(file, self.processes.all_of(result.samples))
         row = result_row(plan.spec, variant, plan.config, result, records, judge.info)
+        row = self.with_mauve(row, records, append=False)  # one row per scored file, MAUVE included
         self.processes.from_main(lambda: append_result(self.out / RESULTS, row))
         self.counts["scored"] += 1
         return row
@@ -840,8 +871,14 @@ def _read_references(reference: str | Path | None) -> tuple[str, str, list[str]]
     if reference is None:
         return None
     path = Path(reference)
-    if str(reference) == "-" or not path.is_file():
-        raise InputError(f"--reference {reference}: not a file (MAUVE's reference texts must be a file)")
+    if str(reference) == "-":
+        raise InputError(
+            "--reference -: the sweep reads its reference once per run and records its sha256; give a file"
+        )
+    if not path.exists():
+        raise InputError(f"--reference {reference} does not exist")
+    if not path.is_file():
+        raise InputError(f"--reference {reference} is not a file")
     texts = [sample.text for sample in read_samples(path)]
     if len(texts) < 2:
         raise InputError(f"--reference {reference}: MAUVE needs at least 2 reference texts, found {len(texts)}")
@@ -949,6 +986,9 @@ def _earlier_compatible(
         if (label, config) in configs and (label, variant) not in present
     ]
 
+
+# Below this many samples per file MAUVE's histograms have at most 2 buckets and its values are coarse.
+_MAUVE_FEW = 25
 
 # Configuration keys added after rows were first written, with the value every earlier row was made with.
 _CONFIG_DEFAULTS = {"kv_cache": True}

@@ -14,6 +14,7 @@ from did_cli.entropy_matched import (
     PerSample,
     draft_frontier,
     match_entropy,
+    t_quantile,
     verdict,
 )
 
@@ -159,8 +160,47 @@ def test_no_standard_error_without_per_sample_values():
 
 
 @pytest.mark.parametrize(
-    ("difference", "sem", "expected"),
-    [(-5.0, 2.0, BEATS), (-3.0, 2.0, WITHIN), (3.0, 2.0, WITHIN), (4.5, 2.0, WORSE)],
+    ("difference", "sem", "n", "expected"),
+    [
+        (-5.0, 2.0, 64, BEATS),  # 2.5 standard errors, t(63) = 2.0
+        (-3.0, 2.0, 64, WITHIN),
+        (4.5, 2.0, 64, WORSE),
+        (-5.0, 2.0, 4, WITHIN),  # the same 2.5 standard errors from 4 samples: t(3) = 3.18
+        (-7.0, 2.0, 4, BEATS),
+        (-100.0, 2.0, 1, WITHIN),  # one sample has no spread to read
+    ],
 )
-def test_verdict_needs_two_standard_errors(difference, sem, expected):
-    assert verdict(Matched("matched", 40.0, difference, sem)) == expected
+def test_verdict_needs_the_students_t_bound_for_its_sample_count(difference, sem, n, expected):
+    assert verdict(Matched("matched", 40.0, difference, sem, num_samples=n)) == expected
+
+
+def _t_cdf(x, df, steps=20000):
+    """Student's t CDF at x > 0 by the trapezoid rule on its density (an independent check of the table)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    h = x / steps
+    density = [math.exp(log_norm - (df + 1) / 2 * math.log1p((k * h) ** 2 / df)) for k in range(steps + 1)]
+    return 0.5 + h * (sum(density) - 0.5 * (density[0] + density[-1]))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 30, 120])
+def test_t_quantiles_are_the_two_sided_95_percent_points(df):
+    assert _t_cdf(t_quantile(df), df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_between_table_entries_the_wider_bound_is_used():
+    assert t_quantile(11) == t_quantile(10) > t_quantile(12)
+    assert t_quantile(10_000) == t_quantile(120)
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def test_exactly_at_an_interior_frontier_point_the_wider_segment_error_is_used():
+    (variant, a, b), _ = _three_files(paired=True)
+    low = _point("low", a.entropy - 0.1, a.gen_ppl * 0.7, a.samples)
+    at_a = FrontierPoint("v", a.entropy, variant.gen_ppl, variant.samples)
+    frontier = draft_frontier([low, a, b])
+    matched = match_entropy(at_a, frontier)
+    assert matched.weight == 0.0 and matched.frontier_gen_ppl == pytest.approx(a.gen_ppl)
+    above = match_entropy(at_a, [a, b]).sem
+    below = match_entropy(at_a, [low, a]).sem
+    assert matched.sem == pytest.approx(max(above, below)) and above != pytest.approx(below)

@@ -161,3 +161,55 @@ def test_cli_takes_draft_axes_as_lists_and_prints_the_verdict(tiny_checkpoint, j
     ]
     bad = runner.invoke(app, [*args[:-2], "--top-p", "0.5,x", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--top-p must be a comma-separated list" in bad.stderr
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused_while_one_runs(tiny_checkpoint, judge_folder, tmp_path):
+    from did_cli.training import run_folder
+
+    out = tmp_path / "out"
+    settings = tiny_settings(tiny_checkpoint, judge_folder, out, num_samples=2, batch_size=2, remask=["snapshot"])
+    with run_folder.locked(out, what="did sweep"), pytest.raises(UsageError, match="another did sweep is running"):
+        run_sweep(settings)
+    assert not (out / "results.jsonl").exists()
+
+
+def test_a_plot_of_earlier_rows_does_not_outlive_them(frontier_sweep, tmp_path):
+    import shutil
+
+    from did_cli.report import write_report
+
+    out, _, _ = frontier_sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    rows = [r for r in read_results(copy / "results.jsonl") if not r["draft_frontier"]]
+    written = write_report(copy, rows)
+    assert not (copy / "entropy_frontier.png").exists() and copy / "entropy_frontier.png" not in written.plots
+    assert (copy / "gamma_curve.png").exists()
+
+
+def test_rows_without_per_sample_values_get_no_verdict_and_say_why():
+    rows = [
+        {"model": "m", "variant": "draft", "remask": None, "gen_ppl": 70.0, "entropy": 4.0, "length": 128},
+        {
+            "model": "m",
+            "variant": "draft-p0.8",
+            "remask": None,
+            "draft_frontier": True,
+            "gen_ppl": 50.0,
+            "entropy": 3.8,
+            "length": 128,
+        },
+        {
+            "model": "m",
+            "variant": "snapshot-g0.5-b128",
+            "remask": "snapshot",
+            "gamma": 0.5,
+            "refine_block_size": 128,
+            "gen_ppl": 20.0,
+            "entropy": 3.9,
+            "length": 128,
+        },
+    ]
+    text = render_report(rows)
+    assert "1 without a standard error (snapshot-g0.5-b128: rows without per-sample values" in text
+    assert "no standard error: no verdict" in text and "within noise" not in text

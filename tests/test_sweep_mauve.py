@@ -82,3 +82,32 @@ def test_a_bad_reference_fails_before_any_model_loads(content, tmp_path):
     with pytest.raises(InputError):
         run_sweep(settings)
     assert not (tmp_path / "out").exists()
+
+
+@needs_mauve
+def test_a_fresh_sweep_with_a_reference_writes_each_row_once(tiny_checkpoint, judge_folder, reference, tmp_path):
+    out = tmp_path / "out"
+    settings = tiny_settings(
+        tiny_checkpoint, judge_folder, out, num_samples=3, batch_size=3, remask=["snapshot"], reference=reference
+    )
+    events = []
+    run_sweep(settings, events.append)
+    rows = read_results(out / "results.jsonl")
+    assert [row["variant"] for row in rows] == ["draft", "snapshot-g0.5-b32"]
+    assert all(isinstance(row["mauve"]["mauve"], float) for row in rows)
+    assert any(e.kind == "note" and "MAUVE from 3 samples per file is coarse" in e.message for e in events)
+
+
+def test_mauve_with_a_single_sample_is_refused_before_anything_runs(reference):
+    from did_cli.errors import UsageError
+    from did_cli.sweep import SweepSettings
+
+    with pytest.raises(UsageError, match="needs --num-samples of at least 2"):
+        SweepSettings(models=["did-tiny"], num_samples=1, reference=reference)
+
+
+@pytest.mark.parametrize(("name", "message"), [("missing.jsonl", "does not exist"), (".", "is not a file")])
+def test_a_reference_that_is_not_a_file_is_named_as_such(name, message, tmp_path):
+    settings = tiny_settings("no-such-model", "no-such-judge", tmp_path / "out", reference=tmp_path / name)
+    with pytest.raises(InputError, match=message):
+        run_sweep(settings)

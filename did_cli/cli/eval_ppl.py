@@ -74,7 +74,7 @@ Reference = Annotated[
     typer.Option(
         "--reference",
         help="Reference texts (same formats as the inputs): add each file's MAUVE against them, with features from "
-        "the judge (needs the mauve extra: pip install 'did[mauve]'; skipped with a note without it).",
+        "the judge (needs the mauve extra: pip install 'did\\[mauve]'; skipped with a note without it).",
     ),
 ]
 PerSample = Annotated[

@@ -99,7 +99,7 @@ Reference = Annotated[
     typer.Option(
         "--reference",
         help="Reference texts (.jsonl with a text field, records, or .txt one per line): MAUVE of every file "
-        "against them, from the judge's features (needs pip install 'did[mauve]'; skipped with a note otherwise).",
+        "against them, from the judge's features (needs pip install 'did\\[mauve]'; skipped with a note otherwise).",
     ),
 ]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]

@@ -42,12 +42,13 @@ def is_main_rank() -> bool:
 
 
 @contextmanager
-def locked(out: Path, take: bool = True) -> Iterator[None]:
+def locked(out: Path, take: bool = True, what: str = "did finetune") -> Iterator[None]:
     """Hold an exclusive lock on the run folder `out` (created if needed) for the duration of the block.
 
     Args:
         out: the run folder.
         take: False on non-main processes of a distributed run (they belong to the run holding the lock).
+        what: the command holding it, for the message a second run gets.
 
     Raises:
         UsageError: another process holds the lock.
@@ -65,7 +66,7 @@ def locked(out: Path, take: bool = True) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(
-                f"another did finetune is running in {out} (it holds {out / LOCK}); wait for it or choose another --out"
+                f"another {what} is running in {out} (it holds {out / LOCK}); wait for it or choose another --out"
             ) from None
         handle.seek(0)
         handle.truncate()

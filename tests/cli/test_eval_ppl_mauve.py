@@ -105,3 +105,15 @@ def test_a_malformed_jsonl_reference_names_its_line(files):
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: reference.jsonl line 2: not valid JSON") and line.endswith("truncated?)")
+
+
+@pytest.mark.skipif(not mauve_available(), reason="mauve-text is not installed")
+def test_a_files_mauve_does_not_depend_on_the_other_files_given(judge_folder, files, tiny_checkpoint, tmp_path):
+    for name, length in (("short.jsonl", "16"), ("long.jsonl", "32")):
+        args = ["draft", "--model", tiny_checkpoint, "-n", "3", "--length", length, "--seed", "1", "-q"]
+        assert runner.invoke(app, [*args, "--out", str(tmp_path / name)]).exit_code == 0
+    alone = json.loads(_run(judge_folder, "short.jsonl", "--reference", "reference.txt").stdout)
+    together = json.loads(_run(judge_folder, "short.jsonl", "long.jsonl", "--reference", "reference.txt").stdout)
+    assert together["files"]["short.jsonl"]["mauve"] == alone["files"]["short.jsonl"]["mauve"]
+    cuts = {name: body["max_tokens"] for name, body in together["mauve"]["results"].items()}
+    assert cuts == {"short.jsonl": 16, "long.jsonl": 32}
