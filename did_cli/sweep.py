@@ -819,7 +819,9 @@ def result_row(
     `nfes` and `seconds` are means per sample over all stages (draft + refinement), as the paper counts the cost
     of a refined sample; `draft_nfes` and `refine_nfes` split the NFEs, `draft_seconds` and `refine_seconds` the
     wall-clock. `top_p` and `temperature` are the draft's; `draft_frontier` marks drafts drawn only for the draft
-    frontier; `per_sample` holds the ids, perplexities and entropies behind `gen_ppl` and `entropy`.
+    frontier; `per_sample` holds the ids, perplexities and entropies behind `gen_ppl` and `entropy`. `config` is the
+    sweep's and keys the row (its `unmasking` is the refined drafts', so a frontier draft's own nucleus and temperature
+    are in `top_p` and `temperature` only); `mauve`, when a reference was given, is MAUVE against it.
     """
     ppls = [s.ppl for s in result.samples if s.scored_tokens]
     finite = all(math.isfinite(p) for p in ppls)
