@@ -213,3 +213,17 @@ def test_rows_without_per_sample_values_get_no_verdict_and_say_why():
     text = render_report(rows)
     assert "1 without a standard error (snapshot-g0.5-b128: rows without per-sample values" in text
     assert "no standard error: no verdict" in text and "within noise" not in text
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--top-p", "0.5,1.5", "--top-p values must be in (0, 1], got 1.5"),
+        ("--top-p", "0", "--top-p values must be in (0, 1], got 0.0"),
+        ("--temperature", "0.8,inf", "--temperature values must be positive and finite, got inf"),
+    ],
+)
+def test_out_of_range_frontier_values_name_their_flag(flag, value, message, tmp_path):
+    result = runner.invoke(app, ["sweep", "--model", "did-tiny", flag, value, "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and f"error: {message}" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -158,6 +158,11 @@ def sweep(
     quiet = quiet or not processes.shard.is_main
     top_ps = parse_list(top_p, "--top-p", float)
     temperatures = parse_list(temperature, "--temperature", float)
+    # Checked here too so the message names the flag; the settings repeat the check for Python callers.
+    if (bad := next((v for v in top_ps if not 0.0 < v <= 1.0), None)) is not None:
+        raise UsageError(f"--top-p values must be in (0, 1], got {bad}")
+    if (bad := next((v for v in temperatures if not 0.0 < v < math.inf), None)) is not None:
+        raise UsageError(f"--temperature values must be positive and finite, got {bad}")
     settings = SweepSettings(
         models=model or [],
         judge=judge,
