@@ -1,7 +1,8 @@
 """`did sweep`: the paper's ablations for one or more models in one command, as results.jsonl, report.md and plots.
 
 All outputs go to files in `--out`; stdout stays empty. Progress goes to stderr when it is a terminal, notes (a
-dropped default B2, skipped plots) and a one-line summary go to stderr unless `--quiet`.
+dropped default B2, skipped plots), a one-line summary and, with a draft frontier (`--top-p`/`--temperature` lists), a
+`verdict:` line per model go to stderr unless `--quiet`.
 """
 
 from __future__ import annotations
