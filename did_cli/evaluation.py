@@ -678,7 +678,10 @@ def _read_reference(reference: str | Path, inputs: list[tuple[str, list[Sample]]
     """The reference texts, read (and refused in one line) before the judge loads."""
     if str(reference) == "-" and any(name == "-" for name, _ in inputs):
         raise UsageError("stdin (-) cannot be both an input and the reference")
-    references = read_samples(reference)
+    try:
+        references = read_samples(reference)
+    except InputError as exc:
+        raise InputError(f"--reference: {exc}") from None
     for name, samples in [(str(reference), references), *inputs]:
         if len(samples) < 2:
             raise InputError(f"MAUVE needs at least 2 texts per file; {name} has {len(samples)}")

@@ -493,8 +493,8 @@ def _verdict_line(rows: list[Row]) -> str | None:
         parts.append(f"{len(within)} within noise ({', '.join(within)})")
     if unknown:
         parts.append(
-            f"{len(unknown)} without a standard error ({', '.join(unknown)}: rows without per-sample values, from an "
-            "older did or too few samples; sweep into a new --out to get them)"
+            f"{len(unknown)} without a standard error ({', '.join(unknown)}: fewer than 2 samples, or rows from an "
+            "older did without per-sample values)"
         )
     outside = groups.get(None, [])
     if outside:
@@ -716,8 +716,9 @@ def _legend(
     handles += list(extra)
     if len(models) > 1:
         handles += [Line2D([], [], color="#555555", linestyle=style, label=model) for model, style in models.items()]
-    if below:  # one row under the panels, clear of a title that spans them
-        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+    if below:  # under the panels, clear of a title that spans them; one row unless the figure is narrow
+        columns = len(handles) if figure.get_figwidth() >= 12 else (len(handles) + 1) // 2
+        figure.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize="small")
     else:
         figure.legend(handles=handles, loc="outside right upper", fontsize="small")
 

@@ -881,7 +881,10 @@ def _read_references(reference: str | Path | None) -> tuple[str, str, list[str]]
         raise InputError(f"--reference {reference} does not exist")
     if not path.is_file():
         raise InputError(f"--reference {reference} is not a file")
-    texts = [sample.text for sample in read_samples(path)]
+    try:
+        texts = [sample.text for sample in read_samples(path)]
+    except InputError as exc:
+        raise InputError(f"--reference: {exc}") from None
     if len(texts) < 2:
         raise InputError(f"--reference {reference}: MAUVE needs at least 2 reference texts, found {len(texts)}")
     return str(reference), file_sha256(path), texts

@@ -271,8 +271,9 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
         for f in result.files
     ]
     if result.mauve is not None:
-        cut = next(iter(result.mauve.results.values()), None)
-        detail = f"judge features, {cut.max_tokens} tokens" if cut is not None else "skipped"
+        cuts = sorted({r.max_tokens for r in result.mauve.results.values()})
+        # Each input is cut at its own length (the reference alike), so several lengths can appear.
+        detail = f"judge features, {'/'.join(map(str, cuts))} tokens" if cuts else "skipped"
         caption.append(f"; MAUVE: against {result.mauve.reference} ({detail})")
         headers = (*headers, "MAUVE")
         table.pad_edge = False  # the seventh number column fits 80 columns without the outer padding

@@ -83,8 +83,8 @@ def test_without_mauve_text_one_note_line_and_the_other_numbers_unchanged(judge_
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (None, "input file missing.txt does not exist"),
-        ("", "missing.txt holds no samples"),
+        (None, "--reference: input file missing.txt does not exist"),
+        ("", "--reference: missing.txt holds no samples"),
         ("only one line\n", "MAUVE needs at least 2 texts per file; missing.txt has 1"),
     ],
 )
@@ -104,7 +104,8 @@ def test_a_malformed_jsonl_reference_names_its_line(files):
     result = runner.invoke(app, ["eval-ppl", *files, "--reference", "reference.jsonl", "--judge", "did-tests/no"])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: reference.jsonl line 2: not valid JSON") and line.endswith("truncated?)")
+    assert line.startswith("error: --reference: reference.jsonl line 2: not valid JSON")
+    assert line.endswith("truncated?)")
 
 
 @pytest.mark.skipif(not mauve_available(), reason="mauve-text is not installed")
