@@ -79,7 +79,7 @@ def test_a_bad_reference_fails_before_any_model_loads(content, tmp_path):
     path = tmp_path / "reference.jsonl"
     path.write_text(content)
     settings = tiny_settings("no-such-model", "no-such-judge", tmp_path / "out", reference=path)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^--reference"):  # the message says which file was the reference
         run_sweep(settings)
     assert not (tmp_path / "out").exists()
 
