@@ -64,6 +64,7 @@ __all__ = [
     "degenerate_threshold",
     "eval_ppl",
     "load_judge",
+    "read_reference",
     "read_samples",
     "score_samples",
     "score_sequence",
@@ -674,14 +675,23 @@ def eval_ppl(
     return EvalResult(files, dict(judge.info), run_settings, versions(), mauve)
 
 
+def read_reference(source: str | Path) -> list[Sample]:
+    """MAUVE's reference texts, read like any input (`read_samples`); errors say the file was the `--reference`.
+
+    Raises:
+        InputError: as `read_samples`, the message starting with `--reference:`.
+    """
+    try:
+        return read_samples(source)
+    except InputError as exc:
+        raise InputError(f"--reference: {exc}") from None
+
+
 def _read_reference(reference: str | Path, inputs: list[tuple[str, list[Sample]]]) -> list[Sample]:
     """The reference texts, read (and refused in one line) before the judge loads."""
     if str(reference) == "-" and any(name == "-" for name, _ in inputs):
         raise UsageError("stdin (-) cannot be both an input and the reference")
-    try:
-        references = read_samples(reference)
-    except InputError as exc:
-        raise InputError(f"--reference: {exc}") from None
+    references = read_reference(reference)
     for name, samples in [(str(reference), references), *inputs]:
         if len(samples) < 2:
             raise InputError(f"MAUVE needs at least 2 texts per file; {name} has {len(samples)}")

@@ -40,6 +40,7 @@ __all__ = [
     "MauveSettings",
     "MauveUnavailable",
     "judge_features",
+    "default_buckets",
     "mauve_available",
     "mauve_report",
     "mauve_score",
@@ -251,12 +252,17 @@ def _cut(max_tokens: int, judge: Judge) -> int:
     return min(max_tokens, judge.max_positions) if judge.max_positions else max_tokens
 
 
+def default_buckets(num_p: int, num_q: int) -> int:
+    """mauve-text's "auto" number of k-means buckets for n_p generated and n_q reference texts."""
+    return max(2, round(min(num_p, num_q) / 10))
+
+
 def _check_counts(num_p: int, num_q: int, settings: MauveSettings) -> int:
     """The number of buckets for n_p and n_q texts (mauve-text's "auto" rule when unset); refuses too few texts."""
     for count, what in ((num_p, "generated"), (num_q, "reference")):
         if count < 2:
             raise UsageError(f"MAUVE needs at least 2 {what} texts, got {count}")
-    buckets = settings.num_buckets or max(2, round(min(num_p, num_q) / 10))
+    buckets = settings.num_buckets or default_buckets(num_p, num_q)
     if buckets > num_p + num_q:
         raise UsageError(f"MAUVE with {buckets} buckets needs at least as many texts, got {num_p} + {num_q}")
     return buckets

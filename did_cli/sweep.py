@@ -65,11 +65,11 @@ from did_cli.evaluation import (
     Judge,
     Sample,
     load_judge,
-    read_samples,
+    read_reference,
     score_samples,
     summarize,
 )
-from did_cli.mauve import INSTALL_HINT, MauveSettings, mauve_available, mauve_scorer
+from did_cli.mauve import INSTALL_HINT, MauveSettings, default_buckets, mauve_available, mauve_scorer
 from did_cli.provenance import versions
 from did_cli.records import Record, RecordWriter, read_records
 from did_cli.report import RESULTS, append_result, read_results, write_report
@@ -643,15 +643,18 @@ class _Run:
                 SweepEvent(
                     "note",
                     f"MAUVE from {self.settings.num_samples} samples per file is coarse (k-means on so few texts has "
-                    f"{max(2, round(self.settings.num_samples / 10))} buckets; mauve-text's authors use thousands)",
+                    f"{default_buckets(self.settings.num_samples, len(texts))} buckets; mauve-text's authors use "
+                    "thousands)",
                 )
             )
 
-        def score(samples: list[str]) -> dict[str, Any]:
-            scorer = self._mauve_scorer()
-            return {**self.mauve_reference, **scorer(samples).to_dict()}  # type: ignore[dict-item]
+        reference = self.mauve_reference
+        # Built on first use: the judge loads lazily, and the references are featurised once.
+        scorer = functools.cache(lambda: mauve_scorer(texts, self.judge(), settings))
 
-        self._mauve_scorer = functools.cache(lambda: mauve_scorer(texts, self.judge(), settings))
+        def score(samples: list[str]) -> dict[str, Any]:
+            return {**reference, **scorer()(samples).to_dict()}
+
         self.mauve = score
 
     def with_mauve(self, row: dict[str, Any], records: list[Record] | None, append: bool = True) -> dict[str, Any]:
@@ -881,10 +884,7 @@ def _read_references(reference: str | Path | None) -> tuple[str, str, list[str]]
         raise InputError(f"--reference {reference} does not exist")
     if not path.is_file():
         raise InputError(f"--reference {reference} is not a file")
-    try:
-        texts = [sample.text for sample in read_samples(path)]
-    except InputError as exc:
-        raise InputError(f"--reference: {exc}") from None
+    texts = [sample.text for sample in read_reference(path)]
     if len(texts) < 2:
         raise InputError(f"--reference {reference}: MAUVE needs at least 2 reference texts, found {len(texts)}")
     return str(reference), file_sha256(path), texts
