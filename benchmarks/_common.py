@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import load_model, pick_device
-from did_cli.compile import StaticKVCache
+from did_cli.execution import StaticKVCache
 from did_cli.config import ModelConfig
 from did_cli.model import BD3LM
 

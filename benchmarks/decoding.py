@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks._common import PeakMemory, build_model, device_name, peak_tflops, print_table, sync, timed
-from did_cli.compile import optimize
+from did_cli.execution import optimize
 from did_cli.model import BD3LM
 
 COLUMNS = [

@@ -28,7 +28,7 @@ from benchmarks._common import (
     print_table,
     sync,
 )
-from did_cli.compile import optimize
+from did_cli.execution import optimize
 from did_cli.noise import mask_tokens, sample_t
 from did_cli.training.objective import nelbo_sum
 

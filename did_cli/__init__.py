@@ -16,26 +16,26 @@ _EXPORTS = {
     "BD3LM": "did_cli.model",
     "DidError": "did_cli.errors",
     "DraftSettings": "did_cli.config",
-    "EvalSettings": "did_cli.evaluation",
+    "EvalSettings": "did_cli.evaluation.gen_ppl",
     "FinetuneSettings": "did_cli.config",
     "ModelConfig": "did_cli.config",
-    "NllData": "did_cli.eval_rows",
-    "NllSettings": "did_cli.likelihood",
+    "NllData": "did_cli.evaluation.nll_rows",
+    "NllSettings": "did_cli.evaluation.nll",
     "Record": "did_cli.records",
     "RefineSettings": "did_cli.config",
-    "SweepSettings": "did_cli.sweep",
+    "SweepSettings": "did_cli.ablation.plan",
     "UnmaskingSettings": "did_cli.config",
     "draft": "did_cli.api",
-    "eval_nll": "did_cli.likelihood",
+    "eval_nll": "did_cli.evaluation.nll",
     "eval_ppl": "did_cli.api",
     "finetune": "did_cli.api",
     "generate": "did_cli.api",
     "load_model": "did_cli.checkpoints",
     "load_tokenizer": "did_cli.checkpoints",
-    "optimize": "did_cli.compile",
+    "optimize": "did_cli.execution",
     "read_records": "did_cli.records",
     "refine": "did_cli.api",
-    "run_sweep": "did_cli.sweep",
+    "run_sweep": "did_cli.ablation.run",
     "save_model": "did_cli.checkpoints",
 }
 
@@ -67,17 +67,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from did_cli.ablation.plan import SweepSettings
+    from did_cli.ablation.run import run_sweep
     from did_cli.api import draft, eval_ppl, finetune, generate, refine
     from did_cli.checkpoints import load_model, load_tokenizer, save_model
-    from did_cli.compile import optimize
     from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
     from did_cli.errors import DidError
-    from did_cli.eval_rows import NllData
-    from did_cli.evaluation import EvalSettings
-    from did_cli.likelihood import NllSettings, eval_nll
+    from did_cli.evaluation.gen_ppl import EvalSettings
+    from did_cli.evaluation.nll import NllSettings, eval_nll
+    from did_cli.evaluation.nll_rows import NllData
+    from did_cli.execution import optimize
     from did_cli.model import BD3LM
     from did_cli.records import Record, read_records
-    from did_cli.sweep import SweepSettings, run_sweep
 
 
 def __getattr__(name: str) -> Any:

@@ -16,14 +16,20 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
-from did_cli.compile import optimize
 from did_cli.config import DraftSettings, RefineSettings
-from did_cli.distributed import ONE_PROCESS, Shard
 from did_cli.errors import InputError, UsageError
-from did_cli.evaluation import eval_ppl
-from did_cli.likelihood import eval_nll
+from did_cli.evaluation import eval_nll, eval_ppl
+from did_cli.execution import optimize
 from did_cli.model import BD3LM
-from did_cli.provenance import device_info, model_info, tokenizer_info, versions
+from did_cli.processes import ONE_PROCESS, Processes
+from did_cli.provenance import (
+    draft_stage_settings,
+    model_info,
+    refine_stage_settings,
+    run_provenance,
+    stage_provenance,
+    versions,
+)
 from did_cli.records import Record
 from did_cli.sampling.draft import draft as draft_batch
 from did_cli.sampling.refine import refine as refine_batch
@@ -32,6 +38,7 @@ from did_cli.training.loop import finetune
 __all__ = [
     "Progress",
     "draft",
+    "encode_prompts",
     "eval_nll",
     "eval_ppl",
     "finetune",
@@ -42,15 +49,6 @@ __all__ = [
     "refine",
     "save_model",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # did_cli.sweep builds on this module; re-exporting its entry point lazily avoids an import cycle.
-    if name == "run_sweep":
-        from did_cli.sweep import run_sweep
-
-        return run_sweep
-    raise AttributeError(f"module 'did_cli.api' has no attribute {name!r}")
 
 
 @dataclass
@@ -83,39 +81,6 @@ def encode_prompts(tokenizer: Any, prompts: list[str] | None) -> list[tuple[str 
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         encoded.append((text, [bos, *ids]))
     return encoded
-
-
-def draft_stage_settings(settings: DraftSettings, seed: int) -> dict[str, Any]:
-    """The settings a draft stage records: what must agree for two drafts to be the same samples."""
-    return {
-        "kind": "draft",
-        "length": settings.length,
-        "block_size": settings.block_size,
-        "kv_cache": settings.kv_cache,
-        **dataclasses.asdict(settings.unmasking),
-        "reject_entropy": settings.reject_entropy,
-        "max_tries": settings.max_tries,
-        "var_length": settings.var_length,
-        "seed": seed,
-    }
-
-
-def refine_stage_settings(settings: RefineSettings, seed: int, length: int) -> dict[str, Any]:
-    """The settings a refine stage records (`length` resolves B2 = None to the whole sequence)."""
-    return {
-        "kind": "refine",
-        "block_size": settings.block_size or length,
-        "gamma": settings.gamma,
-        "remask": settings.remask,
-        "kv_cache": settings.kv_cache,
-        **dataclasses.asdict(settings.unmasking),
-        "refine_cache": settings.refine_cache,
-        "seed": seed,
-    }
-
-
-# Stage keys added after records were first written, with the value every earlier record was made with.
-_STAGE_DEFAULTS = {"refine_cache": 1}
 
 
 def commit_stats(commits: dict[int, int]) -> dict[str, Any]:
@@ -154,19 +119,40 @@ def draft(
     batch_size: int = 1,
     prompts: list[str] | None = None,
     skip_ids: Collection[int] = (),
-    shard: Shard = ONE_PROCESS,
+    processes: Processes = ONE_PROCESS,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft `num_samples` samples per prompt (or unconditionally), yielding each record when its batch finishes.
 
     Sample ids run from 0 in order (prompt by prompt); sample `id` depends only on (seed, id), so any batch size
-    gives the same tokens (confidences agree to float rounding, see README) and `skip_ids` (samples a resumed run
-    already has) can be left out without changing the others; `shard` keeps the ids this process draws when several
-    share the work. Work is produced lazily: a huge `num_samples` costs no memory up front.
+    gives the same tokens (confidences agree to float rounding, see README). `processes` splits the ids between the
+    processes a launcher started (this process draws the ids it owns). `skip_ids` are samples a resumed run already
+    has: they are not yielded, and batches are laid out as in a run without them (a batch that still lacks a sample
+    is drawn whole), so every yielded record equals an unbroken run's bit for bit at the same batch size. Work is
+    produced lazily: a huge `num_samples` costs no memory up front.
 
     Raises:
         UsageError: num_samples or batch_size below 1, length above the model's, a prompt that fills the length.
     """
+    skip = set(skip_ids)
+    for batch in _draft_batches(model, tokenizer, settings, num_samples, seed, batch_size, prompts, skip, processes,
+                                on_progress):  # fmt: skip
+        yield from (record for record in batch if record.id not in skip)
+
+
+def _draft_batches(
+    model: BD3LM,
+    tokenizer: Any,
+    settings: DraftSettings,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    prompts: list[str] | None,
+    skip: set[int],
+    processes: Processes,
+    on_progress: ProgressFn | None,
+) -> Iterator[list[Record]]:
+    """Whole batches of drafts in the unbroken run's layout; batches made only of skipped ids are left out."""
     if num_samples < 1:
         raise UsageError(f"num_samples must be at least 1, got {num_samples}")
     if batch_size < 1:
@@ -174,18 +160,20 @@ def draft(
     encoded = encode_prompts(tokenizer, prompts)
     _check_draft_inputs(model, settings, encoded)
     total = num_samples * len(encoded)
-    # (id, prompt text, prompt ids), made as they are consumed
-    jobs = ((i, *encoded[i // num_samples]) for i in range(total) if shard.owns(i) and i not in skip_ids)
-    provenance = _provenance(model, tokenizer)
-    stage_settings = {**draft_stage_settings(settings, seed), **_stage_provenance(model), "processes": shard.world}
-    done = sum(1 for i in set(skip_ids) if 0 <= i < total and shard.owns(i))  # what a resumed run already has
+    ids = (i for i in range(total) if processes.owns(i))  # made as they are consumed
+    provenance = run_provenance(model, tokenizer)
+    stage_settings = {**draft_stage_settings(settings, seed), **stage_provenance(model), "processes": processes.world}
+    done = sum(1 for i in skip if 0 <= i < total and processes.owns(i))  # what a resumed run already has
     vocab_size = tokenizer_vocab_size(tokenizer)
-    while batch := list(itertools.islice(jobs, batch_size)):
+    while batch := list(itertools.islice(ids, batch_size)):
+        if all(i in skip for i in batch):
+            continue
         on_call = _call_progress(on_progress, "draft", done, total)
+        jobs = [(i, *encoded[i // num_samples]) for i in batch]  # (id, prompt text, prompt ids)
         result = draft_batch(
             model,
-            [ids for _, _, ids in batch],
-            [i for i, _, _ in batch],
+            [ids for _, _, ids in jobs],
+            batch,
             settings,
             seed,
             on_call,
@@ -195,7 +183,8 @@ def draft(
         # A variable-length sample ends at its own length; the rest of its row is unused.
         tokens = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths, strict=True)]
         confidence = [row[:n] for row, n in zip(result.confidence.tolist(), result.lengths, strict=True)]
-        for row, (sample_id, text, _) in enumerate(batch):
+        records = []
+        for row, (sample_id, text, _) in enumerate(jobs):
             prompt_len = result.prompt_lengths[row]
             stage = {
                 **stage_settings,
@@ -207,19 +196,22 @@ def draft(
                 "batch_size": len(batch),
                 "seconds": result.seconds / len(batch),
             }
-            yield Record(
-                id=sample_id,
-                seed=seed,
-                tokens=tokens[row],
-                confidence=_round7(confidence[row]),
-                prompt_len=prompt_len,
-                prompt=text,
-                text=tokenizer.decode(tokens[row][prompt_len:]),
-                draft_tokens=tokens[row],
-                stages=[stage],
-                **provenance,
+            records.append(
+                Record(
+                    id=sample_id,
+                    seed=seed,
+                    tokens=tokens[row],
+                    confidence=_round7(confidence[row]),
+                    prompt_len=prompt_len,
+                    prompt=text,
+                    text=tokenizer.decode(tokens[row][prompt_len:]),
+                    draft_tokens=tokens[row],
+                    stages=[stage],
+                    **provenance,
+                )
             )
-        done += len(batch)
+        yield records
+        done += sum(1 for i in batch if i not in skip)
         if on_progress is not None:
             on_progress(Progress("draft", done, total))
 
@@ -234,17 +226,16 @@ def refine(
     batch_size: int = 1,
     force: bool = False,
     skip_ids: Collection[int] = (),
-    shard: Shard = ONE_PROCESS,
-    processes: int | None = None,
+    processes: Processes = ONE_PROCESS,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Refine records (from `draft` or an earlier `refine`), yielding refined records in input order.
 
     Records are batched in arrival order; a change of sequence length starts a new batch. Each record's stage
     index (its number of earlier stages) selects fresh random streams, so chained refinements never reuse them.
-    Records whose id is in `skip_ids` (what a resumed run already has) are passed over, and so are the input
-    positions another process owns (`shard`). `processes` (default `shard.world`) is recorded in the stage as
-    information; it never changes a token.
+    `processes` splits the input positions between the processes a launcher started. Records whose id is in
+    `skip_ids` (what a resumed run already has) are not yielded, and batches keep the unbroken run's layout (a
+    batch that still lacks a record is refined whole), so every yielded record equals an unbroken run's.
 
     Raises:
         UsageError: batch_size below 1.
@@ -252,15 +243,18 @@ def refine(
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-    if shard.world > 1:
-        records = (r for position, r in enumerate(records) if shard.owns(position))
-    if skip_ids:
-        records = (r for r in records if r.id not in skip_ids)
+    skip = set(skip_ids)
+    if processes.world > 1:
+        records = (r for position, r in enumerate(records) if processes.owns(position))
     done = 0
     for batch in _batches(records, batch_size):
+        if all(record.id in skip for record in batch):
+            done += len(batch)
+            continue
         for record in batch:
             check_record(record, model, tokenizer, force)
-        yield from _refine_batch(model, tokenizer, batch, settings, seed, on_progress, done, processes or shard.world)
+        refined = _refine_batch(model, tokenizer, batch, settings, seed, on_progress, done, processes.world)
+        yield from (record for record in refined if record.id not in skip)
         done += len(batch)
         if on_progress is not None:
             on_progress(Progress("refine", done, None))
@@ -275,16 +269,18 @@ def _refine_batch(
     on_progress: ProgressFn | None,
     done: int,
     processes: int,
-) -> Iterator[Record]:
+) -> list[Record]:
     device = model.device
     tokens = torch.tensor([r.tokens for r in batch], dtype=torch.long, device=device)
     confidence = torch.tensor([r.confidence for r in batch], dtype=torch.float32, device=device)
     stages = {len(r.stages) for r in batch}
     # Records at different stage depths are refined one by one so each keeps its own stage index.
     if len(stages) > 1:
-        for record in batch:
-            yield from _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done, processes)
-        return
+        return [
+            refined
+            for record in batch
+            for refined in _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done, processes)
+        ]
     stage_index = stages.pop()
     result = refine_batch(
         model,
@@ -299,8 +295,9 @@ def _refine_batch(
         vocab_size=tokenizer_vocab_size(tokenizer),
     )
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
-    stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **_stage_provenance(model)}
+    stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **stage_provenance(model)}
     stage_settings["processes"] = processes
+    refined = []
     for row, record in enumerate(batch):
         remasked = result.remasked[row].nonzero().flatten().tolist()
         stage = {
@@ -316,15 +313,18 @@ def _refine_batch(
             "batch_size": len(batch),
             "seconds": result.seconds / len(batch),
         }
-        yield dataclasses.replace(
-            record,
-            tokens=new_tokens[row],
-            confidence=_round7(new_confidence[row]),
-            text=tokenizer.decode(new_tokens[row][record.prompt_len :]),
-            draft_tokens=record.draft_tokens or record.tokens,
-            stages=[*record.stages, stage],
-            versions=versions(),
+        refined.append(
+            dataclasses.replace(
+                record,
+                tokens=new_tokens[row],
+                confidence=_round7(new_confidence[row]),
+                text=tokenizer.decode(new_tokens[row][record.prompt_len :]),
+                draft_tokens=record.draft_tokens or record.tokens,
+                stages=[*record.stages, stage],
+                versions=versions(),
+            )
         )
+    return refined
 
 
 def generate(
@@ -338,32 +338,27 @@ def generate(
     batch_size: int = 1,
     prompts: list[str] | None = None,
     skip_ids: Collection[int] = (),
-    shard: Shard = ONE_PROCESS,
+    processes: Processes = ONE_PROCESS,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
     """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write.
 
-    `shard` splits the drafts between processes; each process refines its own drafts.
+    `processes` splits the drafts between processes; each process refines its own drafts. `skip_ids` works as in
+    `draft`: whole batches are drafted and refined, only the missing records are yielded.
     """
-    drafts = draft(
-        model,
-        tokenizer,
-        draft_settings,
-        num_samples=num_samples,
-        seed=seed,
-        batch_size=batch_size,
-        prompts=prompts,
-        skip_ids=skip_ids,
-        shard=shard,
-        on_progress=on_progress,
+    skip = set(skip_ids)
+    batches = _draft_batches(
+        model, tokenizer, draft_settings, num_samples, seed, batch_size, prompts, skip, processes, on_progress
     )
-    for batch in _batches(drafts, batch_size):
+    for batch in batches:
         records: Iterable[Record] = batch
         for settings in refine_settings:
-            records = list(
-                refine(model, tokenizer, records, settings, seed=seed, batch_size=batch_size, processes=shard.world)
-            )
-        yield from records
+            records = [
+                refined
+                for chunk in _batches(records, batch_size)
+                for refined in _refine_batch(model, tokenizer, chunk, settings, seed, None, 0, processes.world)
+            ]
+        yield from (record for record in records if record.id not in skip)
 
 
 def check_record(record: Record, model: BD3LM, tokenizer: Any, force: bool = False) -> None:
@@ -400,62 +395,6 @@ def _batches(records: Iterable[Record], batch_size: int) -> Iterator[list[Record
             batch = []
     if batch:
         yield batch
-
-
-def check_resumable(kept: list[Record], expected_stages: list[dict[str, Any]], model: BD3LM) -> set[int]:
-    """The ids of records a resumed run keeps, after checking they were made as this run would make them.
-
-    `expected_stages` are the settings of the stages this run adds (`draft_stage_settings`, `refine_stage_settings`);
-    each kept record's last stages must agree on every key, and on the model's weights.
-
-    Raises:
-        InputError: the first difference, named, so the user can rerun with the old settings or start afresh.
-    """
-    ours = model_info(model).get("sha256")
-    provenance = {key: _stage_provenance(model)[key] for key in ("dtype", "kv_cache_dtype")}
-    for record in kept:
-        stages = record.stages[-len(expected_stages) :] if expected_stages else []
-        if len(stages) != len(expected_stages):
-            raise InputError(f"cannot resume: sample {record.id} has {len(record.stages)} stages, this run makes more")
-        for stage, expected in zip(stages, expected_stages, strict=True):
-            for key, value in expected.items():
-                if stage.get(key, _STAGE_DEFAULTS.get(key)) != value:
-                    raise InputError(
-                        f"cannot resume: sample {record.id} was made with {stage.get('kind')} {key}="
-                        f"{stage.get(key)!r}, this run uses {value!r}"
-                    )
-            theirs = (stage.get("model") or record.model or {}).get("sha256")
-            if ours and theirs and theirs != ours:
-                raise InputError(f"cannot resume: sample {record.id} was made by other weights ({theirs[:12]})")
-            # Numerics change tokens in bf16: a file mixing dtypes would not be one run's samples.
-            for key, value in provenance.items():
-                if stage.get(key, value) != value:  # records older than the key pass
-                    raise InputError(
-                        f"cannot resume: sample {record.id} was made with {key} {stage[key]}, this run uses {value}"
-                    )
-    return {record.id for record in kept}
-
-
-def _stage_provenance(model: BD3LM) -> dict[str, Any]:
-    # Per stage, because a refinement may run another model (with --force), dtype or device than the draft did.
-    info = model_info(model)
-    return {
-        "model": {key: info[key] for key in ("name", "path", "sha256") if key in info},
-        "device": device_info(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        # The dtype of this stage's KV cache (cached calls only): bfloat16 under float32 weights is BD3-LM's numerics.
-        "kv_cache_dtype": str(model.kv_cache_dtype or model.dtype).removeprefix("torch."),
-    }
-
-
-def _provenance(model: BD3LM, tokenizer: Any) -> dict[str, Any]:
-    return {
-        "model": model_info(model),
-        "tokenizer": tokenizer_info(tokenizer),
-        "versions": versions(),
-        "device": device_info(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
 
 
 def _call_progress(on_progress: ProgressFn | None, stage: str, done: int, total: int | None):

@@ -398,6 +398,21 @@ def load_tokenizer(model: BD3LM | str, override: str | None = None) -> Any:
     return tokenizer
 
 
+def checkpoint_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
+    """The tokenizer `load_tokenizer(load_model(name_or_path))` gives, without loading the weights.
+
+    For callers that decide from files alone whether a model must load at all (the sweep's reuse of sample files).
+
+    Raises:
+        ModelLoadError: as `resolve` and `load_tokenizer`.
+    """
+    folder = resolve(name_or_path, revision)
+    config = read_config(folder)
+    tokenizer = _load_for_checkpoint(folder, config)
+    check_tokenizer(tokenizer, config, tokenizer_source(tokenizer).name)
+    return tokenizer
+
+
 def _load_named(name: str) -> Any:
     """A tokenizer the user named; folders may be anywhere, since the user chose them."""
     if name in EMBEDDED:

@@ -180,7 +180,26 @@ def default_micro_batch_size(rows_per_process: int, cap: int = 16) -> int:
 
 
 UNMASKING_ORDERS = ("first-hitting", "steps", "confidence")
+# The one list of remask strategy names; `did_cli.sampling.remask` maps each to its score function (a test checks
+# that the two agree), so settings can be checked here without importing the sampler.
 REMASK_STRATEGIES = ("snapshot", "posthoc", "random")
+# Other spellings users write (the paper says "post-hoc"); every name is looked up through `canonical_remask`.
+REMASK_ALIASES = {"post-hoc": "posthoc", "post_hoc": "posthoc"}
+
+
+def canonical_remask(name: str) -> str:
+    """The strategy's canonical name (`post-hoc` → `posthoc`, case ignored).
+
+    Raises:
+        UsageError: a name that is no strategy, listing the choices.
+    """
+    key = name.strip().lower()
+    key = REMASK_ALIASES.get(key, key)
+    if key not in REMASK_STRATEGIES:
+        raise UsageError(
+            f"unknown remask strategy {name!r}; choose one of {', '.join(REMASK_STRATEGIES)} (or post-hoc)"
+        )
+    return key
 
 
 @dataclass(frozen=True)
@@ -292,9 +311,6 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
             raise UsageError(f"gamma must be in [0, 1], got {self.gamma}")
-        # Imported here: the strategies live with the sampler, which imports this module.
-        from did_cli.sampling.remask import canonical_remask
-
         object.__setattr__(self, "remask", canonical_remask(self.remask))
         if self.block_size is not None and self.block_size < 1:
             raise UsageError(f"block_size must be positive, got {self.block_size}")

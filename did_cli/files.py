@@ -1,4 +1,6 @@
-"""Atomic writes: a file or a folder is built under a temporary name beside its target, then renamed into place.
+"""Atomic writes of files and folders, and strict JSON text for every JSON output.
+
+A file or a folder is built under a temporary name beside its target, then renamed into place.
 
 A reader (or a crash) therefore never sees half a checkpoint, half a tokenised corpus or half a report. Temporary
 names get the permissions an ordinary `open`/`mkdir` would (tempfile makes them private), so outputs stay readable
@@ -7,6 +9,8 @@ by other users of a shared machine.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -127,3 +131,18 @@ def write_output(target: str | Path, text: str) -> None:
         sys.stdout.flush()
         return
     write_text_atomically(target, text)
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON text of `value` with every non-finite float (NaN, ±Infinity) written as null: valid for any parser."""
+    return json.dumps(_finite_or_null(value), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value

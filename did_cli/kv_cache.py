@@ -18,6 +18,8 @@ rotary acts on each position alone, so rotating once at write time stores the ve
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 
 from did_cli.errors import UsageError
@@ -52,11 +54,17 @@ def check_kv_cache_dtype(cache_dtype: str | torch.dtype | None, weights_dtype: t
 class KVCache:
     """Preallocated per-layer keys and values for a batch of sequences.
 
+    A cache says whether it runs the model's calls itself (`runs_calls`): this one does not, and the model writes
+    through `write`; a static-shape cache (`did_cli.execution.StaticKVCache`) runs each call as a compiled or
+    graph-captured step through `run`. The model asks the cache, so it never imports the execution machinery.
+
     Attributes:
         keys: [layers, B, H, max_length, D].
         values: [layers, B, H, max_length, D].
         length: number of committed positions (the prefix every later call sees).
     """
+
+    runs_calls = False
 
     def __init__(
         self,
@@ -113,3 +121,15 @@ class KVCache:
     def reset(self) -> None:
         """Forget every committed position (the buffers are reused)."""
         self.length = 0
+
+    def run(self, model: Any, tokens: torch.Tensor, block_size: int, *, append: bool = False) -> Any:
+        """Run a model call against the cache; only caches with `runs_calls` implement it."""
+        raise NotImplementedError("this KV cache does not run calls; the model writes through `write`")
+
+
+class CacheProvider(Protocol):
+    """What hands a model its KV caches when calls run from reusable static-shape caches (`BD3LM.decoder`)."""
+
+    def cache(self, batch_size: int, max_length: int, dtype: torch.dtype) -> KVCache:
+        """A reset cache for this batch, capacity and dtype."""
+        ...

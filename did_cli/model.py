@@ -11,7 +11,7 @@ Design choices, each for compatibility or speed:
 * Every path (block-causal denoising at any block size, the 2L training form, KV-cached decoding) goes through one
   block implementation; they differ only in positions, mask and cache, which are arguments.
 * Attention runs through SDPA or flex attention (`attn_backend`: auto = flex on CUDA); with a static-shape cache
-  from `did_cli.compile` (`--compile`, `--cuda-graphs`), cached calls run a compiled or graph-captured step, and
+  from `did_cli.execution` (`--compile`, `--cuda-graphs`), cached calls run a compiled or graph-captured step, and
   `compiled_blocks` replaces the blocks of cache-free calls. `gradient_checkpointing` recomputes each block's
   activations in the backward pass instead of storing them.
 * A bf16 KV cache under fp32 weights (`kv_cache_dtype`, `--kv-cache-dtype bfloat16`) runs cached calls with BD3-LM's
@@ -41,9 +41,8 @@ from did_cli.attention import (
     block_diffusion_mask,
     use_flex,
 )
-from did_cli.compile import StaticDecoder, StaticKVCache
 from did_cli.config import ModelConfig
-from did_cli.kv_cache import KVCache
+from did_cli.kv_cache import CacheProvider, KVCache
 
 
 class LayerNorm(nn.Module):
@@ -250,11 +249,12 @@ class BD3LM(nn.Module):
         # BD3-LM registers them only when `var_min` is true, so otherwise they stay out of the state dict.
         self.register_buffer("sampling_eps_min", torch.tensor(config.sampling_eps_min), persistent=config.var_min)
         self.register_buffer("sampling_eps_max", torch.tensor(config.sampling_eps_max), persistent=config.var_min)
-        # Execution choices, none of which changes the result (see `did_cli.compile.optimize`).
+        # Execution choices, none of which changes the result (see `did_cli.execution.optimize`).
         self.attn_backend = "auto"
         self.gradient_checkpointing = False
         self.compiled_blocks: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.decoder: StaticDecoder | None = None
+        # Where new caches come from when calls run from static-shape caches (`did_cli.execution.StaticDecoder`).
+        self.decoder: CacheProvider | None = None
         # Dtype of new KV caches; None: the weights' dtype. bf16 under fp32 weights is BD3-LM's cache numerics.
         self.kv_cache_dtype: torch.dtype | None = None
 
@@ -337,7 +337,7 @@ class BD3LM(nn.Module):
         n = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
         size = block_size if block_size is not None else offset + n
-        if isinstance(cache, StaticKVCache):
+        if cache is not None and cache.runs_calls:
             hidden, cond = cache.run(self, input_ids, size, append=commit is True or commit == n)
         else:
             positions = torch.arange(offset, offset + n, device=input_ids.device)

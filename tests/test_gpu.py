@@ -80,7 +80,7 @@ def test_bf16_autocast_training_step(cuda_model):
 
 # Execution paths that exist for the GPU: flex kernels, compiled and graph-replayed decoding.
 def test_cuda_graph_draft_equals_eager_token_for_token(cuda_model):
-    from did_cli.compile import optimize
+    from did_cli.execution import optimize
 
     eager = draft(cuda_model, [[BOS]] * 4, [0, 1, 2, 3], DraftSettings(length=32), seed=3)
     graphed_model = optimize(make_tiny_model(dropout=0.0).cuda(), cuda_graphs=True)
@@ -92,7 +92,7 @@ def test_cuda_graph_draft_equals_eager_token_for_token(cuda_model):
 
 
 def test_compiled_and_graphed_draft_equals_eager(cuda_model):
-    from did_cli.compile import optimize
+    from did_cli.execution import optimize
 
     eager = draft(cuda_model, [[BOS, 5, 6]] * 2, [0, 1], DraftSettings(length=32, block_size=2), seed=4)
     fast = optimize(make_tiny_model(dropout=0.0).cuda(), compile=True, cuda_graphs=True)
@@ -101,7 +101,7 @@ def test_compiled_and_graphed_draft_equals_eager(cuda_model):
 
 
 def test_compiled_flex_training_gradients_equal_sdpa_on_cuda():
-    from did_cli.compile import optimize
+    from did_cli.execution import optimize
 
     clean = torch.randint(0, 68, (4, 32), generator=torch.Generator().manual_seed(0)).cuda()
     noisy = torch.where(torch.rand(4, 32, device="cuda") < 0.5, torch.full_like(clean, 68), clean)
@@ -117,7 +117,7 @@ def test_compiled_flex_training_gradients_equal_sdpa_on_cuda():
 
 
 def test_bf16_cache_drafting_on_cuda_with_graphs():
-    from did_cli.compile import optimize
+    from did_cli.execution import optimize
 
     model = optimize(make_tiny_model(dropout=0.0).cuda(), cuda_graphs=True)
     model.kv_cache_dtype = torch.bfloat16

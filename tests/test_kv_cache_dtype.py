@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from did_cli.checkpoints import load_model
-from did_cli.compile import StaticDecoder
 from did_cli.config import DraftSettings
 from did_cli.errors import UsageError
+from did_cli.execution import StaticDecoder
 from did_cli.kv_cache import check_kv_cache_dtype
 from did_cli.sampling.draft import draft
 from tests.bd3lm_reference import naive_block_causal, reference_logits
@@ -133,7 +133,7 @@ def test_load_model_sets_the_cache_dtype(tiny_checkpoint):
 def test_compiled_bf16_cache_draft_equals_eager():
     # aot_eager traces the static step as --compile does, without inductor's fusion (which may round the bf16 rotary
     # once instead of per operation; see docs/fidelity.md). About 7 s on a small CPU.
-    from did_cli.compile import optimize
+    from did_cli.execution import optimize
 
     eager = make_tiny_model()
     eager.kv_cache_dtype = torch.bfloat16

@@ -106,3 +106,32 @@ CudaGraphs = Annotated[
     bool, typer.Option("--cuda-graphs", help="Replay cached decoding calls from captured CUDA graphs (CUDA only).")
 ]
 Force = Annotated[bool, typer.Option("--force", help="Refine records made with another model or tokenizer.")]
+
+# Sampling commands (draft, generate).
+NumSamples = Annotated[int, typer.Option("--num-samples", "-n", help="Samples to draw (per prompt).")]
+Length = Annotated[
+    int | None, typer.Option("--length", help="Sequence length incl. BOS/prompt (default: the model's).")
+]
+Prompt = Annotated[str | None, typer.Option("--prompt", help="Condition every sample on this text.")]
+PromptFile = Annotated[Path | None, typer.Option("--prompt-file", help="One prompt per line (UTF-8).")]
+RejectEntropy = Annotated[
+    float,
+    typer.Option(
+        "--reject-entropy",
+        help="Redraw a sample whose last 256 tokens fall below this unigram entropy (nats), as BD3-LM; 0 = off.",
+    ),
+]
+MaxTries = Annotated[int, typer.Option("--max-tries", help="Draws per sample before failing (BD3-LM: 10).")]
+VarLength = Annotated[
+    bool, typer.Option("--var-length", help="Stop each sample at its first generated EOS, kept (BD3-LM var_length).")
+]
+
+# Scoring commands (eval-ppl, sweep).
+DegenerateEntropy = Annotated[
+    float,
+    typer.Option(
+        "--degenerate-entropy",
+        help="Count samples whose unigram entropy (nats) is below this; the bar at 256+ tokens (BD3-LM's 4.0), "
+        "scaled by log n / log 256 for an n-token sample (3.5 at 128 tokens).",
+    ),
+]

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import stderr
-from did_cli.cli.eval_ppl import strict_json
+from did_cli.cli._progress import keyed_bars, stderr
 from did_cli.errors import UsageError
-from did_cli.files import output_target, write_output
-from did_cli.zero_shot import PRESETS
+from did_cli.evaluation.zero_shot import PRESETS
+from did_cli.files import output_target, strict_json, write_output
 
 if TYPE_CHECKING:
-    from did_cli import likelihood
+    from did_cli.evaluation import nll as likelihood
 
 Models = Annotated[
     list[str],
@@ -102,8 +96,9 @@ def eval_nll(
     quiet: o.Quiet = False,
 ) -> None:
     """NELBO per token and exp(NELBO), the perplexity bound, for each model and block size (BD3-LM's ppl_eval)."""
-    from did_cli import likelihood
-    from did_cli.eval_rows import NllData
+    from did_cli.evaluation import nll as likelihood
+    from did_cli.evaluation.nll_rows import NllData
+    from did_cli.processes import current_processes
 
     settings = likelihood.NllSettings(
         block_sizes=_sizes(block_size),
@@ -128,19 +123,22 @@ def eval_nll(
     for out, flag in ((json_out, "--json"), (per_sequence, "--per-sequence")):
         if out is not None and str(out) != "-":
             output_target(out, flag)  # unwritable outputs fail before any model loads
-    with _progress(quiet) as on_progress:
+    processes = current_processes()
+    bars = keyed_bars(quiet or not processes.is_main, "rows", lambda name, block: f"{name} B={block}")
+    with bars as on_progress:
         result = likelihood.eval_nll(
             model,
             source,
             settings,
             tokenizer=tokenizer,
             revision=revision,
-            device=device,
+            device=processes.device_for(device),
             dtype=dtype,
             on_progress=on_progress,
+            processes=processes,
         )
-    if not _is_main_process():
-        return
+    if not processes.is_main:
+        return  # every process holds the same gathered result; the main process writes it once
     if json_out is not None:
         write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sequence is not None:
@@ -192,45 +190,6 @@ def _layout(no_wrap: bool, wrap_format: str | None, preset: str | None) -> str:
     if wrap_format not in ("train", "bos-eos"):
         raise UsageError(f"--wrap-format must be train or bos-eos, got {wrap_format!r}")
     return "wrap" if wrap_format == "train" else "bos-eos"
-
-
-def _is_main_process() -> bool:
-    # Under `accelerate launch` every process computes the gathered result; only the first one writes it.
-    return os.environ.get("RANK", "0") == "0"
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[str, int, int, int], None] | None]:
-    """A transient bar per model and block size on stderr when it is a terminal; yields the callback."""
-    if quiet:
-        yield None
-        return
-    if not sys.stderr.isatty():
-        from did_cli.cli._run import PlainLines
-
-        lines = PlainLines()
-        yield lambda name, block, done, total: lines(f"{name} B={block}: {done}/{total} rows")
-        return
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-        redirect_stdout=False,  # stdout carries data (--json -), whatever stderr is
-        redirect_stderr=False,
-    )
-    tasks: dict[tuple[str, int], Any] = {}
-
-    def update(name: str, block: int, done: int, total: int) -> None:
-        if (name, block) not in tasks:
-            tasks[(name, block)] = bar.add_task(f"{name} B={block}", total=total)
-        bar.update(tasks[(name, block)], completed=done, total=total)
-
-    with bar:
-        yield update
 
 
 def _table(result: likelihood.NllResult) -> Table:

@@ -8,25 +8,20 @@ output has the full names).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
+from did_cli.cli._progress import keyed_bars, stderr
 from did_cli.errors import InputError, UsageError
-from did_cli.files import output_target, write_output
+from did_cli.files import output_target, strict_json, write_output
 
 if TYPE_CHECKING:
     from did_cli import evaluation
@@ -42,14 +37,6 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Judge windows per 
 Context = Annotated[int, typer.Option("--context", help="Judge context in tokens (capped at the judge's limit).")]
 Stride = Annotated[
     int | None, typer.Option("--stride", help="Sliding-window stride for longer samples (default: half the context).")
-]
-DegenerateEntropy = Annotated[
-    float,
-    typer.Option(
-        "--degenerate-entropy",
-        help="Count samples whose unigram entropy (nats) is below this; the bar at 256+ tokens (BD3-LM's 4.0), "
-        "scaled by log n / log 256 for an n-token sample (3.5 at 128 tokens).",
-    ),
 ]
 MaxTokens = Annotated[
     int | None,
@@ -81,8 +68,6 @@ PerSample = Annotated[
     Path | None, typer.Option("--per-sample", help="Write one JSON line per sample here: ppl, nll, tokens, entropy.")
 ]
 
-stderr = Console(stderr=True)
-
 
 @handle_errors(on_interrupt="interrupted: no result was written")
 def eval_ppl(
@@ -94,7 +79,7 @@ def eval_ppl(
     batch_size: BatchSize = 8,
     context: Context = 1024,
     stride: Stride = None,
-    degenerate_entropy: DegenerateEntropy = 4.0,
+    degenerate_entropy: o.DegenerateEntropy = 4.0,
     max_tokens: MaxTokens = None,
     clean_up_spaces: CleanUpSpaces = False,
     json_out: JsonOut = None,
@@ -106,26 +91,23 @@ def eval_ppl(
     _check_inputs([*files, *([reference] if reference is not None else [])])
     _check_outputs([*files, *([reference] if reference is not None else [])], json_out, per_sample)
     from did_cli import evaluation
-    from did_cli.distributed import current_shard
+    from did_cli.processes import current_processes
 
     settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
-    shard, state = current_shard()
-    if state is not None and device in ("auto", "cuda"):
-        device = str(state.device)  # each launched process scores on its own accelerator
-    with _progress(quiet or not shard.is_main) as on_progress:
+    processes = current_processes()
+    with keyed_bars(quiet or not processes.is_main, "judge windows", lambda source: f"scoring {source}") as on_progress:
         result = evaluation.eval_ppl(
             files,
             judge,
             settings,
             revision=revision,
-            device=device,
+            device=processes.device_for(device),  # each launched process scores on its own accelerator
             dtype=dtype,
             on_progress=on_progress,
-            shard=shard,
-            gather=_gather if state is not None else None,
+            processes=processes,
             reference=reference,
         )
-    if not shard.is_main:
+    if not processes.is_main:
         return  # the main process holds the same gathered result and writes it once
     if result.mauve is not None and result.mauve.skipped:
         stderr.print(f"note: {result.mauve.skipped}", highlight=False, soft_wrap=True, markup=False)
@@ -136,28 +118,6 @@ def eval_ppl(
         write_output(per_sample, "".join(strict_json(line) + "\n" for line in lines))
     if not quiet:
         stderr.print(_table(result, stderr.width))
-
-
-def _gather(samples: list[Any]) -> list[list[Any]]:
-    """Every process's list, in rank order (through the process group accelerate formed)."""
-    from accelerate.utils import gather_object
-
-    return gather_object([samples])
-
-
-def strict_json(value: Any, indent: int | None = None) -> str:
-    """JSON text of `value` with every non-finite float (NaN, ±Infinity) written as null: valid for any parser."""
-    return json.dumps(_finite_or_null(value), indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_null(item) for item in value]
-    return value
 
 
 def _check_inputs(files: list[Path]) -> None:
@@ -181,41 +141,6 @@ def _check_outputs(files: list[Path], json_out: Path | None, per_sample: Path | 
             raise UsageError(f"{out} is an input; choose another output file")
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise UsageError("--json and --per-sample name the same file")
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A transient bar per input over its judge windows, on stderr when it is a terminal; yields the callback."""
-    if quiet:
-        yield None
-        return
-    if not sys.stderr.isatty():
-        from did_cli.cli._run import PlainLines
-
-        lines = PlainLines()
-        yield lambda source, done, total: lines(f"scoring {source}: {done}/{total} judge windows")
-        return
-    bar = Progress(
-        TextColumn("{task.description}", markup=False),  # a file name is never rich markup
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("windows"),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-        # stdout carries data (--json -): the bar must never take it over, whatever stderr is.
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
-    tasks: dict[str, Any] = {}
-
-    def update(source: str, done: int, total: int) -> None:
-        if source not in tasks:
-            tasks[source] = bar.add_task(source, total=total)
-        bar.update(tasks[source], completed=done, total=total)
-
-    with bar:
-        yield update
 
 
 def short_names(sources: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import stderr
+from did_cli.cli._progress import stderr
 from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
 

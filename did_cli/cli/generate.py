@@ -8,17 +8,16 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
-from did_cli.cli.draft import (
-    Length,
-    MaxTries,
-    NumSamples,
-    Prompt,
-    PromptFile,
-    RejectEntropy,
-    VarLength,
+from did_cli.cli._sampling import (
+    Execution,
+    Reporter,
+    check_kv_cache_flags,
     check_num_samples,
+    load,
+    output,
     read_prompts,
+    unmasking,
+    write_records,
 )
 from did_cli.config import DraftSettings, RefineSettings, check_block_size
 from did_cli.errors import UsageError
@@ -67,8 +66,8 @@ def generate(
     model: o.Model = None,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
-    num_samples: NumSamples = 1,
-    length: Length = None,
+    num_samples: o.NumSamples = 1,
+    length: o.Length = None,
     stages: Stages = None,
     block_size: BlockSize = None,
     gamma: Gammas = "0.5",
@@ -83,11 +82,11 @@ def generate(
     confidence_threshold: o.ConfidenceThreshold = None,
     refine_cache: o.RefineCache = 1,
     no_kv_cache: o.NoKVCache = False,
-    reject_entropy: RejectEntropy = 4.0,
-    max_tries: MaxTries = 10,
-    var_length: VarLength = False,
-    prompt: Prompt = None,
-    prompt_file: PromptFile = None,
+    reject_entropy: o.RejectEntropy = 4.0,
+    max_tries: o.MaxTries = 10,
+    var_length: o.VarLength = False,
+    prompt: o.Prompt = None,
+    prompt_file: o.PromptFile = None,
     out: o.Out = None,
     resume: o.Resume = False,
     device: o.Device = "auto",
@@ -100,6 +99,8 @@ def generate(
 ) -> None:
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
     from did_cli import api
+    from did_cli.processes import current_processes
+    from did_cli.provenance import Identity, expect_drafts
 
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
@@ -113,8 +114,11 @@ def generate(
         for g in parse_gammas(gamma, len(parse_stages(stages, block_size, length)) - 1):
             RefineSettings(gamma=g, remask=remask)
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
-    with output(out, resume=resume) as run:
-        loaded, tok = load(model or o.DEFAULT_MODEL, tokenizer, revision, run.device(device), dtype, execution)
+    processes = current_processes()
+    with output(out, processes, resume=resume) as records_out:
+        loaded, tok = load(
+            model or o.DEFAULT_MODEL, tokenizer, revision, processes.device_for(device), dtype, execution
+        )
         length = loaded.config.model_length if length is None else length
         sizes = parse_stages(stages, block_size, length)
         for size in sizes:
@@ -145,11 +149,12 @@ def generate(
             )
             for size, g in zip(sizes[1:], gammas, strict=True)
         ]
-        expected = [api.draft_stage_settings(draft_settings, seed)]
-        expected += [api.refine_stage_settings(s, seed, length) for s in refine_settings]
-        skip = api.check_resumable(run.writer.kept, expected, loaded)
-        total = num_samples * (len(prompts) if prompts else 1)
-        with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:
+        encoded = api.encode_prompts(tok, prompts)
+        identity = Identity.of(loaded, tok)
+        expected = expect_drafts(identity, draft_settings, seed, encoded, num_samples, refine_settings)
+        skip = records_out.check_kept(expected)
+        total = num_samples * len(encoded)
+        with Reporter(quiet or not processes.is_main, total, records_out.others_done) as reporter:
             records = api.generate(
                 loaded,
                 tok,
@@ -160,7 +165,7 @@ def generate(
                 batch_size=batch_size,
                 prompts=prompts,
                 skip_ids=skip,
-                shard=run.shard,
+                processes=processes,
                 on_progress=reporter,
             )
-            write_records(records, run, reporter, new_stages=len(sizes))
+            write_records(records, records_out, reporter, new_stages=len(sizes))

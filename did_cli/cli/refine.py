@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
+from did_cli.cli._sampling import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
 from did_cli.config import RefineSettings
 from did_cli.errors import InputError, UsageError
-from did_cli.records import check_records_file, read_records, same_file
+from did_cli.records import Record, read_records, same_file
 
 Input = Annotated[str, typer.Argument(help="Draft records (JSONL file), or - for stdin.")]
 Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tokens to remask, in [0, 1].")]
@@ -57,7 +58,8 @@ def refine(
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
     from did_cli import api
-    from did_cli.provenance import record_model
+    from did_cli.processes import current_processes
+    from did_cli.provenance import Identity, expect_refinements, record_model
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
@@ -76,19 +78,32 @@ def refine(
         raise UsageError("refine reads records from stdin: pipe them in (did draft | did refine) or name a file")
     if same_file(input, out):
         raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
-    total = check_records_file(input) or None  # a file is read once in full first: a bad line fails before any work
-    records = read_records(input)
+    processes = current_processes()
+    if input == "-" and processes.world > 1:
+        raise UsageError(f"with {processes.world} processes, refine reads its input from a file, not stdin")
+    # A file is read once in full first: a bad line fails before any work, and ids give each record its position.
+    ids = input_ids(input) if input != "-" else None
+    # stdin can be read only once: a resumed run keeps its records to check the kept ones against.
+    buffered = list(read_records(input)) if resume and ids is None else None
+
+    def inputs() -> Iterator[Record]:
+        return iter(buffered) if buffered is not None else read_records(input)
+
+    records = inputs()
     first = next(records)
     records = itertools.chain([first], records)
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
-    with output(out, resume=resume) as run:
+    position = None if ids is None else _positions(ids)
+    with output(out, processes, resume=resume, position=position) as records_out:
         name = model or record_model(first)
         if name is None:
             raise InputError("the records do not name the model that made them; pass --model")
-        loaded, tok = load(name, tokenizer, revision, run.device(device), dtype, execution)
-        stage = api.refine_stage_settings(settings, seed, len(first.tokens))
-        skip = api.check_resumable(run.writer.kept, [stage], loaded)
-        with Reporter(quiet or not run.shard.is_main, total, run.others_done) as reporter:
+        loaded, tok = load(name, tokenizer, revision, processes.device_for(device), dtype, execution)
+        kept = records_out.kept_ids
+        if kept:
+            sources = (record for record in inputs() if record.id in kept)
+            records_out.check_kept(expect_refinements(Identity.of(loaded, tok), settings, seed, sources))
+        with Reporter(quiet or not processes.is_main, len(ids) if ids else None, records_out.others_done) as reporter:
             refined = api.refine(
                 loaded,
                 tok,
@@ -97,8 +112,30 @@ def refine(
                 seed=seed,
                 batch_size=batch_size,
                 force=force,
-                skip_ids=skip,
-                shard=run.shard,
+                skip_ids=kept,
+                processes=processes,
                 on_progress=reporter,
             )
-            write_records(refined, run, reporter, new_stages=1)
+            write_records(refined, records_out, reporter, new_stages=1)
+
+
+def input_ids(source: str) -> list[int]:
+    """The ids of a records file in order, read once in full so a bad line fails before any work.
+
+    Raises:
+        InputError: a malformed line, or an id that appears twice (ids key resumed and multi-process work).
+    """
+    ids: list[int] = []
+    seen: dict[int, int] = {}
+    for number, record in enumerate(read_records(source), start=1):
+        if record.id in seen:
+            raise InputError(f"{source} holds sample {record.id} twice (records {seen[record.id]} and {number})")
+        seen[record.id] = number
+        ids.append(record.id)
+    return ids
+
+
+def _positions(ids: list[int]) -> Callable[[Record], int]:
+    """A refined record's input position: which process owns it, and its place in --out."""
+    where = {sample_id: position for position, sample_id in enumerate(ids)}
+    return lambda record: where.get(record.id, len(where))

@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._run import PlainLines, unmasking
-from did_cli.cli.eval_ppl import DegenerateEntropy
+from did_cli.cli._progress import PlainLines, bar, stderr
+from did_cli.cli._sampling import unmasking
 from did_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from did_cli.sweep import EventFn, SweepEvent
+    from did_cli.ablation.run import EventFn, SweepEvent
 
 Models = Annotated[
     list[str] | None,
@@ -106,8 +104,6 @@ Reference = Annotated[
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call; never changes the samples.")]
 
-stderr = Console(stderr=True)
-
 
 def parse_list(text: str, flag: str, kind: type) -> list[Any]:
     """Comma-separated values of one type (`int`, `float` or `str`), at least one."""
@@ -145,18 +141,16 @@ def sweep(
     device: o.Device = "auto",
     dtype: o.Dtype = "float32",
     out: OutDir = Path("sweep"),
-    degenerate_entropy: DegenerateEntropy = 4.0,
+    degenerate_entropy: o.DegenerateEntropy = 4.0,
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
-    from did_cli.distributed import current_processes
+    from did_cli.ablation import SweepSettings, run_sweep
     from did_cli.evaluation import EvalSettings
-    from did_cli.sweep import SweepSettings, run_sweep
+    from did_cli.processes import current_processes
 
-    processes = current_processes()
-    if processes.device is not None and device in ("auto", "cuda"):
-        device = processes.device  # each launched process samples and scores on its own accelerator
-    quiet = quiet or not processes.shard.is_main
+    processes = current_processes()  # each launched process samples and scores on its own accelerator
+    quiet = quiet or not processes.is_main
     top_ps = parse_list(top_p, "--top-p", float)
     temperatures = parse_list(temperature, "--temperature", float)
     # Checked here too so the message names the flag; the settings repeat the check for Python callers.
@@ -213,22 +207,11 @@ def _base(values: list[float], usual: float) -> float:
 @contextlib.contextmanager
 def _events(quiet: bool) -> Iterator[EventFn]:
     """A callback for sweep events: notes on stderr unless quiet, a transient bar only on a terminal."""
-    bar = None
-    if not quiet and sys.stderr.isatty():
-        bar = Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("variants"),
-            TextColumn("{task.fields[detail]}", markup=False),
-            TimeElapsedColumn(),
-            console=stderr,
-            transient=True,
-            redirect_stdout=False,  # stdout stays empty or data, whatever stderr is
-            redirect_stderr=False,
-        )
-    task = bar.add_task("sweep", total=None, detail="") if bar is not None else None
-    lines = PlainLines() if bar is None and not quiet else None  # logs and batch jobs: plain lines
+    progress = (
+        bar("variants", TextColumn("{task.fields[detail]}", markup=False)) if not quiet and stderr.is_terminal else None
+    )
+    task = progress.add_task("sweep", total=None, detail="") if progress is not None else None
+    lines = PlainLines() if progress is None and not quiet else None  # logs and batch jobs: plain lines
 
     def on_event(event: SweepEvent) -> None:
         if event.kind == "note":
@@ -239,14 +222,14 @@ def _events(quiet: bool) -> Iterator[EventFn]:
             if event.kind == "progress":
                 where += f" {event.done}{f'/{event.total}' if event.total else ''} {event.unit}"
             lines(where)
-        elif bar is not None and event.kind == "step":
-            bar.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
-        elif bar is not None and event.kind == "progress":
+        elif progress is not None and event.kind == "step":
+            progress.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
+        elif progress is not None and event.kind == "progress":
             total = f"/{event.total}" if event.total else ""
-            bar.update(task, detail=f"{event.message} {event.done}{total} {event.unit}")
+            progress.update(task, detail=f"{event.message} {event.done}{total} {event.unit}")
 
-    if bar is None:
+    if progress is None:
         yield on_event
         return
-    with bar:
+    with progress:
         yield on_event

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 
-from did_cli.errors import UsageError
 from did_cli.model import BD3LM
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BD3LM, int], torch.Tensor]
@@ -50,22 +49,8 @@ def random_scores(
     return uniforms
 
 
+# Keyed by `config.REMASK_STRATEGIES`, the one list of names (settings check names through `config.canonical_remask`).
 STRATEGIES: dict[str, ScoreFn] = {"snapshot": snapshot_scores, "posthoc": posthoc_scores, "random": random_scores}
-# Other spellings users write (the paper says "post-hoc"); every name is looked up through `canonical_remask`.
-ALIASES = {"post-hoc": "posthoc", "post_hoc": "posthoc"}
-
-
-def canonical_remask(name: str) -> str:
-    """The strategy's canonical name (`post-hoc` → `posthoc`, case ignored).
-
-    Raises:
-        UsageError: a name that is no strategy, listing the choices.
-    """
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in STRATEGIES:
-        raise UsageError(f"unknown remask strategy {name!r}; choose one of {', '.join(STRATEGIES)} (or post-hoc)")
-    return key
 
 
 def remask_count(num_generated: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """The run folder of `did finetune`: one run at a time, no leftovers, no mixing of two runs' records.
 
-* An exclusive `fcntl.flock` on `OUT/.lock` is held for the whole run by the main process; the OS releases it when
-  the process ends, crash included, so a stale lock never blocks a later run.
+* The folder is locked for the whole run by the main process (`did_cli.locks.locked_folder`).
 * Staging folders left by a killed run (`.final.*`, `checkpoints/.tmp-step_*`, temporary files) are removed when the
   next run takes the lock: nobody else can be writing them then.
 * A fresh run refuses a folder that holds an earlier run unless told to overwrite it; a resumed run drops the
@@ -12,12 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
+import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +21,7 @@ from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
 from did_cli.files import write_text_atomically
 
-LOCK = ".lock"
+_CHECKPOINT = re.compile(r"^step_(\d+)$")
 RUN_FILES = ("metrics.jsonl", "settings.json", "summary.json")
 RUN_FOLDERS = ("checkpoints", "final")
 # Settings that change how or how long a run is watched, not the trajectory its weights follow.
@@ -34,47 +30,6 @@ FREE_SETTINGS = frozenset(
     | {"num_proc", "report_to"}
 )
 _FLAGS = {"init_overrides": "--hidden-dim/--n-blocks/--n-heads/--cond-dim/--dropout", "resample": "--no-resample"}
-
-
-def is_main_rank() -> bool:
-    """Whether this process is rank 0 of a (possibly) distributed launch, known before accelerate starts."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@contextmanager
-def locked(out: Path, take: bool = True, what: str = "did finetune") -> Iterator[None]:
-    """Hold an exclusive lock on the run folder `out` (created if needed) for the duration of the block.
-
-    Args:
-        out: the run folder.
-        take: False on non-main processes of a distributed run (they belong to the run holding the lock).
-        what: the command holding it, for the message a second run gets.
-
-    Raises:
-        UsageError: another process holds the lock.
-    """
-    if not take:
-        yield
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK, "a+")  # noqa: SIM115 - held open for the whole block
-    except OSError as exc:
-        raise UsageError(f"cannot use --out {out} as a run folder: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(
-                f"another {what} is running in {out} (it holds {out / LOCK}); wait for it or choose another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing the descriptor releases the lock
 
 
 def clean_staging(out: Path) -> list[Path]:
@@ -90,6 +45,15 @@ def clean_staging(out: Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return leftovers
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint in the run folder `out`, oldest first."""
+    folder = out / "checkpoints"
+    if not folder.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return sorted(found)
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -122,6 +86,12 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
 def flag(name: str) -> str:
     """The CLI option for a settings field."""
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def describe_change(change: dict[str, Any]) -> str:
+    """One line for an allowed settings change (an override record of `check_settings`)."""
+    before, after = json.dumps(change["from"]), json.dumps(change["to"])
+    return f"{flag(change['setting'])} changes from {before} to {after} at step {change['step']}"
 
 
 def drop_metrics_after(metrics: Path, step: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from did_cli.cli import app
-from did_cli.mauve import mauve_available
+from did_cli.evaluation.mauve import mauve_available
 from tests.evaluation.tiny_judge import save_tiny_judge
 
 runner = CliRunner()

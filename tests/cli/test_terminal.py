@@ -240,6 +240,6 @@ def test_cli_defaults_name_the_library_defaults():
     # The CLI keeps copies so `--help` needs no torch; they must not drift from the library's.
     from did_cli.checkpoints import DEFAULT_MODEL
     from did_cli.cli import _options
-    from did_cli.judge import DEFAULT_JUDGE
+    from did_cli.evaluation.judge import DEFAULT_JUDGE
 
     assert (_options.DEFAULT_MODEL, _options.DEFAULT_JUDGE) == (DEFAULT_MODEL, DEFAULT_JUDGE)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from did_cli.api import commit_stats, refine_stage_settings
-from did_cli.cli._run import unmasking
+from did_cli.cli._sampling import unmasking
 from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.errors import UsageError
 from did_cli.sampling.draft import draft

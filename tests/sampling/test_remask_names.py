@@ -4,8 +4,9 @@ import pytest
 from typer.testing import CliRunner
 
 from did_cli.cli import app
+from did_cli.config import REMASK_STRATEGIES, canonical_remask
 from did_cli.errors import UsageError
-from did_cli.sampling.remask import STRATEGIES, canonical_remask
+from did_cli.sampling.remask import STRATEGIES
 
 runner = CliRunner()
 
@@ -17,6 +18,10 @@ runner = CliRunner()
 )  # fmt: skip
 def test_spellings_map_to_the_strategy_names(name, expected):
     assert canonical_remask(name) == expected and expected in STRATEGIES
+
+
+def test_the_sampler_has_a_score_function_for_every_strategy_name():
+    assert tuple(STRATEGIES) == REMASK_STRATEGIES
 
 
 def test_an_unknown_strategy_lists_the_choices():

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from did_cli.checkpoints import load_model
 from did_cli.cli import app
-from did_cli.compile import optimize
 from did_cli.errors import TrainingDivergedError, UsageError
-from did_cli.training import loop
+from did_cli.execution import optimize
+from did_cli.training import setup
 from did_cli.training.loop import finetune
 from tests.training.conftest import make_settings as _settings
 
@@ -70,14 +70,14 @@ def test_existing_run_needs_resume(tmp_path, tiny_checkpoint, corpus):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_checkpoint, corpus, monkeypatch):
     calls = {"n": 0}
-    real = loop.nelbo_sum
+    real = setup.nelbo_sum
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] > 2 * 12 else value  # step 13 (2 micro-batches per step)
 
-    monkeypatch.setattr(loop, "nelbo_sum", flaky)
+    monkeypatch.setattr(setup, "nelbo_sum", flaky)
     with pytest.raises(TrainingDivergedError, match="nan at step 13.*step_00000010"):
         finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -200,14 +200,14 @@ class _InfiniteGradient(torch.autograd.Function):
 
 def test_non_finite_gradients_stop_before_the_step(tmp_path, tiny_checkpoint, corpus, monkeypatch):
     calls = {"n": 0}
-    real = loop.nelbo_sum
+    real = setup.nelbo_sum
 
     def exploding(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return _InfiniteGradient.apply(value) if calls["n"] > 2 * 12 else value  # from step 13
 
-    monkeypatch.setattr(loop, "nelbo_sum", exploding)
+    monkeypatch.setattr(setup, "nelbo_sum", exploding)
     with pytest.raises(TrainingDivergedError, match="gradient norm became .* at step 13.*step_00000010"):
         finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=20))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000010"]
@@ -249,7 +249,7 @@ def test_speed_settings_reach_the_model(tmp_path, tiny_checkpoint, corpus, monke
         seen.update(options)
         return optimize(model, **{**options, "compile": False})  # what reaches the model, without compile time
 
-    monkeypatch.setattr(loop, "optimize", spy)
+    monkeypatch.setattr(setup, "optimize", spy)
     settings = dict(attn_backend="sdpa", compile=True, gradient_checkpointing=True)
     finetune(_settings(tmp_path, tiny_checkpoint, corpus, steps=1, val_batches=0, **settings))
     assert seen == settings

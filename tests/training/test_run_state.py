@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from did_cli.cli import app
 from did_cli.errors import DataError, ModelLoadError, UsageError
-from did_cli.training import loop, state
+from did_cli.training import setup, state
 from did_cli.training.ema import EMA
 from did_cli.training.loop import TrainingInterrupted, finetune
 from tests.training.conftest import make_settings
@@ -210,7 +210,7 @@ def test_cli_settings_change_needs_the_override_flag(tmp_path, tiny_checkpoint, 
 def _interrupt_at_call(monkeypatch, call, how):
     """Ctrl-C during the `call`-th micro-batch (make_settings: two per optimizer step; _cli_args: one)."""
     calls = {"n": 0}
-    real = loop.nelbo_sum
+    real = setup.nelbo_sum
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -218,7 +218,7 @@ def _interrupt_at_call(monkeypatch, call, how):
             how()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "nelbo_sum", interrupted)
+    monkeypatch.setattr(setup, "nelbo_sum", interrupted)
 
 
 def test_ctrl_c_saves_the_step_it_interrupts_and_the_resume_matches(

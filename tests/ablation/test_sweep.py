@@ -5,12 +5,24 @@ from pathlib import Path
 
 import pytest
 
-from did_cli import report
+from did_cli.ablation import (
+    DRAFT,
+    SweepSettings,
+    Variant,
+    parse_model,
+    plan_variants,
+    plots,
+    refine_block_sizes,
+    report,
+    run_sweep,
+)
+from did_cli.ablation.report import write_report
+from did_cli.ablation.results import read_results
+from did_cli.ablation.rows import pareto_front
+from did_cli.ablation.tables import render_report
 from did_cli.config import RefineSettings
 from did_cli.errors import ModelLoadError, UsageError
 from did_cli.evaluation import EvalSettings
-from did_cli.report import pareto_front, read_results, render_report, write_report
-from did_cli.sweep import DRAFT, SweepSettings, Variant, parse_model, plan_variants, refine_block_sizes, run_sweep
 from tests.evaluation.tiny_judge import save_tiny_judge
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -248,7 +260,7 @@ def test_events_report_steps_and_the_end(swept):
 
 def test_report_without_matplotlib_says_so_in_one_line(swept, tmp_path, monkeypatch):
     shutil.copy(swept[0] / "results.jsonl", tmp_path / "results.jsonl")
-    monkeypatch.setattr(report, "_figure_classes", lambda: None)
+    monkeypatch.setattr(report, "figure_classes", lambda: None)
     written = write_report(tmp_path)
     text = written.path.read_text()
     assert written.plots == [] and not list(tmp_path.glob("*.png"))
@@ -296,8 +308,8 @@ def _plot_rows() -> list[dict]:
 
 
 def test_plots_give_each_strategy_its_own_colour_and_marker_and_a_legend():
-    classes = report._figure_classes()
-    figure = report.gamma_figure(classes, _plot_rows(), None)
+    classes = plots.figure_classes()
+    figure = plots.gamma_figure(classes, _plot_rows(), None)
     lines = [line for line in figure.axes[0].get_lines() if ": " in str(line.get_label())]
     by_strategy = {}
     for line in lines:
@@ -313,8 +325,8 @@ def test_plots_give_each_strategy_its_own_colour_and_marker_and_a_legend():
 
 
 def test_pareto_plot_colours_points_by_strategy_and_its_labels_never_overlap():
-    classes = report._figure_classes()
-    figure = report.pareto_figure(classes, _plot_rows())
+    classes = plots.figure_classes()
+    figure = plots.pareto_figure(classes, _plot_rows())
     axes = figure.axes[0]
     colours = {tuple(c.get_facecolor()[0][:3]) for c in axes.collections}
     assert len(colours) == 4  # draft, snapshot, post-hoc, random
@@ -337,7 +349,7 @@ def test_gamma_table_shows_only_the_strategies_swept_over_gamma():
 
 def test_results_of_earlier_versions_are_still_reused(tmp_path):
     # docs/ablations/results.jsonl predates the kv_cache setting; its mix rows were made with the embedded did-tiny.
-    docs = Path(__file__).resolve().parents[1] / "docs" / "ablations" / "results.jsonl"
+    docs = Path(__file__).resolve().parents[2] / "docs" / "ablations" / "results.jsonl"
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(docs, out / "results.jsonl")

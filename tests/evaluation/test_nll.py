@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from did_cli.errors import UsageError
-from did_cli.eval_rows import build_rows, load_rows
-from did_cli.likelihood import (
+from did_cli.evaluation.nll import (
     BlockResult,
     NllSettings,
     RowResult,
@@ -14,8 +13,8 @@ from did_cli.likelihood import (
     row_generator,
     row_noise,
     score_rows,
-    shard,
 )
+from did_cli.evaluation.nll_rows import build_rows, load_rows
 from did_cli.training.objective import validation_nelbo
 from tests.conftest import CHARS, make_tiny_model
 
@@ -127,7 +126,7 @@ def test_more_noise_draws_reduce_the_standard_error(model, documents, char_token
 
 def test_shards_cover_every_row_once_and_merge_to_the_single_process_result(model, rows):
     count = len(rows.tokens)
-    parts = [shard(count, rank, 4) for rank in range(4)]
+    parts = [list(range(rank, count, 4)) for rank in range(4)]
     assert sorted(i for part in parts for i in part) == list(range(count))
     settings = NllSettings(noise_draws=2)
     whole = score_rows(model, rows, range(count), 4, settings)
@@ -190,7 +189,9 @@ def test_batch_noise_layout_is_training_validation_and_moves_with_the_batch_size
     assert [r.nll for r in split] != [r.nll for r in whole]
     sharded = merge_shards(
         [
-            score_rows(model, rows, shard(count, k, 2), 4, NllSettings(noise_layout="batch", batch_size=4, seed=2))
+            score_rows(
+                model, rows, list(range(k, count, 2)), 4, NllSettings(noise_layout="batch", batch_size=4, seed=2)
+            )
             for k in range(2)
         ],
         count,

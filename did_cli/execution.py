@@ -123,9 +123,11 @@ class _GraphStep:
 class StaticKVCache(KVCache):
     """A KV cache whose decoding calls have static shapes (see the module docstring).
 
-    It keeps `KVCache`'s interface (`length`, `commit`, `reset`, the buffers); the model hands calls against it to
-    `run` instead of writing through `KVCache.write`.
+    It keeps `KVCache`'s interface (`length`, `commit`, `reset`, the buffers) and says it runs calls (`runs_calls`):
+    the model hands calls against it to `run` instead of writing through `KVCache.write`.
     """
+
+    runs_calls = True
 
     def __init__(self, decoder: StaticDecoder, **kwargs) -> None:
         super().__init__(**kwargs)

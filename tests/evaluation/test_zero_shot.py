@@ -2,8 +2,8 @@ import datasets
 import pytest
 
 from did_cli.errors import UsageError
-from did_cli.eval_rows import read_documents
-from did_cli.zero_shot import (
+from did_cli.evaluation.nll_rows import read_documents
+from did_cli.evaluation.zero_shot import (
     PRESETS,
     detokenize_lambada,
     detokenize_lm1b,

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from did_cli.errors import UsageError
-from did_cli.judge import load_judge
-from did_cli.mauve import (
+from did_cli.evaluation.judge import load_judge
+from did_cli.evaluation.mauve import (
     MauveSettings,
     MauveUnavailable,
     judge_features,
     mauve_available,
-    mauve_report,
     mauve_score,
+    mauve_unavailable,
 )
 
 WORDS = (
@@ -104,11 +104,14 @@ def test_mauve_is_deterministic_and_honours_its_settings(judge):
 
 
 @needs_mauve
-def test_a_report_scores_each_input_against_the_same_references(judge):
+def test_reference_mauve_scores_each_file_against_the_same_references(judge):
+    from did_cli.evaluation import EvalSettings, ReferenceMauve, Sample
+
     texts = varied_texts(20, seed=5)
-    report = mauve_report({"a": texts, "b": texts[:10]}, texts, judge, reference_name="ref.txt")
-    assert report.skipped is None and report.value("a") == pytest.approx(1.0, abs=1e-9)
-    assert report.to_dict()["results"]["b"]["num_p"] == 10 and report.reference == "ref.txt"
+    against = ReferenceMauve([Sample(t) for t in texts], judge, EvalSettings())
+    whole, half = against([Sample(t) for t in texts]), against([Sample(t) for t in texts[:10]])
+    assert whole.mauve == pytest.approx(1.0, abs=1e-9) and half.num_p == 10 and half.num_q == 20
+    assert whole == against([Sample(t) for t in texts])  # the reference is featurised once, the same each time
 
 
 def test_too_few_texts_are_refused(judge):
@@ -123,9 +126,7 @@ def test_without_mauve_text_the_score_raises_and_the_report_says_skipped(judge, 
     assert not mauve_available()
     with pytest.raises(MauveUnavailable, match=r"not installed \(pip install 'did\[mauve\]'\)"):
         mauve_score(["a b", "c d"], ["a b", "c d"], judge)
-    report = mauve_report({"a": ["a b", "c d"]}, ["a b", "c d"], judge, reference_name="ref.txt")
-    assert report.skipped == "MAUVE skipped: mauve-text is not installed (pip install 'did[mauve]')"
-    assert report.results == {} and report.value("a") is None
+    assert mauve_unavailable() == "MAUVE skipped: mauve-text is not installed (pip install 'did[mauve]')"
 
 
 @pytest.mark.parametrize(
@@ -138,7 +139,8 @@ def test_without_mauve_text_the_score_raises_and_the_report_says_skipped(judge, 
     ],
 )
 def test_eval_ppl_cuts_inputs_and_reference_at_one_length(judge, max_tokens, record_lengths, expected):
-    from did_cli.evaluation import EvalSettings, Sample, _mauve_cut
+    from did_cli.evaluation import EvalSettings, Sample
+    from did_cli.evaluation.gen_ppl import mauve_cut
 
-    inputs = [("a", [Sample("x", max_tokens=n) for n in record_lengths]), ("b", [Sample("y")])]
-    assert _mauve_cut(EvalSettings(max_tokens=max_tokens), inputs, judge) == expected
+    samples = [Sample("x", max_tokens=n) for n in record_lengths] + [Sample("y")]
+    assert mauve_cut(EvalSettings(max_tokens=max_tokens), samples, judge) == expected

@@ -8,7 +8,7 @@ and the curve come from the `mauve-text` package (`mauve.compute_mauve` given `p
 
 Features (facts from `mauve-text` 0.4's `featurize_tokens_from_model`, our own code): the final-layer hidden state
 at each text's last token, from right-padded batches with an attention mask. Two choices differ from its default
-(gpt2-large features of the bare text, cut to 1024 tokens): the LM is *our judge* (`did_cli.judge.Judge`,
+(gpt2-large features of the bare text, cut to 1024 tokens): the LM is *our judge* (`did_cli.evaluation.judge.Judge`,
 gpt2-large as published or did-tiny-judge, so nothing more is downloaded), and each text is tokenised the way the
 judge scores it for gen PPL: BOS first, then the text's ids, cut to `max_tokens` (BOS included).
 
@@ -23,7 +23,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from did_cli.errors import DidError, UsageError
-from did_cli.judge import Judge
+from did_cli.evaluation.judge import Judge
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -42,7 +42,7 @@ __all__ = [
     "judge_features",
     "default_buckets",
     "mauve_available",
-    "mauve_report",
+    "mauve_unavailable",
     "mauve_score",
     "mauve_scorer",
 ]
@@ -128,11 +128,16 @@ class MauveResult:
 
 def mauve_available() -> bool:
     """True when `mauve-text` (with its faiss and scikit-learn) imports."""
+    return mauve_unavailable() is None
+
+
+def mauve_unavailable() -> str | None:
+    """Why MAUVE cannot be computed here (`MAUVE skipped: ...`, one line for a note), or None when it can."""
     try:
         _import_mauve()
-    except MauveUnavailable:
-        return False
-    return True
+    except MauveUnavailable as exc:
+        return f"MAUVE skipped: {exc}"
+    return None
 
 
 def _import_mauve() -> ModuleType:
@@ -205,7 +210,7 @@ def mauve_score(
     Args:
         samples: the generated texts (P), e.g. the `text` of each sample record.
         references: the reference texts (Q), e.g. human text of the same domain.
-        judge: a loaded Judge (`did_cli.judge.load_judge`).
+        judge: a loaded Judge (`did_cli.evaluation.judge.load_judge`).
         settings: cut, batch size, buckets, seed and scaling factor.
 
     Raises:
@@ -342,40 +347,3 @@ class MauveReport:
         """JSON-ready: the reference, the skip reason (null when computed) and every input's full result."""
         results = {source: result.to_dict() for source, result in self.results.items()}
         return {"reference": self.reference, "skipped": self.skipped, "results": results}
-
-
-def mauve_report(
-    inputs: Mapping[str, Sequence[str]],
-    references: Sequence[str],
-    judge: Judge,
-    settings: MauveSettings | None = None,
-    *,
-    reference_name: str = "<references>",
-) -> MauveReport:
-    """MAUVE of each input's texts against the same references (featurised once); skipped when mauve-text is absent.
-
-    Args:
-        inputs: per input name, its generated texts.
-        references: the reference texts.
-        judge: a loaded Judge.
-        settings: as for `mauve_score`; one cut for every input, so the rows compare against the same features.
-        reference_name: how the reference is named in the report.
-
-    Returns:
-        A report whose `skipped` is "MAUVE skipped: ..." (one line, for a "note:") when `mauve-text` does not import.
-    """
-    settings = settings or MauveSettings()
-    try:
-        mauve = _import_mauve()
-    except MauveUnavailable as exc:
-        return MauveReport(reference_name, {}, f"MAUVE skipped: {exc}")
-    for name, texts in inputs.items():
-        if len(texts) < 2:
-            raise UsageError(f"MAUVE needs at least 2 samples per input; {name} has {len(texts)}")
-    limit = _cut(settings.max_tokens, judge)
-    q = judge_features(references, judge, max_tokens=limit, batch_size=settings.batch_size)
-    results = {}
-    for name, texts in inputs.items():
-        p = judge_features(texts, judge, max_tokens=limit, batch_size=settings.batch_size)
-        results[name] = _mauve_from_features(mauve, p, q, settings, limit)
-    return MauveReport(reference_name, results)

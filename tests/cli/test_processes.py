@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from did_cli.cli import app
-from did_cli.distributed import Shard, interleave
+from did_cli.processes import Shard, interleave
 
 runner = CliRunner()
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]

@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
+from did_cli.ablation import run_sweep
+from did_cli.ablation.results import read_results
 from did_cli.errors import InputError
 from did_cli.evaluation import load_judge
-from did_cli.mauve import MauveSettings, mauve_available, mauve_score
+from did_cli.evaluation.mauve import MauveSettings, mauve_available, mauve_score
 from did_cli.records import read_records
-from did_cli.report import read_results
-from did_cli.sweep import run_sweep
+from tests.ablation.test_sweep import tiny_settings
 from tests.evaluation.tiny_judge import save_tiny_judge
-from tests.test_sweep import tiny_settings
 
 needs_mauve = pytest.mark.skipif(not mauve_available(), reason="mauve-text is not installed")
 
@@ -99,8 +99,8 @@ def test_a_fresh_sweep_with_a_reference_writes_each_row_once(tiny_checkpoint, ju
 
 
 def test_mauve_with_a_single_sample_is_refused_before_anything_runs(reference):
+    from did_cli.ablation import SweepSettings
     from did_cli.errors import UsageError
-    from did_cli.sweep import SweepSettings
 
     with pytest.raises(UsageError, match="needs --num-samples of at least 2"):
         SweepSettings(models=["did-tiny"], num_samples=1, reference=reference)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from did_cli.ablation import DRAFT, SweepSettings, Variant, plan_variants, run_sweep
+from did_cli.ablation.results import read_results
 from did_cli.errors import UsageError
-from did_cli.report import read_results
-from did_cli.sweep import DRAFT, SweepSettings, Variant, plan_variants, run_sweep
+from tests.ablation.test_sweep import tiny_settings
 from tests.evaluation.tiny_judge import save_tiny_judge
-from tests.test_sweep import tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def _row(variant, gen_ppl, remask="snapshot", threshold=None, r=1):
 
 
 def test_threshold_variants_are_read_against_the_one_token_per_call_confidence_order():
-    from did_cli.report import render_report
+    from did_cli.ablation.tables import render_report
 
     rows = [
         _row("draft", 100.0, remask=None),

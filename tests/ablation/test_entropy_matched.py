@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from did_cli.entropy_matched import (
+from did_cli.ablation.entropy_matched import (
     BEATS,
     WITHIN,
     WORSE,

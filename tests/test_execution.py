@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from did_cli.compile import StaticDecoder, optimize, static_mask
 from did_cli.config import DraftSettings, RefineSettings
 from did_cli.errors import UsageError
+from did_cli.execution import StaticDecoder, optimize, static_mask
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
 from did_cli.training.objective import nelbo_sum

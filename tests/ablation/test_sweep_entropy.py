@@ -6,15 +6,17 @@ import math
 import pytest
 from typer.testing import CliRunner
 
+from did_cli.ablation import SweepSettings, Variant, frontier_variants, run_sweep
+from did_cli.ablation.entropy_matched import FrontierPoint, draft_frontier, match_entropy
+from did_cli.ablation.matched import matched_comparison
+from did_cli.ablation.results import read_results
+from did_cli.ablation.tables import render_report
 from did_cli.cli import app
 from did_cli.config import UnmaskingSettings
-from did_cli.entropy_matched import FrontierPoint, draft_frontier, match_entropy
 from did_cli.errors import UsageError
 from did_cli.records import read_records
-from did_cli.report import matched_comparison, read_results, render_report
-from did_cli.sweep import SweepSettings, Variant, frontier_variants, run_sweep
+from tests.ablation.test_sweep import tiny_settings
 from tests.evaluation.tiny_judge import save_tiny_judge
-from tests.test_sweep import tiny_settings
 
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
@@ -164,11 +166,11 @@ def test_cli_takes_draft_axes_as_lists_and_prints_the_verdict(tiny_checkpoint, j
 
 
 def test_a_second_sweep_into_the_same_folder_is_refused_while_one_runs(tiny_checkpoint, judge_folder, tmp_path):
-    from did_cli.training import run_folder
+    from did_cli.locks import locked_folder
 
     out = tmp_path / "out"
     settings = tiny_settings(tiny_checkpoint, judge_folder, out, num_samples=2, batch_size=2, remask=["snapshot"])
-    with run_folder.locked(out, what="did sweep"), pytest.raises(UsageError, match="another did sweep is running"):
+    with locked_folder(out, what="did sweep"), pytest.raises(UsageError, match="another did sweep is running"):
         run_sweep(settings)
     assert not (out / "results.jsonl").exists()
 
@@ -176,7 +178,7 @@ def test_a_second_sweep_into_the_same_folder_is_refused_while_one_runs(tiny_chec
 def test_a_plot_of_earlier_rows_does_not_outlive_them(frontier_sweep, tmp_path):
     import shutil
 
-    from did_cli.report import write_report
+    from did_cli.ablation.report import write_report
 
     out, _, _ = frontier_sweep
     copy = tmp_path / "copy"

@@ -22,8 +22,8 @@ import torch
 from did_cli.checkpoints import bos_token_id
 from did_cli.data import DataSpec, load_documents
 from did_cli.errors import DataError, UsageError
+from did_cli.evaluation.zero_shot import get_preset
 from did_cli.model import BD3LM
-from did_cli.zero_shot import get_preset
 
 LAYOUTS = ("wrap", "bos-eos", "document")
 

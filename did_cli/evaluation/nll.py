@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,9 +43,10 @@ import torch
 
 from did_cli.config import check_block_size
 from did_cli.errors import UsageError
-from did_cli.eval_rows import EvalRows, NllData, load_rows, read_documents
+from did_cli.evaluation.nll_rows import EvalRows, NllData, load_rows, read_documents
 from did_cli.model import BD3LM
 from did_cli.noise import DEFAULT_EPS_MAX, DEFAULT_EPS_MIN, Clip, ClipSpec, clip_for, is_unweighted, mask_tokens
+from did_cli.processes import ONE_PROCESS, Processes
 from did_cli.provenance import model_info, tokenizer_info, versions
 from did_cli.training.objective import nelbo_terms, noise_batch
 
@@ -299,11 +299,6 @@ def score_rows(
     return results
 
 
-def shard(count: int, rank: int, world: int) -> list[int]:
-    """The row indices process `rank` of `world` scores: every world-th row, so long documents spread evenly."""
-    return list(range(rank, count, world))
-
-
 def merge_shards(parts: Iterable[Iterable[RowResult]], count: int) -> list[RowResult]:
     """Row results gathered from every process, in row order.
 
@@ -314,17 +309,6 @@ def merge_shards(parts: Iterable[Iterable[RowResult]], count: int) -> list[RowRe
     if [r.row for r in merged] != list(range(count)):
         raise RuntimeError(f"gathered {len(merged)} row results for {count} rows")
     return merged
-
-
-def _distributed() -> tuple[int, int, Callable[[list[RowResult]], list[RowResult]], torch.device | None]:
-    """(rank, world, gather, device): accelerate's process group when several processes were launched."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, lambda rows: rows, None
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.num_processes, gather_object, state.device
 
 
 ModelLike = str | BD3LM
@@ -340,6 +324,7 @@ def eval_nll(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     on_progress: Callable[[str, int, int, int], None] | None = None,
+    processes: Processes = ONE_PROCESS,
 ) -> NllResult:
     """NELBO per token and its perplexity bound per model and block size (what `did eval-nll` runs).
 
@@ -355,6 +340,7 @@ def eval_nll(
         device: where models loaded here run.
         dtype: weights dtype for models loaded here.
         on_progress: called with (model name, block size, rows done, rows total).
+        processes: the processes sharing the rows (each scores every world-th row; all return the whole result).
 
     Raises:
         UsageError: no model, a bad source choice, a block size that does not divide L, L above a model's length.
@@ -387,7 +373,7 @@ def eval_nll(
             documents, tok, model, source=source, seq_len=data.seq_len, layout=layout, num_samples=data.num_samples
         )
 
-    return score_models(loaded, rows_for, settings, on_progress=on_progress)
+    return score_models(loaded, rows_for, settings, on_progress=on_progress, processes=processes)
 
 
 def score_models(
@@ -396,6 +382,7 @@ def score_models(
     settings: NllSettings,
     *,
     on_progress: Callable[[str, int, int, int], None] | None = None,
+    processes: Processes = ONE_PROCESS,
 ) -> NllResult:
     """NELBO per model and block size on rows built per model (`eval_nll` after loading).
 
@@ -405,11 +392,12 @@ def score_models(
             changes, so models sharing a tokenizer are scored on identical rows).
         settings: block sizes, noise draws, batch size, seed, clip.
         on_progress: called with (model name, block size, rows done, rows total).
+        processes: the processes sharing the rows: each scores every world-th row, so long documents spread evenly.
 
     Raises:
         UsageError: a block size that does not divide the sequence length.
     """
-    rank, world, gather, device = _distributed()
+    device = processes.device
     results: list[BlockResult] = []
     data: dict[str, Any] = {}
     infos: dict[str, Any] = {}
@@ -429,12 +417,12 @@ def score_models(
             check_block_size(size, length)
             if min(size, length) not in sizes:
                 sizes.append(min(size, length))
-        mine = shard(rows.tokens.shape[0], rank, world)
+        mine = [row for row in range(rows.tokens.shape[0]) if processes.owns(row)]
         for block in sizes:
             started = time.perf_counter()
             progress = functools.partial(on_progress, name, block) if on_progress else None
             scored = score_rows(model, rows, mine, block, settings, progress)
-            merged = merge_shards(gather([scored]) if world > 1 else [scored], rows.tokens.shape[0])
+            merged = merge_shards(processes.gather(scored), rows.tokens.shape[0])
             exact = block == 1 and settings.exact_block_1
             # Exact NLL is t = 1 everywhere, which upstream writes as the interval (1, 1).
             clip = (1.0, 1.0) if exact else _interval(settings.clip, block, length)
@@ -442,6 +430,6 @@ def score_models(
     run_settings = {
         **asdict(settings),
         "clip": None if settings.clip is None else str(settings.clip),
-        "processes": world,
+        "processes": processes.world,
     }
     return NllResult(results, data, run_settings, infos, versions())

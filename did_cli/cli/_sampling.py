@@ -1,0 +1,237 @@
+"""Plumbing shared by the sampling commands (draft, refine, generate): prompts, loading, progress, the output file.
+
+stdout carries records only. Progress goes to stderr (`_progress`): a rich bar when stderr is a terminal, plain
+rate-limited lines when it is not (logs, batch jobs), and a closing summary in both cases unless `--quiet`. Heavy
+modules (torch, the model code) are imported inside the functions so `did --help` and option errors answer at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.progress import Progress, TextColumn
+
+from did_cli.cli._progress import PlainLines, bar, say, stderr
+from did_cli.config import UnmaskingSettings
+from did_cli.errors import DidError, InputError, UsageError
+from did_cli.processes import Processes
+from did_cli.record_files import RecordOutput
+from did_cli.records import Record
+
+if TYPE_CHECKING:
+    from did_cli.api import Progress as ProgressEvent
+    from did_cli.model import BD3LM
+
+
+def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | None:
+    """Prompts from --prompt or --prompt-file (one per non-empty line)."""
+    if prompt is not None and prompt_file is not None:
+        raise UsageError("pass --prompt or --prompt-file, not both")
+    if prompt_file is None:
+        if prompt is not None and not prompt.strip():
+            raise UsageError("--prompt is empty; leave it out for unconditional samples")
+        return [prompt] if prompt is not None else None
+    if prompt_file.is_dir():
+        raise InputError(f"prompt file {prompt_file} is a directory")
+    if not prompt_file.is_file():
+        raise InputError(f"prompt file {prompt_file} does not exist")
+    try:
+        text = prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {prompt_file} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {prompt_file}: {exc.strerror}") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {prompt_file} holds no prompt")
+    return prompts
+
+
+def check_num_samples(num_samples: int, batch_size: int) -> None:
+    """Count options, checked before the model loads."""
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the model runs, from the speed and cache-numerics flags (none changes float32 samples)."""
+
+    attn_backend: str = "auto"
+    compile: bool = False
+    cuda_graphs: bool = False
+    kv_cache_dtype: str | None = None
+
+
+def load(
+    model: str,
+    tokenizer: str | None,
+    revision: str | None,
+    device: str,
+    dtype: str,
+    execution: Execution = Execution(),  # noqa: B008 - frozen, so one shared default is safe
+) -> tuple[BD3LM, Any]:
+    """The model and its tokenizer, checked against each other, set to execute as `execution` asks."""
+    from did_cli.attention import check_attn_backend
+    from did_cli.checkpoints import load_model, load_tokenizer
+    from did_cli.execution import optimize
+
+    check_attn_backend(execution.attn_backend)
+    loaded = load_model(model, device=device, dtype=dtype, revision=revision, kv_cache_dtype=execution.kv_cache_dtype)
+    optimize(loaded, attn_backend=execution.attn_backend, compile=execution.compile, cuda_graphs=execution.cuda_graphs)
+    return loaded, load_tokenizer(loaded, tokenizer)
+
+
+def check_kv_cache_flags(kv_cache_dtype: str | None, no_kv_cache: bool) -> None:
+    """Refuse a cache dtype that would not act: with --no-kv-cache no cache is made."""
+    if no_kv_cache and kv_cache_dtype is not None:
+        raise UsageError(f"--kv-cache-dtype {kv_cache_dtype} has no effect with --no-kv-cache; drop one of them")
+
+
+def unmasking(
+    order: str | None,
+    steps_per_block: int | None,
+    tokens_per_call: int,
+    top_p: float,
+    temperature: float,
+    confidence_threshold: float | None = None,
+) -> UnmaskingSettings:
+    """UnmaskingSettings from CLI flags; `--steps-per-block` alone implies `--order steps`.
+
+    `--confidence-threshold` alone implies `--order confidence`.
+
+    A flag that the chosen order would ignore is refused rather than silently dropped or silently changing the order.
+    """
+    if order is None and confidence_threshold is not None and steps_per_block is None:
+        order = "confidence"
+    if order is None:
+        order = "steps" if steps_per_block is not None else "first-hitting"
+    if steps_per_block is not None and order != "steps":
+        raise UsageError(f"--steps-per-block only applies to --order steps, not --order {order}")
+    if order == "steps" and tokens_per_call != 1:
+        raise UsageError("--tokens-per-call does not apply to --order steps (--steps-per-block sets the calls)")
+    return UnmaskingSettings(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
+
+
+class Reporter:
+    """Progress and the closing summary on stderr (see the module docstring); silent with `quiet`."""
+
+    def __init__(self, quiet: bool, total: int | None, others: Callable[[], int] | None = None) -> None:
+        self.quiet = quiet
+        self._others = others  # samples finished by other processes (one bar counts every process)
+        self._others_done, self._others_read = 0, 0.0
+        self.live = not quiet and stderr.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._total = total
+        self._lines = PlainLines()
+        self.started = self._lines.started
+
+    def __enter__(self) -> Reporter:
+        if self.live:
+            self._progress = bar("samples", TextColumn("{task.fields[tokens]}"))
+            self._progress.start()
+            self._task = self._progress.add_task("sampling", total=self._total, tokens="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.quiet:
+            return
+        total = event.samples_total or self._total
+        done = event.samples_done + self._count_others()
+        if self._progress is not None:
+            tokens = f"batch tokens {event.tokens_done}/{event.tokens_total}" if event.tokens_total else ""
+            self._progress.update(self._task, completed=done, description=event.stage, tokens=tokens, total=total)
+            return
+        of_total = f"/{total}" if total else ""
+        self._lines(f"{event.stage}: {done}{of_total} samples finished")
+
+    def _count_others(self) -> int:
+        now = time.perf_counter()
+        if self._others is not None and now - self._others_read > 1.0:  # reads files: at most once a second
+            self._others_done, self._others_read = self._others(), now
+        return self._others_done
+
+    def summary(self, records: int, generated: int, nfes: int, extra: str = "") -> None:
+        """One line on stderr: samples, generated tokens, tokens/s (generated only), NFEs."""
+        if self.quiet:
+            return
+        seconds = time.perf_counter() - self.started
+        samples = "1 sample" if records == 1 else f"{records} samples"
+        say(
+            f"{samples}, {generated} tokens generated by this command's stages in {seconds:.1f}s "
+            f"({generated / max(seconds, 1e-9):.1f} tokens/s), {nfes} NFEs{extra}"
+        )
+
+
+@contextmanager
+def output(
+    out: Path | None, processes: Processes, *, resume: bool = False, position: Any = None
+) -> Iterator[RecordOutput]:
+    """Open `--out` (or stdout, or this process's part file) before any work; finish (merge the parts) at the end.
+
+    On failure or Ctrl-C it says what was kept: inside a DidError's one line, or on its own line for Ctrl-C and
+    unexpected errors; then it re-raises. Notes the output found (a dropped damaged line) go to stderr.
+    """
+    records = RecordOutput(out, processes, resume, **({"position": position} if position is not None else {}))
+    records.open()
+    for note in records.notes:
+        say(f"note: {note}")
+    try:
+        yield records
+    except DidError as exc:
+        note = records.abort()
+        if note and note not in str(exc):
+            raise type(exc)(f"{exc}; {note}") from None
+        raise
+    except BaseException:
+        note = records.abort()
+        if note:
+            say(f"kept: {note}")
+        raise
+    records.finish()
+
+
+def _totals(records: Iterable[Record], new_stages: int) -> tuple[int, int]:
+    """Generated tokens and NFEs of the stages this command ran (the summary's numbers)."""
+    generated = nfes = 0
+    for record in records:
+        for stage in record.stages[-new_stages:]:
+            is_refine = stage.get("kind") == "refine"
+            generated += len(stage.get("remasked", [])) if is_refine else len(record.generated)
+            nfes += int(stage.get("nfes", 0))
+    return generated, nfes
+
+
+def write_records(records: Iterable[Record], output: RecordOutput, reporter: Reporter, *, new_stages: int) -> int:
+    """Stream records to this process's output, one flushed line each; returns how many were written.
+
+    `new_stages` is how many stages this command ran (their generated tokens and NFEs go into the summary). With
+    several processes every process's totals are gathered and the main process prints one summary for all.
+    """
+    generated = nfes = 0
+    for record in records:
+        output.write(record)
+        more_generated, more_nfes = _totals([record], new_stages)
+        generated, nfes = generated + more_generated, nfes + more_nfes
+    processes = output.processes
+    made, kept = output.writer.count, len(output.kept)
+    if processes.world > 1:
+        totals = [part[0] for part in processes.gather([(made, kept, generated, nfes)])]
+        made, kept, generated, nfes = (sum(values) for values in zip(*totals, strict=True))
+    where = f" on {processes.world} processes" if processes.world > 1 else ""
+    extra = f" ({kept} kept from the interrupted run)" if kept else ""
+    reporter.summary(made, generated, nfes, extra + where)
+    return output.writer.count
