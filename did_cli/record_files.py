@@ -442,7 +442,10 @@ class RecordOutput:
                 f"{names} hold{'s' if len(paths) == 1 else ''} finished samples of {runs}: {how} and --resume, or "
                 "delete them"
             )
-        return UsageError(f"cannot resume: {names} were written by {runs}, this run has {world}; {how}, or delete them")
+        verb = "was" if len(paths) == 1 else "were"
+        return UsageError(
+            f"cannot resume: {names} {verb} written by {runs}, this run has {world}; {how}, or delete them"
+        )
 
     def _adopt_finished_out(self) -> None:
         """Several processes resuming a finished `out`: each carries over the records it owns (in position order)."""

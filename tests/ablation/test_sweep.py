@@ -23,14 +23,8 @@ from did_cli.ablation.tables import render_report
 from did_cli.config import RefineSettings
 from did_cli.errors import ModelLoadError, UsageError
 from did_cli.evaluation import EvalSettings
-from tests.evaluation.tiny_judge import save_tiny_judge
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def judge_folder(tmp_path_factory):
-    return str(save_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-judge"))
 
 
 def tiny_settings(checkpoint, judge, out, **overrides):

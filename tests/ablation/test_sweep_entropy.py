@@ -16,15 +16,9 @@ from did_cli.config import UnmaskingSettings
 from did_cli.errors import UsageError
 from did_cli.records import read_records
 from tests.ablation.test_sweep import tiny_settings
-from tests.evaluation.tiny_judge import save_tiny_judge
 
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def judge_folder(tmp_path_factory):
-    return str(save_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-judge"))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,6 @@ from did_cli.ablation import DRAFT, SweepSettings, Variant, plan_variants, run_s
 from did_cli.ablation.results import read_results
 from did_cli.errors import UsageError
 from tests.ablation.test_sweep import tiny_settings
-from tests.evaluation.tiny_judge import save_tiny_judge
-
-
-@pytest.fixture(scope="module")
-def judge_folder(tmp_path_factory):
-    return str(save_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-judge"))
 
 
 def test_cheaper_variants_cross_thresholds_and_r_at_the_base_point_with_a_global_block():

@@ -12,14 +12,8 @@ from did_cli.evaluation import load_judge
 from did_cli.evaluation.mauve import MauveSettings, mauve_available, mauve_score
 from did_cli.records import read_records
 from tests.ablation.test_sweep import tiny_settings
-from tests.evaluation.tiny_judge import save_tiny_judge
 
 needs_mauve = pytest.mark.skipif(not mauve_available(), reason="mauve-text is not installed")
-
-
-@pytest.fixture(scope="module")
-def judge_folder(tmp_path_factory):
-    return str(save_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-judge"))
 
 
 @pytest.fixture

@@ -151,3 +151,37 @@ def test_two_process_sweep_writes_the_files_and_rows_of_one_process(tiny_checkpo
     for path in samples:
         if path.name != "results.jsonl":
             _assert_same(tmp_path / "two" / path, tmp_path / "one" / path)
+
+
+def test_two_process_resume_of_a_finished_out_keeps_every_record(tiny_checkpoint, tmp_path):
+    """A requeued job (the README's SLURM script always passes --resume) redraws nothing of a finished OUT."""
+    args = ["draft", "-m", str(tiny_checkpoint), "-n", "5", "--batch-size", "2"]
+    out = tmp_path / "out.jsonl"
+    assert runner.invoke(app, [*args, "-q", "--out", str(out)]).exit_code == 0
+    before = out.read_bytes()
+    done = _launch(TORCHRUN, [*args, "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "0 samples" in done.stderr and "(5 kept from the interrupted run) on 2 processes" in done.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_part_files_of_another_process_count_are_refused_by_name(tiny_checkpoint, tmp_path):
+    args = ["draft", "-m", str(tiny_checkpoint), "-n", "4", "--out", str(tmp_path / "out.jsonl")]
+    first = runner.invoke(app, [*args, "-q"])
+    assert first.exit_code == 0
+    (tmp_path / "out.jsonl").rename(tmp_path / "out.jsonl.partial")  # what a killed one-process run leaves
+    done = _launch(TORCHRUN, [*args, "--resume"])
+    assert done.returncode != 0
+    assert "cannot resume: out.jsonl.partial was written by a one-process run, this run has 2" in done.stderr
+    assert "resume it with 1 process" in done.stderr
+    # And the other way round: a one-process resume of a two-process run's parts.
+    lines = (tmp_path / "out.jsonl.partial").read_text().splitlines(keepends=True)
+    (tmp_path / "out.jsonl.partial").unlink()
+    (tmp_path / "out.jsonl.part0-of-2.partial").write_text(lines[0] + lines[2])
+    (tmp_path / "out.jsonl.part1-of-2.partial").write_text(lines[1])
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "out.jsonl.part0-of-2.partial, out.jsonl.part1-of-2.partial were written by a 2-process run" in result.stderr
+    fresh = runner.invoke(app, args)
+    assert fresh.exit_code != 0 and "hold finished samples of a 2-process run" in fresh.stderr
