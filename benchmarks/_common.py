@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import load_model, pick_device
-from did_cli.execution import StaticKVCache
 from did_cli.config import ModelConfig
+from did_cli.execution import StaticKVCache
 from did_cli.model import BD3LM
 
 # Dense bf16 tensor-core peaks (no sparsity) for MFU; CPU rows report achieved FLOP/s without MFU.

@@ -18,20 +18,28 @@ _EXPORTS = {
     "DraftSettings": "did_cli.config",
     "EvalSettings": "did_cli.evaluation.gen_ppl",
     "FinetuneSettings": "did_cli.config",
+    "Identity": "did_cli.provenance",
     "ModelConfig": "did_cli.config",
     "NllData": "did_cli.evaluation.nll_rows",
     "NllSettings": "did_cli.evaluation.nll",
+    "Processes": "did_cli.processes",
     "Record": "did_cli.records",
+    "RecordOutput": "did_cli.record_files",
     "RefineSettings": "did_cli.config",
     "SweepSettings": "did_cli.ablation.plan",
     "UnmaskingSettings": "did_cli.config",
+    "current_processes": "did_cli.processes",
     "draft": "did_cli.api",
+    "encode_prompts": "did_cli.api",
     "eval_nll": "did_cli.evaluation.nll",
     "eval_ppl": "did_cli.api",
+    "expect_drafts": "did_cli.provenance",
+    "expect_refinements": "did_cli.provenance",
     "finetune": "did_cli.api",
     "generate": "did_cli.api",
     "load_model": "did_cli.checkpoints",
     "load_tokenizer": "did_cli.checkpoints",
+    "made_with": "did_cli.provenance",
     "optimize": "did_cli.execution",
     "read_records": "did_cli.records",
     "refine": "did_cli.api",
@@ -45,20 +53,28 @@ __all__ = [
     "DraftSettings",
     "EvalSettings",
     "FinetuneSettings",
+    "Identity",
     "ModelConfig",
     "NllData",
     "NllSettings",
+    "Processes",
     "Record",
+    "RecordOutput",
     "RefineSettings",
     "SweepSettings",
     "UnmaskingSettings",
+    "current_processes",
     "draft",
+    "encode_prompts",
     "eval_nll",
     "eval_ppl",
+    "expect_drafts",
+    "expect_refinements",
     "finetune",
     "generate",
     "load_model",
     "load_tokenizer",
+    "made_with",
     "optimize",
     "read_records",
     "refine",
@@ -69,7 +85,7 @@ __all__ = [
 if TYPE_CHECKING:
     from did_cli.ablation.plan import SweepSettings
     from did_cli.ablation.run import run_sweep
-    from did_cli.api import draft, eval_ppl, finetune, generate, refine
+    from did_cli.api import draft, encode_prompts, eval_ppl, finetune, generate, refine
     from did_cli.checkpoints import load_model, load_tokenizer, save_model
     from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
     from did_cli.errors import DidError
@@ -78,6 +94,9 @@ if TYPE_CHECKING:
     from did_cli.evaluation.nll_rows import NllData
     from did_cli.execution import optimize
     from did_cli.model import BD3LM
+    from did_cli.processes import Processes, current_processes
+    from did_cli.provenance import Identity, expect_drafts, expect_refinements, made_with
+    from did_cli.record_files import RecordOutput
     from did_cli.records import Record, read_records
 
 

@@ -316,6 +316,12 @@ class RefineSettings:
             raise UsageError(f"block_size must be positive, got {self.block_size}")
         if isinstance(self.refine_cache, bool) or not isinstance(self.refine_cache, int) or self.refine_cache < 1:
             raise UsageError(f"--refine-cache must be a positive integer (1 = exact), got {self.refine_cache!r}")
+        # The one home of this rule: kept keys/values can only be reused when every call sees the whole sequence.
+        if self.refine_cache > 1 and self.block_size is not None:
+            raise UsageError(
+                f"--refine-cache {self.refine_cache} needs one global refine block (B2 = L), not a refine block size "
+                f"of {self.block_size}; drop --block-size"
+            )
 
 
 def check_block_size(block_size: int, length: int) -> None:

@@ -107,12 +107,30 @@ def generate(
     check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
     RefineSettings(refine_cache=refine_cache)  # a bad R fails before any model loads
-    if length is not None:
-        # Check every stage before loading anything: a bad B2 must not cost a whole draft first.
-        for size in parse_stages(stages, block_size, length):
+
+    def refinements(length: int) -> tuple[list[int], list[RefineSettings]]:
+        """Block sizes per stage and each refine stage's settings (a size >= L is one global block)."""
+        sizes = parse_stages(stages, block_size, length)
+        for size in sizes:
             check_block_size(size, length)
-        for g in parse_gammas(gamma, len(parse_stages(stages, block_size, length)) - 1):
-            RefineSettings(gamma=g, remask=remask)
+        if var_length and any(size < length for size in sizes[1:]):
+            # A variable-length sample's length is not a multiple of a smaller B2; one global block fits any length.
+            raise UsageError("--var-length works only with global refine stages (block size = the length)")
+        refine = [
+            RefineSettings(
+                gamma=g,
+                block_size=None if size >= length else size,
+                remask=remask,
+                kv_cache=not no_kv_cache,
+                unmasking=sampling,
+                refine_cache=refine_cache,
+            )
+            for size, g in zip(sizes[1:], parse_gammas(gamma, len(sizes) - 1), strict=True)
+        ]
+        return sizes, refine
+
+    if length is not None:
+        refinements(length)  # every stage checked before loading anything: a bad B2 must not cost a whole draft
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     processes = current_processes()
     with output(out, processes, resume=resume) as records_out:
@@ -120,15 +138,7 @@ def generate(
             model or o.DEFAULT_MODEL, tokenizer, revision, processes.device_for(device), dtype, execution
         )
         length = loaded.config.model_length if length is None else length
-        sizes = parse_stages(stages, block_size, length)
-        for size in sizes:
-            check_block_size(size, length)
-        gammas = parse_gammas(gamma, len(sizes) - 1)
-        if var_length and any(size < length for size in sizes[1:]):
-            # A variable-length sample's length is not a multiple of a smaller B2; one global block fits any length.
-            raise UsageError("--var-length works only with global refine stages (block size = the length)")
-        if refine_cache > 1 and any(size < length for size in sizes[1:]):
-            raise UsageError("--refine-cache needs global refine stages (block size = the length)")
+        sizes, refine_settings = refinements(length)
         draft_settings = DraftSettings(
             length=length,
             block_size=sizes[0],
@@ -138,17 +148,6 @@ def generate(
             max_tries=max_tries,
             var_length=var_length,
         )
-        refine_settings = [
-            RefineSettings(
-                gamma=g,
-                block_size=None if size >= length else size,
-                remask=remask,
-                kv_cache=not no_kv_cache,
-                unmasking=sampling,
-                refine_cache=refine_cache,
-            )
-            for size, g in zip(sizes[1:], gammas, strict=True)
-        ]
         encoded = api.encode_prompts(tok, prompts)
         identity = Identity.of(loaded, tok)
         expected = expect_drafts(identity, draft_settings, seed, encoded, num_samples, refine_settings)

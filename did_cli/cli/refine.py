@@ -72,8 +72,6 @@ def refine(
         unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold),
         refine_cache=refine_cache,
     )
-    if refine_cache > 1 and block_size is not None:
-        raise UsageError("--refine-cache needs one global refine block; drop --block-size")
     if input == "-" and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError("refine reads records from stdin: pipe them in (did draft | did refine) or name a file")
     if same_file(input, out):

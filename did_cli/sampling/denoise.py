@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from did_cli.config import UnmaskingSettings
-from did_cli.errors import UsageError
 from did_cli.kv_cache import KVCache
 from did_cli.model import BD3LM
 from did_cli.sampling.primitives import sample_from_logits
@@ -97,14 +96,14 @@ def denoise(
         A DenoiseResult; the inputs are not modified.
 
     Raises:
-        UsageError: `refine_cache` above 1 with blocks smaller than the sequence.
+        ValueError: `refine_cache` above 1 with blocks smaller than the sequence.
     """
     batch, length = tokens.shape
     loop = _Loop(model, tokens, is_masked, uniforms, confidence, block_size, settings, on_call)
     loop.vocab_size = vocab_size
     if refine_cache > 1:
-        if block_size < length:
-            raise UsageError(f"--refine-cache needs one global refine block (B2 = L = {length}), not B2 = {block_size}")
+        if block_size < length:  # `RefineSettings` refuses this for users; a direct caller gets told too
+            raise ValueError(f"refine_cache={refine_cache} needs one global block (block_size >= {length})")
         loop.reuse = KeptKVReuse(model, is_masked, refine_cache)
     cache = model.new_cache(batch, length) if kv_cache and block_size < length else None
     for start in range(0, length, block_size):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from did_cli.config import RefineSettings, check_block_size
-from did_cli.errors import UsageError
 from did_cli.model import BD3LM
 from did_cli.sampling.denoise import CallCallback, denoise
 from did_cli.sampling.primitives import draw_uniforms
@@ -86,8 +85,6 @@ def refine(
     batch, length = tokens.shape
     block_size = settings.block_size or length
     check_block_size(block_size, length)
-    if settings.refine_cache > 1 and block_size < length:
-        raise UsageError(f"--refine-cache needs one global refine block (B2 = L = {length}), not B2 = {block_size}")
     device = tokens.device
     lengths = torch.tensor(prompt_lengths, device=device)
     eligible = torch.arange(length, device=device)[None, :] >= lengths[:, None]

@@ -1,4 +1,4 @@
-"""Training checkpoints of a run folder: listing them, saving a run's full state atomically, loading it back.
+"""Training checkpoints of a run folder: saving a run's full state atomically, loading it back, naming the newest.
 
 A checkpoint is written to `checkpoints/.tmp-step_N` with a manifest and renamed to `checkpoints/step_N`; only the
 last `--keep-last` are kept. A NaN or inf loss stops the run before anything is saved, so the newest checkpoint on
