@@ -58,6 +58,11 @@ def resolve(name_or_path: str, revision: str | None = None, *, what: str = "mode
 
     Hub access goes through `huggingface_hub`, so its cache, `revision` pinning and `HF_HUB_OFFLINE` apply.
     """
+    if revision is not None and (name_or_path in EMBEDDED or Path(name_or_path).expanduser().exists()):
+        # A revision names a commit of a Hub repository; recorded beside a local or embedded model it would claim a
+        # pin that never happened.
+        kind = "an embedded model" if name_or_path in EMBEDDED else "a local folder"
+        raise UsageError(f"--revision {revision} applies to Hub ids; {what} {name_or_path!r} is {kind}")
     if name_or_path in EMBEDDED:
         folder = EMBEDDED[name_or_path]
         if not (folder / "config.json").exists():

@@ -374,7 +374,7 @@ class FinetuneSettings:
         num_proc: processes for tokenisation.
         report_to: accelerate trackers (e.g. tensorboard, wandb) besides metrics.jsonl; each must be installed.
         attn_backend: attention kernels: `auto` (flex attention on CUDA, SDPA elsewhere), `sdpa` or `flex`.
-        compile: `torch.compile` the transformer blocks (one graph per block size).
+        compile: `torch.compile` the transformer blocks (the training form has one shape per block size).
         gradient_checkpointing: recompute each block's activations in the backward pass to save memory.
     """
 

@@ -240,7 +240,11 @@ def optimize(
     if cuda_graphs and model.device.type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device; the model is on {model.device.type}")
     model.gradient_checkpointing = gradient_checkpointing
-    model.compiled_blocks = torch.compile(model.run_blocks, dynamic=False, backend=compile_backend) if compile else None
+    # dynamic=None is torch's automatic dynamic shapes: the first call compiles a static graph, and the first call of
+    # another length recompiles once with that length symbolic. Cache-free calls vary in length (`--no-kv-cache`
+    # drafting grows the prefix, variable-length records refine at their own lengths); with static graphs only,
+    # dynamo stops compiling after 8 of them and runs the rest eagerly, with a warning on stderr.
+    model.compiled_blocks = torch.compile(model.run_blocks, dynamic=None, backend=compile_backend) if compile else None
     model.decoder = None
     if compile or cuda_graphs:
         model.decoder = StaticDecoder(model, compile=compile, cuda_graphs=cuda_graphs, backend=compile_backend)

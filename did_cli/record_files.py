@@ -218,6 +218,13 @@ class RecordWriter:
             raise OutputError(
                 f"sample {record.id} holds NaN or infinite numbers (the model's outputs are not finite); not written"
             ) from None
+        foreign = record.foreign_token()
+        if foreign is not None:
+            size = record.tokenizer["vocab_size"]
+            raise OutputError(
+                f"sample {record.id} holds token id {foreign}, outside its tokenizer's {size} ids ([MASK] or padding: "
+                "the model's outputs went wrong); not written"
+            )
         if self._stream is not None:
             self._stream.write(line)
             self._stream.flush()

@@ -54,6 +54,17 @@ class Record:
         # allow_nan=False: NaN and Infinity are not JSON, and a reader would choke on them later.
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
+    def foreign_token(self) -> int | None:
+        """The first token id outside the vocabulary of the tokenizer the record names ([MASK], padding), or None.
+
+        The sampler never draws such ids; one in a record means its numbers went wrong, and every reader would refuse
+        it later, so writers check it before anything is written.
+        """
+        size = self.tokenizer.get("vocab_size") if isinstance(self.tokenizer, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool):
+            return None
+        return next((t for t in self.tokens if not 0 <= t < size), None)
+
     @property
     def generated(self) -> list[int]:
         """Token ids after the prompt."""

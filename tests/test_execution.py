@@ -178,3 +178,29 @@ def test_gradient_checkpointing_recomputes_blocks_in_backward():
 def test_cuda_graphs_refused_on_cpu():
     with pytest.raises(UsageError, match="--cuda-graphs needs a CUDA device"):
         optimize(make_tiny_model(), cuda_graphs=True)
+
+
+def test_cache_free_calls_of_many_lengths_compile_twice_and_never_fall_back_to_eager(caplog):
+    """`--no-kv-cache` drafting and variable-length refinement call the blocks at many lengths. With static graphs
+    only, dynamo stopped compiling after 8 lengths and warned on stderr; now the second length compiles a graph with
+    a symbolic length that serves every later one."""
+    eager = make_tiny_model()
+    model = optimize(make_tiny_model(), compile=True, compile_backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with caplog.at_level("WARNING", logger="torch._dynamo"), torch.inference_mode():
+        for length in range(4, 32, 2):  # 14 lengths
+            tokens = torch.randint(0, 68, (2, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(model(tokens, block_size=4), eager(tokens, block_size=4), atol=ATOL, rtol=0)
+    assert counters["stats"]["unique_graphs"] <= 3
+    assert not [r for r in caplog.records if "recompil" in r.getMessage()]
+    settings = DraftSettings(length=32, kv_cache=False)  # 8 blocks: the prefix grows through 8 lengths
+    want = draft(eager, [[BOS]] * 2, [0, 1], settings, seed=3)
+    assert torch.equal(draft(model, [[BOS]] * 2, [0, 1], settings, seed=3).tokens, want.tokens)
+    # A few variants beside the symbolic-length graph (no mask for the first block, a contiguous full-length
+    # batch), whatever the number of lengths; a second draft compiles nothing more.
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 6
+    draft(model, [[BOS]] * 2, [2, 3], settings, seed=4)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not [r for r in caplog.records if "recompil" in r.getMessage()]

@@ -248,3 +248,13 @@ def test_out_may_be_a_device_a_pipe_or_a_symlink_and_stays_one(tmp_path):
 def test_an_empty_out_name_is_refused(name):
     with pytest.raises(OutputError, match="needs a file name"):
         RecordWriter(name).open()
+
+
+def test_a_record_holding_mask_or_an_id_beyond_its_tokenizer_is_never_written(tmp_path):
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(OutputError, match="holds token id 68, outside its tokenizer's 68 ids") as info:
+        with RecordWriter(out) as writer:
+            writer.write(_record(0, tokenizer={"name": "chars", "vocab_size": 68}))
+            writer.write(_record(1, tokens=[0, 68, 6], tokenizer={"name": "chars", "vocab_size": 68}))
+    assert "\n" not in str(info.value)
+    assert [r.id for r in read_complete_records(tmp_path / "o.jsonl.partial").records] == [0]

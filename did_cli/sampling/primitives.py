@@ -89,7 +89,10 @@ def sample_from_logits(
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits[:, vocab_size:] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
-    sampling = probs if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
+    # Shift before dividing: (z - max z) / T is at most 0 for any T > 0, so a tiny temperature tends to greedy
+    # decoding instead of overflowing to inf - inf = NaN (which drew the last slot, [MASK]).
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    sampling = probs if temperature == 1.0 else torch.softmax(shifted / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = _descending(sampling, top_p)
         keep = sorted_probs.cumsum(dim=-1) <= top_p
@@ -106,7 +109,7 @@ def sample_from_logits(
         index = torch.minimum(index, keep.sum(dim=-1, keepdim=True) - 1)
         tokens = order.gather(-1, index).squeeze(-1)
     else:
-        drawn_nothing = sampling.gather(-1, index) == 0
+        drawn_nothing = ~(sampling.gather(-1, index) > 0)  # zero, or NaN from non-finite logits
         tokens = torch.where(drawn_nothing, sampling.argmax(dim=-1, keepdim=True), index).squeeze(-1)
     confidence = probs.gather(-1, tokens[:, None]).squeeze(-1).float()
     return tokens, confidence

@@ -236,3 +236,14 @@ def test_refine_refuses_to_overwrite_its_input_and_failures_keep_existing_output
 def test_unknown_device_is_a_usage_error(tiny_checkpoint):
     result = runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "--device", "gpu"])
     assert result.exit_code == 2 and "unknown device" in result.stderr
+
+
+def test_a_tiny_temperature_drafts_greedily_and_refine_accepts_the_records(tiny_checkpoint, tmp_path):
+    """--temperature 5e-324 used to write [MASK] everywhere (rc 0), and did refine then refused did's own output."""
+    drafts = tmp_path / "d.jsonl"
+    args = ["draft", "-m", str(tiny_checkpoint), "-n", "2", "-q", "--out", str(drafts), "--temperature", "5e-324"]
+    assert runner.invoke(app, args).exit_code == 0
+    records = [json.loads(line) for line in drafts.read_text().splitlines()]
+    assert all(68 not in r["tokens"] and min(r["confidence"]) > 0 for r in records)
+    refined = runner.invoke(app, ["refine", str(drafts), "-q", "--temperature", "1e-310"])
+    assert refined.exit_code == 0, refined.stderr

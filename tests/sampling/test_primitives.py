@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from did_cli.sampling.primitives import draw_uniforms, sample_from_logits, sample_seed
@@ -114,3 +115,20 @@ def test_did_drafts_only_tokenizer_ids_and_refines_its_own_drafts_with_a_padded_
         assert max(json.loads(line)["tokens"]) < 68
     refined = runner.invoke(app, ["refine", str(tmp_path / "d.jsonl")])
     assert refined.exit_code == 0, refined.stderr
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-30])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_tiny_temperature_is_greedy_and_never_draws_mask(temperature, top_p):
+    """logits / T used to overflow to inf - inf = NaN, and the draw fell on the last slot: [MASK]."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 9.0], [0.5, -1.0, 0.25, 9.0]])  # [MASK] = 3 holds the largest logit
+    uniforms = torch.tensor([0.999, 0.001], dtype=torch.float64)
+    tokens, confidence = sample_from_logits(logits, uniforms, mask_id=3, top_p=top_p, temperature=temperature)
+    assert tokens.tolist() == [1, 0]  # the argmax among the real tokens
+    assert torch.isfinite(confidence).all()
+
+
+def test_non_finite_logits_never_draw_a_zero_probability_slot():
+    logits = torch.tensor([[float("nan"), 1.0, 2.0, 0.0]])
+    tokens, _ = sample_from_logits(logits, torch.tensor([0.5], dtype=torch.float64), mask_id=3)
+    assert tokens.tolist() != [3]
