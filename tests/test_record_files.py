@@ -252,9 +252,9 @@ def test_an_empty_out_name_is_refused(name):
 
 def test_a_record_holding_mask_or_an_id_beyond_its_tokenizer_is_never_written(tmp_path):
     out = tmp_path / "o.jsonl"
-    with pytest.raises(OutputError, match="holds token id 68, outside its tokenizer's 68 ids") as info:
-        with RecordWriter(out) as writer:
-            writer.write(_record(0, tokenizer={"name": "chars", "vocab_size": 68}))
-            writer.write(_record(1, tokens=[0, 68, 6], tokenizer={"name": "chars", "vocab_size": 68}))
+    message = "holds token id 68, outside its tokenizer's 68 ids"
+    with pytest.raises(OutputError, match=message) as info, RecordWriter(out) as writer:
+        writer.write(_record(0, tokenizer={"name": "chars", "vocab_size": 68}))
+        writer.write(_record(1, tokens=[0, 68, 6], tokenizer={"name": "chars", "vocab_size": 68}))
     assert "\n" not in str(info.value)
     assert [r.id for r in read_complete_records(tmp_path / "o.jsonl.partial").records] == [0]
