@@ -2,7 +2,8 @@
 # Rebuild the embedded models from scratch: corpus, tokenizer, diffusion pretrain, mix-scale and no-mix
 # fine-tunes, the GPT-2 judge, then ship did-tiny and did-tiny-judge into the package and measure them.
 # Everything is seeded; on the same library versions and thread count the shipped files come out bit for bit.
-# About 145 minutes on 2 CPU cores (docs/tiny-models.md times each run). Run from the repository root with the project installed (pip install -e .).
+# About 3 hours on 2 CPU cores: the five training runs take 146 minutes (docs/tiny-models.md times each one), the
+# ablations of step 7 about 25. Run from the repository root with the project installed (pip install -e .).
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 
@@ -27,7 +28,7 @@ did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:0.9,128:0.1 
 did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:1 --steps 400 --lr 5e-4 --warmup 20 \
   --save-every 100 --val-every 100 --log-every 25 --out runs/tiny-nomix --overwrite
 # The no-mix baseline at the paper's budget ratio: its standard BD3-LM baseline had ~4x DiD's small-block training
-# (150K steps against 40K), so 1600 steps against the mix-scale fine-tune's 400 (about 60 minutes on 2 cores).
+# (150K steps against 40K), so 1600 steps against the mix-scale fine-tune's 400 (71 minutes in docs/tiny-models.md).
 did finetune --model runs/tiny-pretrain/final $DATA $COMMON --mix 4:1 --steps 1600 --lr 5e-4 --warmup 20 \
   --save-every 200 --val-every 200 --log-every 50 --out runs/tiny-nomix-long --overwrite
 
