@@ -233,6 +233,7 @@ def refine(
 
     Records are batched in arrival order; a change of sequence length starts a new batch. Each record's stage
     index (its number of earlier stages) selects fresh random streams, so chained refinements never reuse them.
+    The generated EOS that ends a variable-length record (`Record.terminating_eos`) is never remasked.
     `processes` splits the input positions between the processes a launcher started. Records whose id is in
     `skip_ids` (what a resumed run already has) are not yielded, and batches keep the unbroken run's layout (a
     batch that still lacks a record is refined whole), so every yielded record equals an unbroken run's.
@@ -282,6 +283,11 @@ def _refine_batch(
             for refined in _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done, processes)
         ]
     stage_index = stages.pop()
+    pinned = torch.zeros_like(tokens, dtype=torch.bool)
+    for row, record in enumerate(batch):
+        end = record.terminating_eos(tokenizer.eos_token_id)
+        if end is not None:
+            pinned[row, end] = True
     result = refine_batch(
         model,
         tokens,
@@ -293,6 +299,7 @@ def _refine_batch(
         seed,
         _call_progress(on_progress, "refine", done, None),
         vocab_size=tokenizer_vocab_size(tokenizer),
+        pinned=pinned,
     )
     new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
     stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **stage_provenance(model)}

@@ -263,9 +263,12 @@ class DraftSettings:
             sample whose last `entropy_window` tokens have a unigram entropy below this (nats) is discarded and
             drawn again, as BD3-LM's sampler does (4.0); 0 turns the check off.
         max_tries: draws per sample before sampling fails (BD3-LM: 10).
-        entropy_window: tokens the entropy check looks at (BD3-LM: 256).
-        var_length: stop each sample at its first generated EOS, keeping it; on low entropy, drop the last
-            `entropy_window` tokens and stop instead of redrawing (BD3-LM's `sampling.var_length`).
+        entropy_window: tokens the entropy check looks at, and the length a sample must pass before any stop
+            condition is checked (BD3-LM: 256 for both).
+        var_length: BD3-LM's `sampling.var_length`: at the first check (once the sample is longer than
+            `entropy_window`) or a later one, a sample holding a generated EOS stops and is cut just after the first
+            one, which it keeps; on low entropy it drops its last `entropy_window` tokens and stops instead of being
+            redrawn (this cut wins). At block size 1 a stopped sample is redrawn instead, as upstream does.
     """
 
     length: int

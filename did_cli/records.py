@@ -70,6 +70,18 @@ class Record:
         """Token ids after the prompt."""
         return self.tokens[self.prompt_len :]
 
+    def terminating_eos(self, eos_id: int | None) -> int | None:
+        """The position of the generated EOS that ends a variable-length draft, or None.
+
+        A draft stage with `var_length` keeps the EOS it stopped at as its last token; refinement never remasks it,
+        so the record still ends where its draft stopped (and where its `text` says).
+        """
+        draft = self.stages[0] if self.stages else {}
+        last = len(self.tokens) - 1
+        if eos_id is None or draft.get("kind") != "draft" or not draft.get("var_length"):
+            return None
+        return last if last >= self.prompt_len and self.tokens[last] == eos_id else None
+
 
 def _reject_constant(name: str) -> float:
     # json.loads accepts NaN and Infinity, which are not JSON; a record holding them is corrupt.

@@ -3,12 +3,14 @@
 It follows the upstream computation step by step (per-half qkv, rotate-half rotary on q and k with v untouched,
 explicit softmax attention, adaLN with shift/scale/gate, weight-only fp32 LayerNorm) and reads the upstream state
 dict key names directly, so a key mapping bug or a numerical shortcut in did's model cannot hide behind shared code.
-Masks are built with Python loops from the written definitions.
+Masks are built with Python loops from the written definitions. `bd3lm_var_length` states BD3-LM's variable-length
+stop rule on plain lists, line by line from its sampler.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -110,3 +112,39 @@ def reference_train_mode(state, n_heads, noisy, clean, block_size):
     positions = torch.cat([torch.arange(length), torch.arange(length)])
     tokens = torch.cat([noisy, clean], dim=1)
     return reference_logits(state, n_heads, tokens, positions, naive_block_diffusion(length, block_size))[:, :length]
+
+
+def unigram_entropy(tokens: list[int]) -> float:
+    """`torch.special.entr` of the token frequencies, summed (nats): BD3-LM's `_compute_entropy` for one sample."""
+    counts = Counter(tokens)
+    return -sum(n / len(tokens) * math.log(n / len(tokens)) for n in counts.values())
+
+
+def bd3lm_var_length(
+    tokens: list[int], block_size: int, eos_id: int, window: int = 256, threshold: float = 4.0
+) -> int | None:
+    """The tokens BD3-LM keeps of one full draw with `sampling.var_length`, or None where it draws the sample again.
+
+    Upstream at 1c3e8f4, batch 1, BOS = EOS at position 0. `_semi_ar_sampler` (diffusion.py 1044-1050), after the block
+    ending at `end`: `if x_accum.shape[1] > 256` run `_check_stop_conds`; on a stop return None (a redraw) when
+    `x.shape[-1] == 1` (x is the last block, so: at block size 1), else break with the cut sample.
+    `_check_stop_conds` (1059-1090): entropy of the last 256 tokens below 4 stops; more than one EOS in x (BOS is
+    one) stops and cuts after the second, the first generated one; low entropy then sets the cut to `end - 256`.
+    A draw that never stops is kept whole. `threshold` 0 never stops on entropy (an entropy is never negative).
+    """
+    for end in range(block_size, len(tokens) + 1, block_size):
+        if end <= window:
+            continue
+        x = tokens[:end]
+        stop, cut = False, None
+        entropy = unigram_entropy(x[-window:])
+        if entropy < threshold:
+            stop = True
+        eos_positions = [i for i, token in enumerate(x) if token == eos_id]
+        if len(eos_positions) > 1:
+            stop, cut = True, min(eos_positions[1] + 1, end)
+        if entropy < threshold:
+            stop, cut = True, end - window
+        if stop:
+            return None if block_size == 1 else cut
+    return len(tokens)

@@ -55,3 +55,13 @@ def test_a_valid_record_round_trips_and_null_optionals_take_defaults():
     record = parse_record(_body(text=None, prompt=None, device=None), "x")
     assert record.text == "" and record.prompt is None
     assert parse_record(_record(7).to_json(), "x") == _record(7)
+
+
+def test_only_a_variable_length_drafts_final_generated_eos_is_its_terminating_eos():
+    varlen, fixed = [{"kind": "draft", "var_length": True}], [{"kind": "draft", "var_length": False}]
+    assert _record(tokens=[0, 5, 9], stages=varlen).terminating_eos(9) == 2
+    assert _record(tokens=[0, 5, 9], stages=[*varlen, {"kind": "refine"}]).terminating_eos(9) == 2
+    assert _record(tokens=[0, 5, 9], stages=fixed).terminating_eos(9) is None  # a fixed-length draft ends anywhere
+    assert _record(tokens=[0, 5, 9], stages=[]).terminating_eos(9) is None  # legacy records: no var_length
+    assert _record(tokens=[0, 9, 6], stages=varlen).terminating_eos(9) is None  # ran to its length (or was cut)
+    assert _record(tokens=[0, 5, 9], stages=varlen).terminating_eos(None) is None

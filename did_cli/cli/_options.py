@@ -123,7 +123,12 @@ RejectEntropy = Annotated[
 ]
 MaxTries = Annotated[int, typer.Option("--max-tries", help="Draws per sample before failing (BD3-LM: 10).")]
 VarLength = Annotated[
-    bool, typer.Option("--var-length", help="Stop each sample at its first generated EOS, kept (BD3-LM var_length).")
+    bool,
+    typer.Option(
+        "--var-length",
+        help="Cut each sample after its first generated EOS, kept; checked as BD3-LM's var_length: only once a sample "
+        "is longer than 256 tokens, after each block (at block size 1 a stopped sample is redrawn).",
+    ),
 ]
 
 # Scoring commands (eval-ppl, sweep).

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import Progress, TextColumn
 
 from did_cli.cli._progress import PlainLines, bar, say, stderr
-from did_cli.config import UnmaskingSettings
+from did_cli.config import DraftSettings, UnmaskingSettings
 from did_cli.errors import DidError, InputError, UsageError
 from did_cli.processes import Processes
 from did_cli.record_files import RecordOutput
@@ -50,6 +50,15 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | No
     if not prompts:
         raise InputError(f"prompt file {prompt_file} holds no prompt")
     return prompts
+
+
+def note_inert_var_length(settings: DraftSettings, processes: Processes) -> None:
+    """Say once (main process) when --var-length cannot act: BD3-LM checks stops only past its 256-token window."""
+    if settings.var_length and settings.length <= settings.entropy_window and processes.is_main:
+        say(
+            f"note: --var-length cuts no sample at --length {settings.length}: BD3-LM checks for EOS only once a "
+            f"sample is longer than {settings.entropy_window} tokens"
+        )
 
 
 def check_num_samples(num_samples: int, batch_size: int) -> None:

@@ -14,6 +14,7 @@ from did_cli.cli._sampling import (
     check_kv_cache_flags,
     check_num_samples,
     load,
+    note_inert_var_length,
     output,
     read_prompts,
     unmasking,
@@ -82,6 +83,7 @@ def draft(
             max_tries=max_tries,
             var_length=var_length,
         )
+        note_inert_var_length(settings, processes)
         encoded = api.encode_prompts(tok, prompts)
         skip = records_out.check_kept(expect_drafts(Identity.of(loaded, tok), settings, seed, encoded, num_samples))
         total = num_samples * len(encoded)

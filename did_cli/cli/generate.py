@@ -14,6 +14,7 @@ from did_cli.cli._sampling import (
     check_kv_cache_flags,
     check_num_samples,
     load,
+    note_inert_var_length,
     output,
     read_prompts,
     unmasking,
@@ -148,6 +149,7 @@ def generate(
             max_tries=max_tries,
             var_length=var_length,
         )
+        note_inert_var_length(draft_settings, processes)
         encoded = api.encode_prompts(tok, prompts)
         identity = Identity.of(loaded, tok)
         expected = expect_drafts(identity, draft_settings, seed, encoded, num_samples, refine_settings)

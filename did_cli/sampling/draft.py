@@ -3,13 +3,18 @@
 Every sample starts as its prompt (BOS alone when unconditional, as BD3-LM) followed by [MASK]s up to the length.
 Blocks are denoised left to right; each token's snapshot confidence is recorded at the call that commits it.
 
-Stop conditions follow BD3-LM's `_check_stop_conds`, checked after every block that holds generated tokens:
+Stop conditions follow BD3-LM's `_semi_ar_sampler` and `_check_stop_conds` (diffusion.py 1044-1050, 1059-1090),
+checked after every block that holds generated tokens once the sequence so far is longer than the window (256);
+before that nothing is checked, an EOS included:
 
-* entropy rejection: once the sequence so far is longer than the window (256), a sample whose last 256 tokens have
-  a unigram entropy below `reject_entropy` (4.0 nats) is discarded and drawn again from a fresh stream that depends
-  only on (seed, id, attempt); after `max_tries` draws sampling fails, as upstream raises `Sampling failed`.
-* variable length: a sample stops at its first generated EOS, which it keeps; on low entropy it stops and drops its
-  last 256 tokens instead of being redrawn.
+* entropy rejection: a sample whose last 256 tokens have a unigram entropy below `reject_entropy` (4.0 nats) is
+  discarded and drawn again from a fresh stream that depends only on (seed, id, attempt); after `max_tries` draws
+  sampling fails, as upstream raises `Sampling failed`.
+* variable length: a sample with a generated EOS stops and is cut just after its first one, which it keeps; on low
+  entropy it stops and drops its last 256 tokens instead (this cut wins over the EOS cut). At block size 1 upstream
+  redraws every stopped sample instead (its `x.shape[-1] == 1` tests the last block), and so does did.
+
+A sample's tokens never depend on the stop rules: a variable-length sample is its fixed-length draw, cut.
 """
 
 from __future__ import annotations
@@ -122,6 +127,12 @@ def draft(
         pending = [i for row, i in enumerate(pending) if stops.rejected[row]]
         if not pending:
             break
+    if pending and settings.var_length:
+        raise SamplingError(
+            f"sample {sample_ids[pending[0]]} stopped (at a generated EOS or below {settings.reject_entropy} nats of "
+            f"entropy) in all {settings.max_tries} tries; at block size 1 BD3-LM's variable-length sampler redraws "
+            "every stopped sample and fails here too: use a block size above 1 or raise --max-tries"
+        )
     if pending:
         raise SamplingError(
             f"sample {sample_ids[pending[0]]} fell below {settings.reject_entropy} nats of entropy in all "
@@ -183,9 +194,11 @@ def _draw(
 class _StopConditions:
     """BD3-LM's per-block stop checks for one draw, kept per row so that no sample depends on its neighbours.
 
-    A row is checked at a block end `end` only if the block holds generated tokens (end > its prompt length).
-    Rejection flags stay on the device until the draw ends, so plain drafting never waits on the device; only
-    variable-length sampling, which must stop rows as it goes, reads them back after each block.
+    Upstream checks after every block once the sequence so far is longer than the window (`x_accum.shape[1] > 256`,
+    diffusion.py 1045), so a block ending at or before the window is never checked, for EOS neither. A row is checked
+    at a block end `end` only if the block holds generated tokens (end > its prompt length). Rejection flags stay on
+    the device until the draw ends, so plain drafting never waits on the device; only variable-length sampling,
+    which must stop rows as it goes, reads them back after each block.
     """
 
     def __init__(self, prompt_lengths: list[int], settings: DraftSettings, eos_id: int | None) -> None:
@@ -194,15 +207,18 @@ class _StopConditions:
         self.lengths = [settings.length] * len(prompt_lengths)
         self.rejected = [False] * len(prompt_lengths)
         self.stopped = torch.zeros(len(prompt_lengths), dtype=torch.bool)
-        self.entropy_on = settings.reject_entropy > 0 and settings.length > settings.entropy_window
-        self.active = settings.var_length or self.entropy_on
+        self.window = settings.entropy_window
+        self.entropy_on = settings.reject_entropy > 0 and settings.length > self.window
+        self.active = (settings.var_length and settings.length > self.window) or self.entropy_on
         self._low: torch.Tensor | None = None  # [B] bool on the device: rows that failed a check
 
     def __call__(self, end: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        if end <= self.window:
+            return None
         checked = (end > self.prompt_lengths) & ~self.stopped  # B (CPU)
         low = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        if self.entropy_on and end > self.settings.entropy_window:
-            low = window_entropy(tokens, end, self.settings.entropy_window) < self.settings.reject_entropy
+        if self.entropy_on:
+            low = window_entropy(tokens, end, self.window) < self.settings.reject_entropy
             low &= checked.to(tokens.device)
         if not self.settings.var_length:
             self._low = low if self._low is None else self._low | low
@@ -217,10 +233,14 @@ class _StopConditions:
         has_eos = is_eos.any(dim=1)
         stop = checked & (has_eos | low)
         for row in stop.nonzero().flatten().tolist():
-            # Upstream truncates after the first generated EOS; low entropy overrides it with end - window.
+            if self.settings.block_size == 1:
+                # Upstream returns None (a redraw) on `stop and x.shape[-1] == 1`, where x is the last block (1047).
+                self.rejected[row] = True
+                continue
+            # Upstream truncates after the first generated EOS; low entropy overrides it with end - window (1079-1090).
             cut = int(is_eos[row].int().argmax()) + 1 if has_eos[row] else end
             if low[row]:
-                cut = end - self.settings.entropy_window
+                cut = end - self.window
             self.lengths[row] = max(cut, int(self.prompt_lengths[row]))
         self.stopped |= stop
         return stop

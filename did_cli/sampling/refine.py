@@ -2,7 +2,8 @@
 
 With B2 = L (the default) the whole sequence is one bidirectional block: no KV cache, every call sees every kept
 token. With B2 < L blocks are refined left to right, block-causally, with the KV cache over refined blocks, so the
-paper's B2 sweep can be run. Only remasked positions can change; kept tokens keep their confidence.
+paper's B2 sweep can be run. Only remasked positions can change; kept tokens keep their confidence. Prompt
+positions and `pinned` ones (the generated EOS that ends a variable-length sample) are never remasked.
 
 Cheaper refinement, both off by default: a confidence threshold commits several confident positions per call
 (`UnmaskingSettings.confidence_threshold`), and `refine_cache` R > 1 recomputes kept positions' keys/values only
@@ -63,6 +64,7 @@ def refine(
     on_call: CallCallback | None = None,
     *,
     vocab_size: int | None = None,
+    pinned: torch.Tensor | None = None,
 ) -> RefineResult:
     """Refine one batch.
 
@@ -77,9 +79,11 @@ def refine(
         seed: the run's seed.
         on_call: optional progress callback.
         vocab_size: ids at or above it are never drawn (the tokenizer's size; see `sample_from_logits`).
+        pinned: [B, L] bool, generated positions that are never remasked either: the EOS that ends a variable-length
+            sample, so the refined sample still ends where its draft stopped. gamma applies to the other positions.
 
     Returns:
-        A RefineResult.
+        A RefineResult; `remasked` is False wherever `pinned` is True.
     """
     start = time.perf_counter()
     batch, length = tokens.shape
@@ -88,6 +92,8 @@ def refine(
     device = tokens.device
     lengths = torch.tensor(prompt_lengths, device=device)
     eligible = torch.arange(length, device=device)[None, :] >= lengths[:, None]
+    if pinned is not None:
+        eligible &= ~pinned.to(device)
     uniforms = draw_uniforms(seed, sample_ids, stage, length, 3)  # stays on the CPU, where positions are scheduled
     scores = STRATEGIES[settings.remask](tokens, confidence, uniforms[..., 2].to(device), model, block_size)
     remasked = select_lowest(scores, eligible, settings.gamma)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 
 from did_cli.checkpoints import save_model
 from did_cli.cli import app
+from tests.bd3lm_reference import bd3lm_var_length
 from tests.conftest import make_tiny_model
 
 runner = CliRunner()
@@ -19,37 +21,73 @@ def _lines(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def eos_checkpoint(tmp_path_factory, char_tokenizer):
-    """A checkpoint whose denoiser writes 'a' (p = 0.85) or <|endoftext|> (p = 0.15) wherever it is asked."""
-    model = make_tiny_model(dropout=0.0)
+def _save_fixed(folder, char_tokenizer, probs: dict[int, float], length: int):
+    """A checkpoint whose denoiser draws from `probs` wherever it is asked, whatever the context."""
+    model = make_tiny_model(dropout=0.0, model_length=length)
     bias = torch.full((model.config.vocab_size,), -1e4)
-    bias[0], bias[EOS] = math.log(0.85), math.log(0.15)
+    for token, p in probs.items():
+        bias[token] = math.log(p)
     with torch.no_grad():
         model.backbone.output_layer.linear.weight.zero_()
         model.backbone.output_layer.linear.bias.copy_(bias)
-    folder = tmp_path_factory.mktemp("eos") / "eos"
     save_model(model, folder, char_tokenizer)
     return folder
 
 
-def test_var_length_records_end_at_their_first_generated_eos(eos_checkpoint):
-    model = str(eos_checkpoint)
-    fixed = _lines(runner.invoke(app, ["draft", "-m", model, "-n", "12", "--batch-size", "4", "--top-p", "1"]).stdout)
-    result = runner.invoke(app, ["draft", "-m", model, "-n", "12", "--batch-size", "4", "--top-p", "1", "--var-length"])
+@pytest.fixture(scope="module")
+def eos_checkpoint(tmp_path_factory, char_tokenizer):
+    """32 tokens of 'a' (p = 0.85) or <|endoftext|> (p = 0.15): shorter than BD3-LM's 256-token stop window."""
+    return _save_fixed(tmp_path_factory.mktemp("eos") / "eos", char_tokenizer, {0: 0.85, EOS: 0.15}, 32)
+
+
+@pytest.fixture(scope="module")
+def long_eos_checkpoint(tmp_path_factory, char_tokenizer):
+    """264 tokens, each one of 62 characters (p = 0.996 / 62) or <|endoftext|> (p = 0.004).
+
+    A 256-token window of such text has about 4.01 nats of unigram entropy, so BD3-LM's bar of 4 cuts some samples
+    and not others; about a third of the samples hold no EOS before the first check (token 260).
+    """
+    probs = {token: 0.996 / 62 for token in range(62)}
+    return _save_fixed(tmp_path_factory.mktemp("long") / "long", char_tokenizer, {**probs, EOS: 0.004}, 264)
+
+
+def _kind(kept: int, full: list[int]) -> str:
+    """How a variable-length sample ended: whole, at its first generated EOS, or cut by low entropy (after an EOS)."""
+    eos = full.index(EOS, 1) if EOS in full[1:] else None
+    if kept == len(full):
+        return "whole"
+    if eos is not None and kept == eos + 1:
+        return "eos"
+    return "entropy after an early eos" if eos is not None and eos < 256 else "entropy"
+
+
+def test_var_length_records_are_bd3lms_cut_of_the_fixed_length_draws(long_eos_checkpoint):
+    args = ["draft", "-m", str(long_eos_checkpoint), "-n", "12", "--batch-size", "4", "--top-p", "1"]
+    fixed = _lines(runner.invoke(app, [*args, "--reject-entropy", "0"]).stdout)  # first draws, none redrawn
+    result = runner.invoke(app, [*args, "--var-length"])
     assert result.exit_code == 0, result.stderr
     varlen = _lines(result.stdout)
-    shortened = 0
+    kinds = Counter()
     for full, record in zip(fixed, varlen, strict=True):
-        generated = full["tokens"][1:]
-        expected = 1 + generated.index(EOS) + 1 if EOS in generated else 32
+        expected = bd3lm_var_length(full["tokens"], 4, EOS)  # upstream's window (256) and bar (4 nats)
         assert len(record["tokens"]) == len(record["confidence"]) == expected
         assert record["tokens"] == full["tokens"][:expected]
-        assert record["text"].endswith("<|endoftext|>") == (expected < 32 or generated[-1] == EOS)
+        assert record["text"].endswith("<|endoftext|>") == (record["tokens"][-1] == EOS)
         stage = record["stages"][0]
-        assert stage["var_length"] is True and stage["tries"] == 1 and stage["length"] == 32
-        shortened += expected < 32
-    assert shortened > 0
+        assert stage["var_length"] is True and stage["tries"] == 1 and stage["length"] == 264
+        kinds[_kind(expected, full["tokens"])] += 1
+    assert set(kinds) == {"whole", "eos", "entropy", "entropy after an early eos"}, kinds
+    assert "note:" not in result.stderr
+
+
+def test_var_length_below_the_window_cuts_nothing_and_says_so(eos_checkpoint):
+    args = ["draft", "-m", str(eos_checkpoint), "-n", "4", "--top-p", "1"]
+    fixed = _lines(runner.invoke(app, args).stdout)
+    result = runner.invoke(app, [*args, "--var-length"])
+    assert result.exit_code == 0, result.stderr
+    assert [r["tokens"] for r in _lines(result.stdout)] == [r["tokens"] for r in fixed]
+    assert any(EOS in r["tokens"][1:] for r in fixed)
+    assert result.stderr.count("note: --var-length cuts no sample at --length 32") == 1
 
 
 def test_draft_records_the_stop_settings_and_tries(tiny_checkpoint):
@@ -76,16 +114,41 @@ def test_bad_stop_options_and_over_long_lengths_fail_in_one_line(tiny_checkpoint
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_generate_with_var_length_refines_each_sample_at_its_own_length(eos_checkpoint):
-    args = ["generate", "-m", str(eos_checkpoint), "-n", "6", "--batch-size", "3", "--top-p", "1", "--var-length"]
+def test_generate_with_var_length_refines_each_sample_at_its_own_length(long_eos_checkpoint):
+    # The draft's terminating EOS has the lowest confidence (p = 0.004): snapshot remasking would take it first.
+    args = ["generate", "-m", str(long_eos_checkpoint), "-n", "6", "--batch-size", "3", "--top-p", "1", "--var-length"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     records = _lines(result.stdout)
     assert len({len(r["tokens"]) for r in records}) > 1
+    ended = 0
     for record in records:
         draft_tokens = record["draft_tokens"]
         assert len(record["tokens"]) == len(draft_tokens) == len(record["confidence"])
-        assert record["stages"][1]["kind"] == "refine" and record["stages"][1]["block_size"] == len(draft_tokens)
+        refine = record["stages"][1]
+        assert refine["kind"] == "refine" and refine["block_size"] == len(draft_tokens)
+        if draft_tokens[-1] == EOS:
+            ended += 1
+            assert record["tokens"][-1] == EOS and len(draft_tokens) - 1 not in refine["remasked"]
+            assert record["text"].endswith("<|endoftext|>")
+    assert ended >= 2
+
+
+def test_refine_of_var_length_records_never_remasks_their_terminating_eos(long_eos_checkpoint, tmp_path):
+    drafts = tmp_path / "drafts.jsonl"
+    args = ["draft", "-m", str(long_eos_checkpoint), "-n", "6", "--top-p", "1", "--var-length", "--out", str(drafts)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["refine", str(drafts), "--gamma", "1", "--top-p", "1", "-q"])
+    assert result.exit_code == 0, result.stderr
+    ended = 0
+    for draft, refined in zip(_lines(drafts.read_text()), _lines(result.stdout), strict=True):
+        last = len(draft["tokens"]) - 1
+        keeps_eos = draft["tokens"][-1] == EOS
+        expected = list(range(1, last)) if keeps_eos else list(range(1, last + 1))  # every other generated token
+        assert refined["stages"][1]["remasked"] == expected
+        assert (refined["tokens"][-1] == EOS) >= keeps_eos
+        ended += keeps_eos
+    assert ended >= 2
 
 
 def test_eval_ppl_records_the_cut_and_the_space_clean_up(tmp_path):

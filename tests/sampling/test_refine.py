@@ -95,3 +95,22 @@ def test_confidence_order_refine(tiny_model, drafted):
     out = _refine(tiny_model, drafted, gamma=0.5, unmasking=UnmaskingSettings(order="confidence", tokens_per_call=4))
     assert out.nfes == [4, 4, 4, 4]
     assert torch.equal(out.tokens[~out.remasked], drafted.tokens[~out.remasked])
+
+
+@pytest.mark.parametrize("remask", ["snapshot", "posthoc", "random"])
+def test_pinned_positions_are_never_remasked_even_when_least_trusted(tiny_model, drafted, remask):
+    # The EOS that ends a variable-length sample is pinned: given the lowest confidence it would be remasked first.
+    confidence = drafted.confidence.clone()
+    confidence[:, -1] = 0.0
+    pinned = torch.zeros_like(drafted.tokens, dtype=torch.bool)
+    pinned[:, -1] = True
+    for gamma in (0.25, 1.0):
+        out = refine(tiny_model, drafted.tokens, confidence, drafted.prompt_lengths, [0, 1, 2, 3], 1,
+                     RefineSettings(gamma=gamma, remask=remask), seed=1, pinned=pinned)  # fmt: skip
+        assert not out.remasked[:, -1].any()
+        assert torch.equal(out.tokens[:, -1], drafted.tokens[:, -1])
+        eligible = (torch.arange(32)[None] >= torch.tensor(drafted.prompt_lengths)[:, None]) & ~pinned
+        assert out.remasked.sum(1).tolist() == torch.floor(gamma * eligible.sum(1) + 0.5).long().tolist()
+    unpinned = refine(tiny_model, drafted.tokens, confidence, drafted.prompt_lengths, [0, 1, 2, 3], 1,
+                      RefineSettings(gamma=0.25), seed=1)  # fmt: skip
+    assert unpinned.remasked[:, -1].all()  # without the pin, snapshot remasking takes it first
