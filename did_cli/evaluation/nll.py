@@ -160,6 +160,7 @@ class NllResult:
     settings: dict[str, Any]
     models: dict[str, Any]
     versions: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (a block size clamped to L)
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` body."""
@@ -402,6 +403,7 @@ def score_models(
     data: dict[str, Any] = {}
     infos: dict[str, Any] = {}
     cache: dict[tuple[Any, ...], EvalRows] = {}
+    notes: list[str] = []
     for name, model, tokenizer in models:
         if device is not None:
             model = model.to(device)
@@ -415,6 +417,9 @@ def score_models(
         sizes: list[int] = []
         for size in settings.block_sizes:
             check_block_size(size, length)
+            note = f"block size {size} is longer than the rows ({length} tokens): one global block, B = {length}"
+            if size > length and note not in notes:
+                notes.append(note)
             if min(size, length) not in sizes:
                 sizes.append(min(size, length))
         mine = [row for row in range(rows.tokens.shape[0]) if processes.owns(row)]
@@ -432,4 +437,4 @@ def score_models(
         "clip": None if settings.clip is None else str(settings.clip),
         "processes": processes.world,
     }
-    return NllResult(results, data, run_settings, infos, versions())
+    return NllResult(results, data, run_settings, infos, versions(), notes)
