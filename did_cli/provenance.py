@@ -171,6 +171,9 @@ def run_provenance(model: Any, tokenizer: Any) -> dict[str, Any]:
 # --- Stage settings ---------------------------------------------------------------------------------------------------
 
 
+STOP_RULE = "bd3lm"
+
+
 def draft_stage_settings(settings: DraftSettings, seed: int) -> dict[str, Any]:
     """The settings a draft stage records: what must agree for two drafts to be the same samples."""
     return {
@@ -183,6 +186,9 @@ def draft_stage_settings(settings: DraftSettings, seed: int) -> dict[str, Any]:
         "max_tries": settings.max_tries,
         "entropy_window": settings.entropy_window,
         "var_length": settings.var_length,
+        # Which stop rules cut a variable-length draft: BD3-LM's (checks only past the entropy window, a low-entropy
+        # cut over an EOS cut, redraws at block size 1), since did 0.2; records before it lack the key.
+        "stop_rule": STOP_RULE,
         "seed": seed,
     }
 
@@ -216,6 +222,8 @@ LEGACY_VALUES: dict[str, Callable[[Record, dict[str, Any]], Any]] = {
     "reject_entropy": lambda record, stage: 0.0,  # before BD3-LM's entropy rejection, nothing was redrawn
     "max_tries": lambda record, stage: 1,
     "var_length": lambda record, stage: False,
+    # Variable-length drafts were cut by did's own rule before BD3-LM's; fixed-length drafts never depended on it.
+    "stop_rule": lambda record, stage: "did-0.1" if stage.get("var_length") else STOP_RULE,
     "entropy_window": lambda record, stage: 256,
     "confidence_threshold": lambda record, stage: None,
     "refine_cache": lambda record, stage: 1,

@@ -157,3 +157,21 @@ def test_a_resumed_run_equals_an_unbroken_one_bit_for_bit(loaded, batch_size, ke
         api.generate(model, tokenizer, DRAFT, [REFINE], num_samples=7, batch_size=batch_size, skip_ids=range(kept))
     )
     assert _numbers(generated[:kept] + rest) == _numbers(generated)
+
+
+def test_variable_length_drafts_cut_by_the_earlier_rule_are_not_resumed(loaded):
+    model, tokenizer = loaded
+    settings = dataclasses.replace(DRAFT, var_length=True)
+    records = list(api.draft(model, tokenizer, settings, num_samples=2, seed=0, batch_size=2))
+    assert made_with(records, _expect(loaded, settings=settings, num_samples=2)) is None
+    older = [
+        dataclasses.replace(r, stages=[{k: v for k, v in r.stages[0].items() if k != "stop_rule"}]) for r in records
+    ]
+    assert "stop_rule='did-0.1', this run uses 'bd3lm'" in made_with(
+        older, _expect(loaded, settings=settings, num_samples=2)
+    )
+    fixed = [
+        dataclasses.replace(d, stages=[{k: v for k, v in d.stages[0].items() if k != "stop_rule"}]) for d in records
+    ]
+    fixed = [dataclasses.replace(r, stages=[{**r.stages[0], "var_length": False}]) for r in fixed]
+    assert "stop_rule" not in (made_with(fixed, _expect(loaded, num_samples=2)) or "")  # fixed length: unchanged
