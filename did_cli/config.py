@@ -335,6 +335,10 @@ def check_block_size(block_size: int, length: int) -> None:
         raise UsageError(f"block size {block_size} does not divide the length {length}")
 
 
+# The most optimizer steps a run may ask for: BD3-LM's runs take about 1M; a thousand times that is a typo.
+MAX_FINETUNE_STEPS = 10**9
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
     """One `did finetune` run. Defaults reproduce the DiD paper's run from BD3-LM's block-1024 pretrain checkpoint.
@@ -369,8 +373,12 @@ class FinetuneSettings:
         resample: redraw blocks whose masked fraction is outside `clip` (BD3-LM's training.resample).
         ema: EMA decay.
         grad_clip: gradient-norm clip.
-        val_every: validation interval in steps (0 disables).
-        val_batches: validation batches (of micro_batch_size rows) per evaluation.
+        val_every: validation interval in steps (0: only at the end of the run).
+        val_batches: validation batches of `VALIDATION_BATCH_ROWS` (16) held-out rows per evaluation (0 disables
+            validation); the rows validated never depend on `micro_batch_size` or the number of processes.
+        require_validation: stop with an error when the held-out split is shorter than one sequence (validation
+            cannot run) rather than skipping validation with a note. The CLI sets it when --val-every (above 0) or
+            --val-fraction (above 0) is given; --valid-data always requires validation.
         log_every: logging interval in steps.
         mixed_precision: `auto` (bf16 where supported on GPU, else none), `no`, `bf16` or `fp16`.
         cache_dir: where tokenised corpora are cached.
@@ -410,6 +418,7 @@ class FinetuneSettings:
     grad_clip: float = 1.0
     val_every: int = 1000
     val_batches: int = 8
+    require_validation: bool = False
     log_every: int = 10
     mixed_precision: str = "auto"
     cache_dir: str | None = None
@@ -433,8 +442,12 @@ class FinetuneSettings:
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.warmup < 0 or self.val_every < 0:
-            raise UsageError("--warmup and --val-every must be non-negative")
+        if self.steps > MAX_FINETUNE_STEPS:
+            raise UsageError(
+                f"--steps must be at most {MAX_FINETUNE_STEPS:,} (BD3-LM's runs take about 1M), got {self.steps}"
+            )
+        if self.warmup < 0 or self.val_every < 0 or self.val_batches < 0:
+            raise UsageError("--warmup, --val-every and --val-batches must be non-negative")
         # `not x > 0` rather than `x <= 0`: NaN compares false both ways and must be refused too.
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive finite number, got {self.lr}")

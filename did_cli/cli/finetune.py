@@ -1,7 +1,9 @@
 """`did finetune`: mix-scale block-diffusion fine-tuning (or pretraining) on accelerate.
 
-Events go to stderr: every log event on a terminal; in logs and batch jobs (stderr not a terminal) plain lines,
-training lines at most one per `PLAIN_INTERVAL_S` seconds. Warnings print even with --quiet. stdout stays empty.
+Events go to stderr: first what the run loads and reads, its rows and tokens, and its plan (steps, batch layout,
+where checkpoints, metrics and the final weights go), then every log event on a terminal; in logs and batch jobs
+(stderr not a terminal) plain lines, training lines at most one per `PLAIN_INTERVAL_S` seconds. --quiet keeps only
+warnings (and the Ctrl-C line). stdout stays empty.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.text import Text
 
 from did_cli.cli import _options as o
@@ -25,9 +28,45 @@ _D = FinetuneSettings()
 PLAIN_INTERVAL_S = 15.0
 
 
+def _describe_start(event: dict[str, Any]) -> str | None:
+    """The events of a run's first minute (loading, tokenising, the plan) as one line of markup, else None."""
+    kind = event.get("event")
+    if kind == "loading":
+        return f"loading {'a fresh ' + event['init'] + ' model' if event['init'] else escape(event['model'])}"
+    if kind == "reading":
+        also = f" and --valid-data {escape(event['valid_data'])}" if event["valid_data"] else ""
+        return f"reading --data {escape(event['data'])}{also} (tokenised once, then cached)"
+    if kind == "data":
+        return (
+            f"data: {event['train_rows']:,} training rows of {event['length']} tokens ({event['train_tokens']:,} "
+            f"tokens, {event['epochs']:.2f} epochs over the run), {event['valid_rows']:,} held-out rows "
+            f"({event['valid_tokens']:,} tokens)"
+        )
+    if kind == "start":
+        processes, accumulation = event["processes"], event["accumulation"]
+        per = (
+            f"{processes} process{'es' if processes > 1 else ''} x {accumulation} "
+            f"micro-batch{'es' if accumulation > 1 else ''} of {event['micro_batch_size']}"
+        )
+        when = f"every {event['val_every']} steps and at the end" if event["val_every"] else "at the end"
+        validation = (
+            f"validating {event['validation_rows']:,} held-out rows {when}; " if event["validation_rows"] else ""
+        )
+        first = f"from step {event['step']} " if event["step"] else ""
+        return (
+            f"training {first}to step {event['steps']}: {event['batch_size']} rows ({event['tokens_per_step']:,} "
+            f"tokens) per step, {per}; {validation}checkpoints in {escape(event['checkpoints'])} every "
+            f"{event['save_every']} steps and at the end, metrics in {escape(event['metrics'])}, final weights to "
+            f"{escape(event['final'])}"
+        )
+    return None
+
+
 def _describe(event: dict[str, Any]) -> str | None:
     """An event as one line of rich markup (None for events not shown)."""
     kind = event.get("event")
+    if kind in ("loading", "reading", "data", "start"):
+        return _describe_start(event)
     if kind == "train":
         by_size = " ".join(f"B{k}={v:.3f}" for k, v in event["loss_by_block_size"].items())
         return (
@@ -62,6 +101,9 @@ class _Printer:
             return
         if self.quiet and event.get("event") != "stopping":
             return
+        if event.get("event") == "note":
+            self._write(Text(f"note: {event['message']}"))
+            return
         if event.get("event") == "train" and not self.terminal:
             now = time.monotonic()
             if now - self.last_train < PLAIN_INTERVAL_S and event["step"] != self.steps:
@@ -79,8 +121,26 @@ class _Printer:
             sys.stderr.flush()
 
 
+def _validation_requested(ctx: typer.Context, val_every: int, val_fraction: float, valid_data: str | None) -> bool:
+    """Whether the command line asks for validation: --valid-data, or --val-every / --val-fraction above 0 given.
+
+    Without them a run too small to hold out one sequence trains unvalidated with a note instead of failing; the
+    defaults (validate every 1000 steps on 1% of the documents) are not a request.
+    """
+
+    def given(name: str) -> bool:
+        # Compared by name: Typer 0.12-0.2x ships click's ParameterSource either from click or from its own copy.
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return (
+        valid_data is not None or (given("val_every") and val_every > 0) or (given("val_fraction") and val_fraction > 0)
+    )
+
+
 @handle_errors(on_interrupt="interrupted before training started; nothing was saved")
 def finetune(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Option("--model", "-m", help="Checkpoint to start from (default: BD3-LM's block-1024 pretrain).")
     ] = _D.model,  # noqa: E501
@@ -103,8 +163,13 @@ def finetune(
         str, typer.Option("--txt-documents", help=".txt files: one document per line or per file.")
     ] = _D.txt_documents,  # noqa: E501
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Documents held out for validation.")
-    ] = _D.val_fraction,  # noqa: E501
+        float,
+        typer.Option(
+            "--val-fraction",
+            help="Documents held out for validation. Given (above 0), it requires validation: a held-out split "
+            "shorter than one sequence is an error instead of a note.",
+        ),
+    ] = _D.val_fraction,
     valid_data: Annotated[
         str | None, typer.Option("--valid-data", help="Separate validation data (then nothing is held out of --data).")
     ] = None,
@@ -145,11 +210,21 @@ def finetune(
     ema: Annotated[float, typer.Option("--ema", help="EMA decay (exported weights are the EMA).")] = _D.ema,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient-norm clip.")] = _D.grad_clip,
     val_every: Annotated[
-        int, typer.Option("--val-every", help="Validation interval (steps; 0 = only at the end).")
-    ] = _D.val_every,  # noqa: E501
+        int,
+        typer.Option(
+            "--val-every",
+            help="Validation interval (steps; 0 = only at the end). Given above 0, it requires validation: a "
+            "held-out split shorter than one sequence is an error instead of a note.",
+        ),
+    ] = _D.val_every,
     val_batches: Annotated[
-        int, typer.Option("--val-batches", help="Validation batches per evaluation.")
-    ] = _D.val_batches,  # noqa: E501
+        int,
+        typer.Option(
+            "--val-batches",
+            help="Validation batches of 16 held-out rows per evaluation, whatever --micro-batch-size or the number "
+            "of processes (0 = no validation).",
+        ),
+    ] = _D.val_batches,
     log_every: Annotated[int, typer.Option("--log-every", help="Logging interval (steps).")] = _D.log_every,
     mixed_precision: Annotated[
         str, typer.Option("--mixed-precision", help="auto (bf16 on GPU), no, bf16 or fp16.")
@@ -240,6 +315,7 @@ def finetune(
         attn_backend=attn_backend,
         compile=compile,
         gradient_checkpointing=gradient_checkpointing,
+        require_validation=_validation_requested(ctx, val_every, val_fraction, valid_data),
     )
     try:
         run_finetune(

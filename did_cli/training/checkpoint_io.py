@@ -2,7 +2,9 @@
 
 A checkpoint is written to `checkpoints/.tmp-step_N` with a manifest and renamed to `checkpoints/step_N`; only the
 last `--keep-last` are kept. A NaN or inf loss stops the run before anything is saved, so the newest checkpoint on
-disk is always a good one. The file format (safetensors + JSON, never pickle) is `training.state`'s.
+disk is always a good one; a write that fails (a full disk) removes the staging folder and says, in one line, which
+file failed and which checkpoint is the last good one. The file format (safetensors + JSON, never pickle) is
+`training.state`'s.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from did_cli.errors import ModelLoadError
+from did_cli.errors import ModelLoadError, OutputError
 from did_cli.training import state
 from did_cli.training.run_folder import checkpoints
 
 if TYPE_CHECKING:
     from did_cli.training.setup import TrainingRun
 
-__all__ = ["interrupted_message", "last_good", "load", "save"]
+__all__ = ["interrupted_message", "last_good", "load", "save", "saving"]
 
 
 def last_good(out: Path) -> str:
@@ -40,11 +44,67 @@ def interrupted_message(out: Path) -> str:
     return f"interrupted; the newest checkpoint is {kept[-1][1]}: continue from it with --resume"
 
 
+@contextmanager
+def saving(what: str, where: Path, out: Path) -> Iterator[None]:
+    """Turn a failed write of a checkpoint or of the final weights into one line that says what was kept.
+
+    A full disk surfaces as an OSError (naming the file where the OS does) or as safetensors' bare "I/O error"
+    (`state.save_tensors` adds the file); either becomes an OutputError naming the file and the newest checkpoint,
+    which `--resume` continues from.
+
+    Args:
+        what: what was being written (`checkpoint step_00000020`, `the final weights`).
+        where: the file or folder to name when the error does not name one.
+        out: the run folder (for its newest checkpoint).
+
+    Raises:
+        OutputError: the write failed.
+    """
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        file = getattr(exc, "filename", None) or where
+        reason = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+        kept = checkpoints(out)
+        tail = (
+            f"; the last good checkpoint is {kept[-1][1]}: continue from it with --resume"
+            if kept
+            else "; no checkpoint was saved yet"
+        )
+        raise OutputError(f"cannot write {what}: {reason} ({file}){tail}") from None
+
+
 def save(run: TrainingRun, step: int) -> Path:
-    """Write a full training state for `step` atomically, with its manifest, and keep the last `keep_last`."""
+    """Write a full training state for `step` atomically, with its manifest, and keep the last `keep_last`.
+
+    Raises:
+        OutputError: a file could not be written (a full disk, say); the staging folder is removed and the message
+            names the file and the last good checkpoint.
+    """
     folder = run.out / "checkpoints"
     staging = folder / f".tmp-step_{step:08d}"
     target = folder / f"step_{step:08d}"
+    accelerator = run.accelerator
+    with saving(f"checkpoint {target.name}", staging, run.out):
+        try:
+            _stage(run, step, staging)
+        except BaseException:
+            if run.main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if run.main:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+            for _, old in checkpoints(run.out)[: -run.settings.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            run.emit({"event": "checkpoint", "step": step, "path": str(target)})
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _stage(run: TrainingRun, step: int, staging: Path) -> None:
+    """Every process's files for `step` in `staging`, then the manifest (main process)."""
     accelerator = run.accelerator
     if run.main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -56,14 +116,6 @@ def save(run: TrainingRun, step: int) -> Path:
     accelerator.wait_for_everyone()
     if run.main:
         state.write_manifest(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        for _, old in checkpoints(run.out)[: -run.settings.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        run.emit({"event": "checkpoint", "step": step, "path": str(target)})
-    accelerator.wait_for_everyone()
-    return target
 
 
 def _write_state(run: TrainingRun, staging: Path, step: int) -> None:

@@ -7,9 +7,11 @@ lowest-variance one. This module holds that search:
 
 * Candidates: (1e-3, 1) and, for each width w in 0.5, 0.6, ..., 0.9, the intervals [s, s + w] for s = 0, 0.05, ...,
   1 - w (lower ends below 1e-3 raised to 1e-3), BD3-LM's `clip_search_widths` and `clip_search_delta`.
-* Per candidate and validation batch: the NELBO terms under that interval (masks resampled into it, loss unweighted
-  when eps_min > 0.5, as in training), averaged within each block, and their sample variance over the batch x blocks
-  values; the variances are summed over batches. The smallest sum wins (ties: the earlier candidate).
+* Per candidate and validation batch (`training.validation`'s batches of 16 held-out rows, whatever the micro-batch
+  size or process count; noise from (seed, batch index, block size)): the NELBO terms under that interval (masks
+  resampled into it, loss unweighted when eps_min > 0.5, as in training), averaged within each block, and their
+  sample variance over the batch x blocks values; the variances are summed over batches. The smallest sum wins
+  (ties: the earlier candidate).
 * Block size 1 is not searched (BD3-LM's candidates there are the full interval and exact NLL).
 
 The interval is kept per block size in the run (and its checkpoints, so a resumed run continues with it) and is
@@ -25,7 +27,7 @@ import torch
 
 from did_cli.model import BD3LM
 from did_cli.noise import DEFAULT_EPS_MAX, DEFAULT_EPS_MIN, Clip, is_unweighted
-from did_cli.training.objective import nelbo_terms, noise_batch
+from did_cli.training.objective import noise_batch, terms_in_chunks
 
 DEFAULT_WIDTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_DELTA = 0.05
@@ -58,6 +60,7 @@ def block_losses(
     interval: Clip,
     generator: torch.Generator,
     resample: bool = True,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """The loss of each block of a batch under one clip interval (what the search takes the variance of).
 
@@ -66,19 +69,17 @@ def block_losses(
         clean: [B, L] int64 x_0.
         block_size: B (divides L).
         interval: (eps_min, eps_max).
-        generator: noise source (CPU).
+        generator: noise source (CPU), drawn for the whole batch.
         resample: keep every block's masked fraction inside the interval, as training does.
+        chunk_rows: rows per forward pass (memory only: the noise, and so the losses, do not depend on it).
 
     Returns:
         [B, L / block_size] float32: the mean NELBO term of each block (position 0 counts as a zero term).
     """
     batch, length = clean.shape
     noisy, t = noise_batch(clean.cpu(), block_size, model.mask_id, generator, interval, resample=resample)
-    device = clean.device
-    terms = nelbo_terms(
-        model, clean, noisy.to(device), t.to(device), block_size, weighted=not is_unweighted(interval[0])
-    )
-    return terms.view(batch, length // block_size, block_size).mean(-1).float().cpu()
+    terms = terms_in_chunks(model, clean, noisy, t, block_size, chunk_rows, weighted=not is_unweighted(interval[0]))
+    return terms.view(batch, length // block_size, block_size).mean(-1)
 
 
 def summed_variance(per_batch: Iterable[torch.Tensor]) -> float:

@@ -7,6 +7,7 @@ starts from the loaded weights rather than from the random initialisation that l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -57,9 +58,32 @@ class EMA:
     def kept_fraction(self, updates: int) -> float:
         """The share of today's average that survives `updates` more updates: the product of their decays.
 
-        Near 1 means the exported weights can barely move in that many steps.
+        Near 1 means the exported weights can barely move in that many steps. Computed in closed form (a few
+        operations for any `updates`, so an absurd --steps cannot hang the run before it starts): while the warmup
+        (1 + u) / (10 + u) is below `decay` the factors telescope, prod_{u=a}^{b} (u + 1) / (u + 10) =
+        prod_{k=1}^{9} (a + k) / (b + 1 + k); from the first capped update on, each factor is `decay`.
         """
+        if updates <= 0:
+            return 1.0
+        first, last = self.num_updates + 1, self.num_updates + updates
+        capped_from = self._first_capped_update()
         kept = 1.0
-        for update in range(self.num_updates + 1, self.num_updates + updates + 1):
-            kept *= self.decay_at(update)
+        warm_last = min(last, capped_from - 1)
+        if first <= warm_last:
+            for k in range(1, 10):
+                kept *= (first + k) / (warm_last + 1 + k)
+        capped = last - max(first, capped_from) + 1
+        if capped > 0:
+            kept *= self.decay ** float(capped)  # a float power: decay ** 10**20 is 0.0 at once
         return kept
+
+    def _first_capped_update(self) -> int:
+        """The first update whose decay is `decay` itself rather than the warmup (1 + u) / (10 + u)."""
+        # (1 + u) / (10 + u) >= decay  <=>  u >= (10 * decay - 1) / (1 - decay); checked against `decay_at`'s own
+        # float comparison around that point, so the closed form and the per-update decays agree exactly.
+        update = max(1, math.ceil((10 * self.decay - 1) / (1 - self.decay)) - 1)
+        while self.decay_at(update) < self.decay:
+            update += 1
+        while update > 1 and self.decay_at(update - 1) == self.decay:
+            update -= 1
+        return update

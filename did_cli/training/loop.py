@@ -6,7 +6,10 @@ Design choices:
   rows and noise of a step are a function of (seed, step), so a resumed run continues exactly where it stopped
   (`training.checkpoint_io` restores weights, optimizer, scheduler, EMA and RNG states).
 * A NaN or inf loss (or gradient norm) stops the run before anything is saved, so the last checkpoint on disk is
-  always a good one; Ctrl-C stops after the current step and saves it.
+  always a good one; Ctrl-C stops after the current step and saves it; a save that fails (a full disk) names the
+  file and the last good checkpoint.
+* Events go to `on_event` as the run starts (model, data, rows and tokens, the step plan and where outputs go), then
+  per log interval, validation and checkpoint; validation is `training.validation`'s token-weighted NELBO.
 * The run folder is locked for the whole run (`did_cli.locks`); setting the run up is `training.setup`'s job.
 """
 
@@ -34,8 +37,9 @@ from did_cli.processes import launch
 from did_cli.provenance import versions
 from did_cli.training import checkpoint_io, run_folder
 from did_cli.training.clip_search import block_losses, clip_candidates, search_clip
-from did_cli.training.objective import noise_batch, validation_nelbo
+from did_cli.training.objective import noise_batch
 from did_cli.training.setup import EventFn, TrainingRun, set_up, step_seed
+from did_cli.training.validation import VALIDATION_BATCH_ROWS, batch_generator, held_out_nelbo, validation_batches
 
 __all__ = ["FinetuneResult", "TrainingInterrupted", "finetune"]
 
@@ -67,8 +71,9 @@ def finetune(
 
     Args:
         settings: the run.
-        on_event: called on the main process with each log, validation, checkpoint and warning event (the CLI prints
-            them); without it, warnings go through `warnings.warn`.
+        on_event: called on the main process with each event (the CLI prints them): as the run starts `loading`,
+            `reading`, `data` (rows and tokens) and `start` (the step plan and where outputs go), then `train`,
+            `validation`, `checkpoint`, `note` and `warning`; without it, warnings go through `warnings.warn`.
         allow_settings_change: resume although settings that shape training differ from the checkpoint's; the
             changes are recorded in settings.json with the step they began at.
         overwrite: let a fresh run replace an earlier run's outputs in `settings.out`.
@@ -79,6 +84,9 @@ def finetune(
     Raises:
         UsageError: another run holds the folder, it holds an earlier run (fresh run), or settings differ (resume).
         ModelLoadError: `--resume` found checkpoints but none of them is intact.
+        DataError: validation was required (`require_validation` or `valid_data`) but cannot run.
+        OutputError: a checkpoint or the final weights could not be written (the message names the file and the
+            last good checkpoint).
         TrainingInterrupted: Ctrl-C; the run first finishes and saves the step it is in.
     """
     out = Path(settings.out)
@@ -116,6 +124,7 @@ def _finetune(run: TrainingRun) -> FinetuneResult:
             "data": run.data,
         }
         write_text_atomically(out / "settings.json", json.dumps(record, indent=2, default=str) + "\n")
+    run.emit(_start_event(run, start))
     trainer = Trainer(run)
     last_loss = trainer.train(start)
     validation = trainer.validate(settings.steps) if run.valid_rows.num_rows and settings.val_batches else {}
@@ -157,8 +166,30 @@ def _export(run: TrainingRun, final: Path) -> None:
     )
     denoiser.sampling_eps_min.fill_(eps_min)
     denoiser.sampling_eps_max.fill_(eps_max)
-    with run.ema.swapped_in(denoiser):
+    with checkpoint_io.saving("the final weights", final, run.out), run.ema.swapped_in(denoiser):
         save_model(denoiser, final, run.tokenizer)
+
+
+def _start_event(run: TrainingRun, start: int) -> dict[str, Any]:
+    """What the run is about to do and where its outputs go (the CLI prints it before the first step)."""
+    settings, out = run.settings, run.out
+    validated = min(run.valid_rows.num_rows, settings.val_batches * VALIDATION_BATCH_ROWS)
+    return {
+        "event": "start",
+        "step": start,
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "micro_batch_size": settings.micro_batch_size,
+        "accumulation": run.accumulation,
+        "processes": run.world,
+        "tokens_per_step": settings.batch_size * run.length,
+        "validation_rows": validated,
+        "val_every": settings.val_every,
+        "checkpoints": str(out / "checkpoints"),
+        "save_every": settings.save_every,
+        "metrics": str(out / "metrics.jsonl"),
+        "final": str(out / "final"),
+    }
 
 
 def _warn_if_frozen(run: TrainingRun, start: int) -> None:
@@ -293,31 +324,26 @@ class Trainer:
         return bool(self.run.accelerator.reduce(votes, reduction="sum").item() > 0)
 
     def validate(self, step: int) -> dict[int, float]:
-        """NELBO per block size of the mix on held-out rows, with the EMA weights (main process only)."""
+        """Token-weighted NELBO per block size of the mix on the held-out rows, with the EMA weights (main process).
+
+        The rows and noise are `training.validation`'s: they depend on --seed and --val-batches, never on the
+        micro-batch size (which only bounds rows per forward pass) or the process count.
+        """
         results: dict[int, float] = {}
-        if self.run.valid_rows.num_rows and self.run.accelerator.is_main_process:
+        settings = self.run.settings
+        if self.run.valid_rows.num_rows and settings.val_batches and self.run.accelerator.is_main_process:
+            batches = validation_batches(self.run.valid_rows, settings.val_batches)
             model = self.run.denoiser
             was_training = model.training
             model.eval()
-            with self.run.ema.swapped_in(model):
+            with self.run.ema.swapped_in(model), self.run.accelerator.autocast():
                 for size in self.run.mix.sizes:
-                    total = 0.0
-                    batches = 0
-                    for index in range(self.run.settings.val_batches):
-                        first = index * self.run.settings.micro_batch_size
-                        if first >= self.run.valid_rows.num_rows:
-                            break
-                        clean = self.run.valid_rows.sequential(first, self.run.settings.micro_batch_size)
-                        generator = torch.Generator().manual_seed(step_seed(self.run.settings.seed, index, "valid"))
-                        with self.run.accelerator.autocast():
-                            total += validation_nelbo(model, clean.to(self.run.accelerator.device), size, generator)
-                        batches += 1
-                    results[size] = total / batches
-                if self.run.settings.clip == AUTO_CLIP:
-                    self._search_clip(step)
+                    results[size] = held_out_nelbo(model, batches, size, settings.seed, settings.micro_batch_size)
+                if settings.clip == AUTO_CLIP:
+                    self._search_clip(step, batches)
             model.train(was_training)
             self._log({"event": "validation", "step": step, "nelbo": {str(k): v for k, v in results.items()}})
-        if self.run.settings.clip == AUTO_CLIP and self.run.accelerator.num_processes > 1:
+        if settings.clip == AUTO_CLIP and self.run.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             shared = broadcast_object_list([self.run.clip_state.intervals])
@@ -325,23 +351,23 @@ class Trainer:
         self.run.accelerator.wait_for_everyone()
         return results
 
-    def _search_clip(self, step: int) -> None:
+    def _search_clip(self, step: int, batches: list[torch.Tensor]) -> None:
         """`--clip auto`: per block size above 1, the lowest-variance interval on the validation batches."""
-        settings, device = self.run.settings, self.run.accelerator.device
-        batches = [
-            self.run.valid_rows.sequential(index * settings.micro_batch_size, settings.micro_batch_size)
-            for index in range(settings.val_batches)
-            if index * settings.micro_batch_size < self.run.valid_rows.num_rows
-        ]
+        settings = self.run.settings
         for size in (s for s in self.run.mix.sizes if s > 1):
 
             def losses_for(interval: tuple[float, float], size: int = size) -> list[torch.Tensor]:
-                out = []
-                for index, clean in enumerate(batches):
-                    generator = torch.Generator().manual_seed(step_seed(settings.seed, index, f"clip:{size}"))
-                    with self.run.accelerator.autocast():
-                        out.append(block_losses(self.run.denoiser, clean.to(device), size, interval, generator))
-                return out
+                return [
+                    block_losses(
+                        self.run.denoiser,
+                        clean,
+                        size,
+                        interval,
+                        batch_generator(settings.seed, index, f"clip:{size}"),
+                        chunk_rows=settings.micro_batch_size,
+                    )
+                    for index, clean in enumerate(batches)
+                ]
 
             chosen, variances = search_clip(clip_candidates(), losses_for)
             self.run.clip_state.intervals[size] = chosen

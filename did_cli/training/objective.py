@@ -101,14 +101,76 @@ def noise_batch(
 
 
 @torch.no_grad()
-def validation_nelbo(model: BD3LM, clean: torch.Tensor, block_size: int, generator: torch.Generator) -> float:
-    """Mean per-token NELBO (nats) of a batch under the unclipped schedule t ~ U[1e-3, 1], as BD3-LM validates.
+def terms_in_chunks(
+    model: BD3LM,
+    clean: torch.Tensor,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    block_size: int,
+    chunk_rows: int | None = None,
+    *,
+    weighted: bool = True,
+) -> torch.Tensor:
+    """`nelbo_terms` of a batch without gradients, at most `chunk_rows` rows per forward pass.
 
-    Position 0 is kept clean and not counted, so the sum is divided by B * (L - 1), BD3-LM's validation divisor.
-    Noise is drawn on the CPU from `generator` so validation is reproducible and identical across devices.
+    Each row's terms depend only on that row (its noise is an input), so the chunk size bounds memory and never
+    changes which terms come out: validation and the clip search pass the micro-batch size here.
+
+    Args:
+        model: the denoiser.
+        clean: [N, L] int64 x_0 (any device).
+        noisy: [N, L] int64 x_t.
+        t: [N, L] float per-token noise level.
+        block_size: B.
+        chunk_rows: rows per forward pass (None: all N at once).
+        weighted: weight by 1/t.
+
+    Returns:
+        [N, L] float32 on the CPU.
+    """
+    rows = clean.shape[0]
+    step = rows if chunk_rows is None else max(1, chunk_rows)
+    device = model.device
+    chunks = []
+    for first in range(0, rows, step):
+        part = slice(first, first + step)
+        terms = nelbo_terms(
+            model, clean[part].to(device), noisy[part].to(device), t[part].to(device), block_size, weighted=weighted
+        )
+        chunks.append(terms.float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(clean.shape, dtype=torch.float32)
+
+
+@torch.no_grad()
+def validation_sum(
+    model: BD3LM, clean: torch.Tensor, block_size: int, generator: torch.Generator, chunk_rows: int | None = None
+) -> tuple[float, int]:
+    """The NELBO (nats) summed over one validation batch and the tokens it covers, as BD3-LM validates.
+
+    Noise is BD3-LM's (`noise_batch`: unclipped t ~ U[1e-3, 1] stratified over batch x blocks), drawn on the CPU from
+    `generator` for the whole batch, so validation is reproducible, identical across devices and independent of
+    `chunk_rows`. Position 0 is kept clean and not counted: the batch covers N * (L - 1) tokens, BD3-LM's validation
+    divisor. Add sums and token counts over batches and divide once for the token-weighted mean (BD3-LM's
+    `MeanMetric` over per-token NLLs; `did eval-nll` does the same).
+
+    Args:
+        model: the denoiser.
+        clean: [N, L] int64 x_0.
+        block_size: B (at least L: one global block).
+        generator: the batch's noise source.
+        chunk_rows: rows per forward pass (memory only; see `terms_in_chunks`).
+
+    Returns:
+        (summed NELBO terms in nats as a float64 sum, N * (L - 1)).
     """
     batch, length = clean.shape
     noisy, t = noise_batch(clean.cpu(), block_size, model.mask_id, generator)
-    device = clean.device
-    total = nelbo_sum(model, clean, noisy.to(device), t.to(device), min(block_size, length))
-    return float(total) / (batch * (length - 1))
+    terms = terms_in_chunks(model, clean, noisy, t, min(block_size, length), chunk_rows)
+    return float(terms.double().sum()), batch * (length - 1)
+
+
+@torch.no_grad()
+def validation_nelbo(model: BD3LM, clean: torch.Tensor, block_size: int, generator: torch.Generator) -> float:
+    """Mean per-token NELBO (nats) of one batch: `validation_sum` divided by its token count, B * (L - 1)."""
+    total, tokens = validation_sum(model, clean, block_size, generator)
+    return total / tokens

@@ -27,7 +27,7 @@ RUN_FOLDERS = ("checkpoints", "final")
 # Settings that change how or how long a run is watched, not the trajectory its weights follow.
 FREE_SETTINGS = frozenset(
     {"out", "resume", "steps", "save_every", "keep_last", "val_every", "val_batches", "log_every", "cache_dir"}
-    | {"num_proc", "report_to"}
+    | {"num_proc", "report_to", "require_validation"}
 )
 _FLAGS = {"init_overrides": "--hidden-dim/--n-blocks/--n-heads/--cond-dim/--dropout", "resample": "--no-resample"}
 

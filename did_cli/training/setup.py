@@ -7,6 +7,8 @@ save and load (`training.checkpoint_io`). Design choices:
   and of the global row index only, so a run gives the same data and noise on 1 or 8 processes.
 * The loss goes through a small wrapper module so data-parallel training calls the wrapper's `forward`, as DDP
   requires; the wrapped denoiser is what gets exported.
+* Setting up takes a while (loading, tokenising), so it says what it is doing through `loading`, `reading` and
+  `data` events (and a `note` when a corpus too small to hold out one sequence is trained without validation).
 * The scheduler is stepped by hand rather than prepared: accelerate's prepared scheduler steps once per process,
   which would make warmup depend on the number of processes. It is a function of the step, so a checkpoint stores
   only its position and a resumed run rebuilds it from the current --lr and --warmup.
@@ -171,6 +173,7 @@ def set_up(
 
     settings = _batch_layout(settings, accelerator)
     resume_from, saved, overrides = _resume_point(settings, accelerator, warn, allow_settings_change, overwrite)
+    emit({"event": "loading", "model": settings.model if settings.init is None else None, "init": settings.init})
     model, tokenizer = _build_model(settings, settings.seq_len)
     optimize(
         model,
@@ -182,7 +185,7 @@ def set_up(
     if length > model.config.model_length:
         raise UsageError(f"--seq-len {length} exceeds the model's length {model.config.model_length}")
     mix = parse_mix(settings.mix, length)
-    train_rows, valid_rows, data = _rows(settings, accelerator, tokenizer, length, warn)
+    train_rows, valid_rows, data = _rows(settings, accelerator, tokenizer, length, emit)
 
     set_seed(settings.seed)  # dropout streams; data and noise come from (seed, step)
     objective = Objective(model)
@@ -194,8 +197,10 @@ def set_up(
     objective, optimizer = accelerator.prepare(objective, optimizer)
     denoiser: BD3LM = accelerator.unwrap_model(objective).denoiser
     ema.shadow = [s.to(accelerator.device) for s in ema.shadow]
-    if settings.clip == AUTO_CLIP and not (settings.val_every and valid_rows.num_rows):
-        raise UsageError("--clip auto searches the interval at each validation; set --val-every and keep data")
+    if settings.clip == AUTO_CLIP and not (settings.val_every and settings.val_batches and valid_rows.num_rows):
+        raise UsageError(
+            "--clip auto searches the interval at each validation; set --val-every and --val-batches and keep data"
+        )
     if settings.report_to:
         accelerator.init_trackers("did-finetune", config={k: str(v) for k, v in dataclasses.asdict(settings).items()})
     rows_per_rank = settings.batch_size // accelerator.num_processes
@@ -331,11 +336,12 @@ def _build_model(settings: FinetuneSettings, length: int | None) -> tuple[BD3LM,
 
 
 def _rows(
-    settings: FinetuneSettings, accelerator: Any, tokenizer: Any, length: int, warn: Callable[[str], None]
+    settings: FinetuneSettings, accelerator: Any, tokenizer: Any, length: int, emit: EventFn
 ) -> tuple[PackedRows, PackedRows, dict[str, Any]]:
     """Training and validation rows (tokenised once, on the main process first), and the corpus description."""
     cache = Path(settings.cache_dir) if settings.cache_dir else None
     held_out = 0.0 if settings.valid_data else settings.val_fraction
+    emit({"event": "reading", "data": settings.data, "valid_data": settings.valid_data})
     with accelerator.main_process_first():
         spec = DataSpec(
             settings.data,
@@ -354,22 +360,38 @@ def _rows(
     valid_rows = PackedRows(valid_tokens, length, settings.seed)
     if train_rows.num_rows == 0:
         raise DataError(f"the training split has {corpus.train.size} tokens, fewer than one sequence of {length}")
-    _check_validation(settings, valid_rows, int(valid_tokens.size), length, warn)
+    _check_validation(
+        settings, valid_rows, int(valid_tokens.size), length, lambda text: emit({"event": "note", "message": text})
+    )
+    emit(
+        {
+            "event": "data",
+            "train_rows": train_rows.num_rows,
+            "train_tokens": int(corpus.train.size),
+            "valid_rows": valid_rows.num_rows,
+            "valid_tokens": int(valid_tokens.size),
+            "length": length,
+            "epochs": settings.steps * settings.batch_size / train_rows.num_rows,
+        }
+    )
     return train_rows, valid_rows, corpus.meta
 
 
 def _check_validation(
-    settings: FinetuneSettings, valid_rows: PackedRows, tokens: int, length: int, warn: Callable[[str], None]
+    settings: FinetuneSettings, valid_rows: PackedRows, tokens: int, length: int, note: Callable[[str], None]
 ) -> None:
     """Refuse requested validation that cannot run (held-out text shorter than one sequence).
 
-    Warn instead when only the end-of-run validation would have run.
+    Validation is requested by --valid-data or `require_validation` (the CLI's explicit --val-every or
+    --val-fraction); otherwise a run too small to hold out a sequence trains without validation, with a note.
     """
     if valid_rows.num_rows or not settings.val_batches:
         return
     what = f"the validation split has {tokens} tokens, fewer than one sequence of {length}"
     if settings.valid_data:
-        raise DataError(f"{what}; pass a longer --valid-data")
-    if settings.val_every:
-        raise DataError(f"{what}; raise --val-fraction, pass --valid-data, or pass --val-every 0 to skip validation")
-    warn(f"{what}: this run is not validated")
+        raise DataError(f"{what}; pass a longer --valid-data (or --val-batches 0 to train without validation)")
+    if settings.require_validation:
+        raise DataError(
+            f"{what}; raise --val-fraction or pass --valid-data (or --val-batches 0 to train without validation)"
+        )
+    note(f"{what}: this run is not validated (--valid-data or a larger --val-fraction would validate it)")

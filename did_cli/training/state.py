@@ -20,6 +20,7 @@ code), and swallow a damaged RNG file, resuming silently with other random strea
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from did_cli.errors import ModelLoadError
@@ -93,8 +95,16 @@ def damage(folder: Path) -> str | None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (moved to the CPU, made contiguous) as safetensors."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """Write tensors (moved to the CPU, made contiguous) as safetensors.
+
+    Raises:
+        OSError: the file could not be written, with `filename` set (safetensors' own error on a full disk says only
+            "Error while serializing: I/O error", naming no file).
+    """
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        raise OSError(errno.EIO, str(exc).strip() or "I/O error", str(path)) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

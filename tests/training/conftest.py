@@ -3,7 +3,9 @@ FinetuneSettings for a tiny model that trains in a fraction of a second."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
 
 import pytest
 
@@ -43,6 +45,22 @@ def make_settings(tmp_path, tiny_checkpoint, corpus, **overrides) -> FinetuneSet
         cache_dir=str(tmp_path / "cache"),
     )
     return FinetuneSettings(**(base | overrides))
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging) when the block runs longer than `seconds`: a hang guard, not a speed test."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,11 @@ def test_two_process_accelerate_run_keeps_replicas_identical_and_matches_one_pro
     one = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    # Validation runs on the main process over rows and noise fixed by the seed: the same number for those weights.
+    validated = json.loads((tmp_path / "single" / "summary.json").read_text())["validation_nelbo"]
+    assert validated.keys() == summary["validation_nelbo"].keys() == {"4", "64"}
+    for size, value in validated.items():
+        assert summary["validation_nelbo"][size] == pytest.approx(value, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import importlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -20,7 +21,7 @@ from did_cli.errors import DataError, ModelLoadError, UsageError
 from did_cli.training import setup, state
 from did_cli.training.ema import EMA
 from did_cli.training.loop import TrainingInterrupted, finetune
-from tests.training.conftest import make_settings
+from tests.training.conftest import deadline, make_settings
 
 runner = CliRunner()
 finetune_cli = importlib.import_module("did_cli.cli.finetune")  # the package re-exports the command under this name
@@ -283,6 +284,19 @@ def test_ema_kept_fraction_is_what_the_average_keeps(decay, done, more):
     assert kept == pytest.approx(1.0 - ema.shadow[0].item(), rel=1e-5, abs=1e-6)  # the shadow is float32
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.999, 0.9999])
+def test_ema_kept_fraction_is_the_product_of_the_decays_for_any_number_of_updates(decay):
+    ema = EMA([torch.nn.Parameter(torch.zeros(1))], decay)
+    capped_from = math.ceil((10 * decay - 1) / (1 - decay))  # where the warmup reaches the decay
+    for done in sorted({0, 1, 8, 9, 10} | {max(0, capped_from + shift) for shift in (-2, -1, 0, 1)}):
+        for more in (0, 1, 2, 9, 10, 11, 300):
+            ema.num_updates = done
+            expected = math.prod(ema.decay_at(update) for update in range(done + 1, done + more + 1))
+            assert ema.kept_fraction(more) == pytest.approx(expected, rel=1e-12, abs=1e-300), (done, more)
+    with deadline(30):  # it used to loop once per update: 1e18 updates would never finish
+        assert 0.0 <= ema.kept_fraction(10**18) < 1e-300
+
+
 def test_an_ema_too_slow_for_the_remaining_steps_warns(tmp_path, tiny_checkpoint, corpus):
     finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=10))
     folder = tmp_path / "run" / "checkpoints" / "step_00000010"
@@ -316,14 +330,21 @@ def test_a_fresh_run_into_an_earlier_runs_folder_is_refused_unless_overwriting(t
 
 def test_requested_validation_on_a_too_short_split_is_refused(tmp_path, tiny_checkpoint, corpus):
     (tmp_path / "valid.txt").write_text("Too short.\n")
-    with pytest.raises(DataError, match="validation split has .* fewer than one sequence of 32; .*--val-every 0"):
-        finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=2, val_every=1, val_fraction=0.0))
+    required = dict(steps=2, val_every=1, val_fraction=0.0, require_validation=True)
+    with pytest.raises(DataError, match="validation split has .* fewer than one sequence of 32; .*--val-batches 0"):
+        finetune(make_settings(tmp_path, tiny_checkpoint, corpus, **required))
     with pytest.raises(DataError, match="--valid-data"):
         finetune(make_settings(tmp_path, tiny_checkpoint, corpus, steps=2, valid_data=str(tmp_path / "valid.txt")))
-    _, events = _events(make_settings(tmp_path, tiny_checkpoint, corpus, steps=2, warmup=2, val_fraction=0.0))
-    assert _warnings(events) == [
-        "the validation split has 0 tokens, fewer than one sequence of 32: this run is not validated"
+
+
+def test_validation_not_required_on_a_too_short_split_is_skipped_with_a_note(tmp_path, tiny_checkpoint, corpus):
+    result, events = _events(make_settings(tmp_path, tiny_checkpoint, corpus, steps=2, warmup=2, val_fraction=0.0))
+    assert _warnings(events) == []
+    assert [e["message"] for e in events if e["event"] == "note"] == [
+        "the validation split has 0 tokens, fewer than one sequence of 32: this run is not validated "
+        "(--valid-data or a larger --val-fraction would validate it)"
     ]
+    assert result.validation == {}
 
 
 # 10. progress in logs
