@@ -16,7 +16,7 @@ python examples/tiny/prepare_corpus.py --out data/tiny-corpus --seed 0
 python examples/tiny/train_tokenizer.py --corpus data/tiny-corpus --out data/tiny-tokenizer --vocab-size 4096
 
 DATA="--data data/tiny-corpus/train.jsonl --valid-data data/tiny-corpus/valid.jsonl --seq-len 128"
-COMMON="--batch-size 32 --micro-batch-size 32 --clip 0.1,1.0 --ema 0.999 --val-batches 6 --seed 0"
+COMMON="--batch-size 32 --micro-batch-size 32 --clip 0.1,1.0 --ema 0.999 --val-batches 12 --seed 0"
 
 # 3. Global-block pretrain (--mix L:1, i.e. MDLM) of the tiny preset (4 layers, width 256, 5.7M parameters).
 did finetune --init tiny --tokenizer data/tiny-tokenizer $DATA $COMMON --mix 128:1 --steps 1500 --lr 1e-3 \
