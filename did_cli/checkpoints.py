@@ -1,7 +1,8 @@
 """Model and tokenizer files: resolving names, strict loading of BD3-LM weights, and saving did checkpoints.
 
 A checkpoint is a folder with `config.json` (BD3-LM's fields), `model.safetensors` (BD3-LM's key names) and,
-for did's own checkpoints, the tokenizer files. Released BD3-LM repositories carry no tokenizer: they use GPT-2's
+for did's own checkpoints, the tokenizer files and a README.md model card. did never runs the code a config.json's
+`auto_map` names: that is for transformers users. Released BD3-LM repositories carry no tokenizer: they use GPT-2's
 (`gpt2`) with the [MASK] id one past its vocabulary (50257).
 
 Loading is strict on purpose: BD3-LM's own loader uses `strict=False`, which silently leaves weights random and
@@ -19,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import atomic_folder
 from did_cli.kv_cache import check_kv_cache_dtype
 from did_cli.model import BD3LM
+from did_cli.model_card import render_card
 
 ASSETS = Path(__file__).parent / "assets"
 # Models that ship inside the package, so a first run needs no network.
@@ -265,6 +268,11 @@ def load_model(
 def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype: torch.dtype | None = None) -> Path:
     """Write a did checkpoint folder atomically (a temporary folder renamed into place).
 
+    The folder holds config.json (BD3-LM's fields, with an `auto_map` to BD3-LM's modeling code, see
+    `ModelConfig.to_json_dict`), model.safetensors, the tokenizer files when given, and a README.md model card
+    (`did_cli.model_card`). A model BD3-LM's code cannot rebuild (`ModelConfig.bd3lm_code_problem`) is saved with a
+    note in config.json instead of an `auto_map`, and a warning.
+
     Args:
         model: the model to save (its weights in their dtype unless `dtype` is given).
         folder: destination; replaced if it exists.
@@ -277,6 +285,17 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
     config = model.config
     if tokenizer is not None:
         config = dataclasses.replace(config, tokenizer=tokenizer_source(tokenizer).reference)
+    problem = config.bd3lm_code_problem()
+    if problem is not None:
+        warnings.warn(
+            f"{folder}: BD3-LM's modeling code cannot load this model ({problem}); config.json says so and has no "
+            "auto_map, so only did loads it",
+            stacklevel=2,
+        )
+    stored = dtype or next(model.parameters()).dtype
+    card = render_card(
+        config, has_tokenizer_files=tokenizer is not None, weights_dtype=str(stored).removeprefix("torch.")
+    )
     with atomic_folder(folder) as staging:
         parameters = {name for name, _ in model.named_parameters()}
         # Only parameters take the storage dtype: buffers (rotary frequencies, eps metadata) stay exact.
@@ -288,6 +307,7 @@ def save_model(model: BD3LM, folder: str | Path, tokenizer: Any = None, *, dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         (staging / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+        (staging / "README.md").write_text(card, encoding="utf-8")
     return folder
 
 

@@ -3,6 +3,13 @@
 `ModelConfig` holds exactly the fields that change the denoiser's computation. The field names are BD3-LM's
 (`hidden_dim`, `n_blocks`, `model_length`, ...) so that a BD3-LM `config.json` reads into it without a mapping and a
 `did` checkpoint stays readable by BD3-LM tooling. `did`-only fields (`mask_id`, `tokenizer`) are written beside them.
+
+A saved `config.json` also lets transformers load the checkpoint with BD3-LM's own modeling code: `auto_map` points
+at the Hub repository that publishes it (`BD3LM_CODE_REPOSITORY`, transformers' `repo--module.Class` form, so no code
+is copied into did), and every field of BD3-LM's `BD3LMConfig` is written, since its defaults are not the released
+models' values (`cond_dim` 129, `attn_backend` flex, `block_size` 1). transformers reads no revision from such a
+reference: it fetches the code at the `code_revision` given to `from_pretrained` (default: that repository's main).
+A checkpoint BD3-LM's code cannot rebuild (`bd3lm_code_problem`) gets no `auto_map` and a note saying why.
 """
 
 from __future__ import annotations
@@ -19,6 +26,38 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_dim": 256, "cond_dim": 64, "n_blocks": 4, "n_heads": 4},
     "small": {"hidden_dim": 768, "cond_dim": 128, "n_blocks": 12, "n_heads": 12},
 }
+
+# The Hub repository whose configuration_bd3lm.py / modeling_bd3lm.py a did checkpoint's auto_map names.
+BD3LM_CODE_REPOSITORY = "kuleshov-group/bd3lm-owt-block_size4"
+# What transformers fetches without `code_revision=`: the repository's default branch.
+BD3LM_CODE_REVISION = "main"
+AUTO_MAP = {
+    "AutoConfig": f"{BD3LM_CODE_REPOSITORY}--configuration_bd3lm.BD3LMConfig",
+    "AutoModelForMaskedLM": f"{BD3LM_CODE_REPOSITORY}--modeling_bd3lm.BD3LM",
+}
+# The arguments of BD3-LM's BD3LMConfig: all are written to config.json (none may fall back to its defaults).
+BD3LM_CONFIG_FIELDS = (
+    "block_size",
+    "vocab_size",
+    "model_length",
+    "cross_attn",
+    "adaln",
+    "attn_backend",
+    "causal",
+    "hidden_dim",
+    "cond_dim",
+    "n_blocks",
+    "n_heads",
+    "dropout",
+    "time_conditioning",
+    "var_min",
+    "sampling_eps_min",
+    "sampling_eps_max",
+)
+# The config.json key that says why BD3-LM's code cannot load a checkpoint (then there is no auto_map).
+TRANSFORMERS_NOTE = "did_transformers_note"
+# BD3-LM's DDiTBlock builds its MLP with this ratio; BD3LMConfig has no field to change it.
+_BD3LM_MLP_RATIO = 4
 
 
 @dataclass(frozen=True)
@@ -95,18 +134,45 @@ class ModelConfig:
         output = d + d * v + v + c * 2 * d + 2 * d
         return v * d + sigma_map + self.n_blocks * per_block + output
 
+    def bd3lm_code_problem(self) -> str | None:
+        """Why BD3-LM's own modeling code (transformers, trust_remote_code) cannot rebuild this model, or None.
+
+        Every other field maps onto a `BD3LMConfig` field with the same logits; `time_conditioning` is refused on
+        construction.
+        """
+        if self.mlp_ratio != _BD3LM_MLP_RATIO:
+            return f"mlp_ratio {self.mlp_ratio}: BD3-LM's code always builds MLPs of {_BD3LM_MLP_RATIO} x hidden_dim"
+        return None
+
     def to_json_dict(self) -> dict[str, Any]:
-        """The `config.json` body: BD3-LM's fields first, so BD3-LM tooling can read it."""
+        """The `config.json` body: BD3-LM's fields first, so BD3-LM tooling can read it.
+
+        With an `auto_map` to BD3-LM's modeling code when it can rebuild the model (`bd3lm_code_problem`), else a
+        `did_transformers_note` saying why not. `mask_index` repeats `mask_id` under the name diffusers'
+        BD3LMPipeline reads.
+        """
         body = {
             "architectures": ["BD3LM"],
             "model_type": "bd3lm",
             "attn_backend": "sdpa",
             "cross_attn": True,
             "adaln": True,
+            "causal": False,
             "return_dict": False,
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"},
+            "mask_index": self.mask_id,
         }
-        return {**self.extra, **body}
+        problem = self.bd3lm_code_problem()
+        if problem is None:
+            body["auto_map"] = dict(AUTO_MAP)
+        else:
+            body[TRANSFORMERS_NOTE] = (
+                f"BD3-LM's modeling code cannot load this checkpoint ({problem}); load it with did"
+            )
+        # A read config's auto_map (a Hub config's names files that a saved folder does not have) and an old note are
+        # replaced, never carried over.
+        extra = {k: v for k, v in self.extra.items() if k not in ("auto_map", TRANSFORMERS_NOTE)}
+        return {**extra, **body}
 
     @classmethod
     def from_json_dict(cls, body: Any) -> ModelConfig:

@@ -256,6 +256,9 @@ def tokenize_corpus(
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r") if meta["train_tokens"] else np.zeros(0, dtype)
     valid = np.memmap(folder / "valid.bin", dtype=dtype, mode="r") if meta["valid_tokens"] else np.zeros(0, dtype)
+    # What the run records (settings.json) about its data: the cache key is a digest of the data and tokenizer, and
+    # whether the source was a Hub dataset rather than local files (the model card's `datasets`).
+    meta = {**meta, "fingerprint": folder.name, "hub": not Path(spec.source).expanduser().exists()}
     return TokenizedCorpus(train, valid, folder, meta)
 
 

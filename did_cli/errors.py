@@ -53,3 +53,9 @@ class OutputError(DidError):
     """An output cannot be written: a directory or read-only path, a full disk, a closed stdout, a busy file."""
 
     exit_code = 1
+
+
+class HubError(DidError):
+    """The Hugging Face Hub cannot take an upload: no token, offline or unreachable, refused, or failed midway."""
+
+    exit_code = 1

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -190,3 +191,130 @@ def test_tokenizer_of_a_checkpoint_folder_without_tokenizer_files_comes_from_its
     folder = _write_bd3lm_folder(tmp_path / "bare", config=HUB_CONFIG | {"tokenizer": "tok"})
     char_tokenizer.save_pretrained(str(folder / "tok"))
     assert len(load_tokenizer(str(folder))) == 68
+
+
+# --- config.json for transformers: auto_map to BD3-LM's modeling code ------------------------------------------------
+
+
+def _bd3lm_shapes(body):
+    """The state-dict shapes BD3-LM's modeling_bd3lm.BD3LM builds from a config.json (its MLP ratio is always 4)."""
+    d, c, v = body["hidden_dim"], body["cond_dim"], body["vocab_size"]
+    shapes = {
+        "backbone.vocab_embed.embedding": (v, d),
+        "backbone.sigma_map.mlp.0.weight": (c, 256),
+        "backbone.sigma_map.mlp.0.bias": (c,),
+        "backbone.sigma_map.mlp.2.weight": (c, c),
+        "backbone.sigma_map.mlp.2.bias": (c,),
+        "backbone.rotary_emb.inv_freq": (d // body["n_heads"] // 2,),
+        "backbone.output_layer.norm_final.weight": (d,),
+        "backbone.output_layer.linear.weight": (v, d),
+        "backbone.output_layer.linear.bias": (v,),
+        "backbone.output_layer.adaLN_modulation.weight": (2 * d, c),
+        "backbone.output_layer.adaLN_modulation.bias": (2 * d,),
+    }
+    if body["var_min"]:
+        shapes |= {"sampling_eps_min": (), "sampling_eps_max": ()}
+    for i in range(body["n_blocks"]):
+        p = f"backbone.blocks.{i}."
+        shapes |= {
+            p + "norm1.weight": (d,),
+            p + "attn_qkv.weight": (3 * d, d),
+            p + "attn_out.weight": (d, d),
+            p + "norm2.weight": (d,),
+            p + "mlp.0.weight": (4 * d, d),
+            p + "mlp.0.bias": (4 * d,),
+            p + "mlp.2.weight": (d, 4 * d),
+            p + "mlp.2.bias": (d,),
+            p + "adaLN_modulation.weight": (6 * d, c),
+            p + "adaLN_modulation.bias": (6 * d,),
+        }
+    return shapes
+
+
+def _readme_auto_map():
+    """The auto_map and code revision README's "Share a fine-tune" section documents."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Share a fine-tune") :]
+    section = section[: section.index("\n## ")]
+    documented = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    revision = re.search(r'code_revision="([^"]+)"', section).group(1)
+    return documented["auto_map"], revision
+
+
+def test_saved_config_reads_back_with_identical_logits_and_names_the_documented_bd3lm_code(tmp_path, char_tokenizer):
+    from did_cli.config import AUTO_MAP, BD3LM_CODE_REVISION, BD3LM_CONFIG_FIELDS
+
+    model = make_tiny_model(seed=2, dropout=0.0)
+    folder = save_model(model, tmp_path / "ckpt", char_tokenizer)
+    again = load_model(str(folder), device="cpu")  # did's loader runs no remote code (the test is offline)
+    tokens = torch.randint(0, 68, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(tokens, block_size=4), again(tokens, block_size=4))
+    body = json.loads((folder / "config.json").read_text())
+    assert body["auto_map"] == AUTO_MAP
+    assert _readme_auto_map() == (body["auto_map"], BD3LM_CODE_REVISION)
+    assert set(BD3LM_CONFIG_FIELDS) <= set(body)  # BD3LMConfig's defaults (cond_dim 129, flex) are never used
+    assert body["attn_backend"] == "sdpa" and body["mask_index"] == body["mask_id"] == 68
+    assert "did_transformers_note" not in body
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"var_min": False}, {"block_size": 8}, {"model_length": 64, "block_size": 16}, {"n_heads": 2, "cond_dim": 8}],
+)
+def test_saved_weights_are_the_model_bd3lm_code_builds_from_config_json(tmp_path, overrides):
+    model = make_tiny_model(seed=4, dropout=0.0, **overrides)
+    folder = save_model(model, tmp_path / "ckpt")
+    body = json.loads((folder / "config.json").read_text())
+    state = load_file(str(folder / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == _bd3lm_shapes(body)
+    # BD3-LM's sample-mode forward at config.json's block size, computed from config.json's fields alone.
+    tokens = torch.randint(0, 68, (2, body["model_length"]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_model(str(folder))(tokens, block_size=body["block_size"])
+    expected = reference_sample_mode(state, body["n_heads"], tokens, body["block_size"])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_resolves_the_auto_map_to_bd3lm_code_at_code_revision(tmp_path, monkeypatch):
+    """At the boundary: transformers' own resolution of the references, with the Hub download replaced."""
+    import transformers
+    from transformers import AutoConfig, PretrainedConfig, dynamic_module_utils
+
+    from did_cli.config import BD3LM_CODE_REPOSITORY
+
+    class FakeBD3LMConfig(PretrainedConfig):
+        model_type = "bd3lm"
+
+    fetched = []
+
+    def fetch(repo_id, module_file, **kwargs):
+        fetched.append((repo_id, module_file, kwargs.get("revision")))
+        return module_file
+
+    monkeypatch.setattr(dynamic_module_utils, "get_cached_module_file", fetch)
+    monkeypatch.setattr(dynamic_module_utils, "get_class_in_module", lambda name, *a, **k: FakeBD3LMConfig)
+    folder = save_model(make_tiny_model(), tmp_path / "ckpt")
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    assert fetched == [(BD3LM_CODE_REPOSITORY, "configuration_bd3lm.py", None)]  # None: transformers' main
+    assert (config.hidden_dim, config.n_blocks, config.block_size, config.attn_backend) == (32, 2, 4, "sdpa")
+    AutoConfig.from_pretrained(str(folder), trust_remote_code=True, code_revision="0123abc")
+    assert fetched[-1] == (BD3LM_CODE_REPOSITORY, "configuration_bd3lm.py", "0123abc")
+    model_reference = json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForMaskedLM"]
+    transformers.dynamic_module_utils.get_class_from_dynamic_module(model_reference, str(folder), code_revision="c1")
+    assert fetched[-1] == (BD3LM_CODE_REPOSITORY, "modeling_bd3lm.py", "c1")
+
+
+def test_a_did_only_option_is_saved_with_a_note_and_a_warning_instead_of_an_auto_map(tmp_path):
+    model = make_tiny_model(mlp_ratio=2)
+    with pytest.warns(UserWarning, match="mlp_ratio 2"):
+        folder = save_model(model, tmp_path / "ckpt")
+    body = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in body and "mlp_ratio 2" in body["did_transformers_note"]
+    assert "library_name: did" in (folder / "README.md").read_text()
+    assert load_model(str(folder)).config.mlp_ratio == 2  # did loads it all the same
+    # A BD3-LM Hub config's own auto_map (files beside it) is replaced when did saves the model it describes.
+    again = save_model(load_model(str(_write_bd3lm_folder(tmp_path / "hub"))), tmp_path / "resaved")
+    assert json.loads((again / "config.json").read_text())["auto_map"]["AutoConfig"].startswith("kuleshov-group/")

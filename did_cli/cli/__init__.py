@@ -39,6 +39,7 @@ def build_app() -> typer.Typer:
     from did_cli.cli.eval_ppl import eval_ppl
     from did_cli.cli.finetune import finetune
     from did_cli.cli.generate import generate
+    from did_cli.cli.push import push
     from did_cli.cli.refine import refine
     from did_cli.cli.show import show
     from did_cli.cli.sweep import sweep
@@ -59,6 +60,7 @@ def build_app() -> typer.Typer:
         ("eval-ppl", eval_ppl, "Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol)."),
         ("eval-nll", eval_nll, "NELBO per token and its perplexity bound per model and block size (test PPL)."),
         ("sweep", sweep, "Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report."),
+        ("push", push, "Upload a checkpoint folder to the Hugging Face Hub with a model card from the run's files."),
     ]
     for name, function, help_text in commands:
         application.command(name, help=help_text)(function)

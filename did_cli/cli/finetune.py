@@ -20,6 +20,7 @@ from rich.text import Text
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
+from did_cli.cli._hub import check_push_options, push_final
 from did_cli.cli._progress import stderr
 from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
@@ -249,12 +250,22 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier run's outputs in --out (a fresh run).")
     ] = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option("--push-to-hub", help="Upload final/ to this Hub repository (owner/name) at the end.")
+    ] = None,
+    hub_private: Annotated[
+        bool, typer.Option("--hub-private", help="With --push-to-hub: create the repository private.")
+    ] = False,
+    hub_revision: Annotated[
+        str | None, typer.Option("--hub-revision", help="With --push-to-hub: the branch to push to (default: main).")
+    ] = None,
 ) -> None:
     """Fine-tune with the block-diffusion NELBO at block sizes drawn per step from --mix (mix-scale training)."""
     from did_cli.data import check_data_source
     from did_cli.training.loop import TrainingInterrupted
     from did_cli.training.loop import finetune as run_finetune
 
+    check_push_options(push_to_hub, hub_private, hub_revision)  # no token or no Hub: fail now, not after training
     check_data_source(data, "--data")
     if valid_data is not None:
         check_data_source(valid_data, "--valid-data")
@@ -318,7 +329,7 @@ def finetune(
         require_validation=_validation_requested(ctx, val_every, val_fraction, valid_data),
     )
     try:
-        run_finetune(
+        result = run_finetune(
             settings,
             on_event=_Printer(quiet, steps),
             allow_settings_change=allow_settings_change,
@@ -327,3 +338,5 @@ def finetune(
     except KeyboardInterrupt as exc:
         sys.stderr.write(f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}\n")
         raise typer.Exit(130) from None
+    if push_to_hub is not None:
+        push_final(result.final, push_to_hub, hub_private, hub_revision)

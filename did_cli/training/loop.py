@@ -31,6 +31,7 @@ from did_cli.checkpoints import save_model
 from did_cli.config import FinetuneSettings
 from did_cli.errors import TrainingDivergedError
 from did_cli.files import write_text_atomically
+from did_cli.hub import write_card
 from did_cli.locks import locked_folder
 from did_cli.noise import AUTO_CLIP, clip_for, is_unweighted
 from did_cli.processes import launch
@@ -143,6 +144,7 @@ def _finetune(run: TrainingRun) -> FinetuneResult:
             "final": str(final),
         }
         write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_card(final)  # final/README.md again, now with the run's facts (settings.json, summary.json)
         run.emit({"event": "done", **summary})
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
