@@ -8,7 +8,7 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1
 
 # 1. Corpus: the World English Bible (public domain), from Debian's sword-text-web package.
-if [ ! -d /usr/share/sword/modules/texts/ztext/web ] && [ ! -d /usr/share/sword/modules/texts/ztext2/web ]; then
+if [ ! -d /usr/share/sword/modules/texts/ztext/engWEB2015eb ]; then  # the module prepare_corpus.py reads
   apt-get install -y --no-install-recommends sword-text-web
 fi
 python examples/tiny/prepare_corpus.py --out data/tiny-corpus --seed 0
