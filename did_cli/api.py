@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
-from did_cli.config import DraftSettings, RefineSettings
+from did_cli.config import DraftSettings, EditSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_nll, eval_ppl
 from did_cli.execution import optimize
@@ -25,13 +25,14 @@ from did_cli.processes import ONE_PROCESS, Processes
 from did_cli.provenance import (
     draft_stage_settings,
     model_info,
-    refine_stage_settings,
     run_provenance,
     stage_provenance,
+    stage_settings,
     versions,
 )
 from did_cli.records import Record
 from did_cli.sampling.draft import draft as draft_batch
+from did_cli.sampling.edit import edit as edit_batch
 from did_cli.sampling.refine import refine as refine_batch
 from did_cli.training.loop import finetune
 
@@ -182,7 +183,10 @@ def _draft_batches(
         )
         # A variable-length sample ends at its own length; the rest of its row is unused.
         tokens = [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths, strict=True)]
-        confidence = [row[:n] for row, n in zip(result.confidence.tolist(), result.lengths, strict=True)]
+        measures = [
+            [row[:n] for row, n in zip(values.tolist(), result.lengths, strict=True)]
+            for values in (result.confidence, result.entropy, result.margin)
+        ]
         records = []
         for row, (sample_id, text, _) in enumerate(jobs):
             prompt_len = result.prompt_lengths[row]
@@ -201,7 +205,9 @@ def _draft_batches(
                     id=sample_id,
                     seed=seed,
                     tokens=tokens[row],
-                    confidence=_round7(confidence[row]),
+                    confidence=_round7(measures[0][row]),
+                    entropy=_round7(measures[1][row]),
+                    margin=_round7(measures[2][row]),
                     prompt_len=prompt_len,
                     prompt=text,
                     text=tokenizer.decode(tokens[row][prompt_len:]),
@@ -220,7 +226,7 @@ def refine(
     model: BD3LM,
     tokenizer: Any,
     records: Iterable[Record],
-    settings: RefineSettings,
+    settings: RefineSettings | EditSettings,
     *,
     seed: int = 0,
     batch_size: int = 1,
@@ -229,8 +235,9 @@ def refine(
     processes: Processes = ONE_PROCESS,
     on_progress: ProgressFn | None = None,
 ) -> Iterator[Record]:
-    """Refine records (from `draft` or an earlier `refine`), yielding refined records in input order.
+    """Refine records (from `draft` or an earlier stage), yielding refined records in input order.
 
+    `settings` is a remasking stage (`RefineSettings`) or an editing stage (`EditSettings`, `did_cli.sampling.edit`).
     Records are batched in arrival order; a change of sequence length starts a new batch. Each record's stage
     index (its number of earlier stages) selects fresh random streams, so chained refinements never reuse them.
     The generated EOS that ends a variable-length record (`Record.terminating_eos`) is never remasked.
@@ -240,10 +247,12 @@ def refine(
 
     Raises:
         UsageError: batch_size below 1.
-        InputError: a record made by another model or tokenizer (unless `force`), or one this model cannot hold.
+        InputError: a record made by another model or tokenizer (unless `force`), one this model cannot hold, or one
+            without the snapshot entropy or margin the strategy ranks by (made by an earlier did).
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    needs = {"snapshot-entropy": "entropy", "snapshot-margin": "margin"}.get(getattr(settings, "remask", ""))
     skip = set(skip_ids)
     if processes.world > 1:
         records = (r for position, r in enumerate(records) if processes.owns(position))
@@ -254,6 +263,11 @@ def refine(
             continue
         for record in batch:
             check_record(record, model, tokenizer, force)
+            if needs is not None and getattr(record, needs) is None:
+                raise InputError(
+                    f"record {record.id} carries no snapshot {needs} (made by an earlier did); --remask "
+                    f"{settings.remask} ranks by it: draw the records again, or use --remask snapshot"  # type: ignore[union-attr]
+                )
         refined = _refine_batch(model, tokenizer, batch, settings, seed, on_progress, done, processes.world)
         yield from (record for record in refined if record.id not in skip)
         done += len(batch)
@@ -265,15 +279,12 @@ def _refine_batch(
     model: BD3LM,
     tokenizer: Any,
     batch: list[Record],
-    settings: RefineSettings,
+    settings: RefineSettings | EditSettings,
     seed: int,
     on_progress: ProgressFn | None,
     done: int,
     processes: int,
 ) -> list[Record]:
-    device = model.device
-    tokens = torch.tensor([r.tokens for r in batch], dtype=torch.long, device=device)
-    confidence = torch.tensor([r.confidence for r in batch], dtype=torch.float32, device=device)
     stages = {len(r.stages) for r in batch}
     # Records at different stage depths are refined one by one so each keeps its own stage index.
     if len(stages) > 1:
@@ -282,41 +293,43 @@ def _refine_batch(
             for record in batch
             for refined in _refine_batch(model, tokenizer, [record], settings, seed, on_progress, done, processes)
         ]
-    stage_index = stages.pop()
+    device = model.device
+    tokens = torch.tensor([r.tokens for r in batch], dtype=torch.long, device=device)
+    confidence = torch.tensor([r.confidence for r in batch], dtype=torch.float32, device=device)
+    # Records of earlier versions carry no snapshot entropy or margin: the refined ones then carry none either.
+    measured = all(r.entropy is not None and r.margin is not None for r in batch)
+    entropy = torch.tensor([r.entropy for r in batch], dtype=torch.float32, device=device) if measured else None
+    margin = torch.tensor([r.margin for r in batch], dtype=torch.float32, device=device) if measured else None
     pinned = torch.zeros_like(tokens, dtype=torch.bool)
     for row, record in enumerate(batch):
         end = record.terminating_eos(tokenizer.eos_token_id)
         if end is not None:
             pinned[row, end] = True
-    result = refine_batch(
-        model,
-        tokens,
-        confidence,
-        [r.prompt_len for r in batch],
-        [r.id for r in batch],
-        stage_index,
-        settings,
-        seed,
-        _call_progress(on_progress, "refine", done, None),
-        vocab_size=tokenizer_vocab_size(tokenizer),
-        pinned=pinned,
-    )
-    new_tokens, new_confidence = result.tokens.tolist(), result.confidence.tolist()
-    stage_settings = {**refine_stage_settings(settings, seed, tokens.shape[1]), **stage_provenance(model)}
-    stage_settings["processes"] = processes
+    args = (model, tokens, confidence, [r.prompt_len for r in batch], [r.id for r in batch], stages.pop(), settings)
+    common = dict(vocab_size=tokenizer_vocab_size(tokenizer), pinned=pinned, entropy=entropy, margin=margin)
+    if isinstance(settings, EditSettings):
+        result: Any = edit_batch(*args, seed, **common)
+        changed, counts = result.edited, {"cache_calls": 0}
+    else:
+        result = refine_batch(*args, seed, _call_progress(on_progress, "refine", done, None), **common)
+        changed, counts = result.remasked, {"cache_calls": result.cache_calls}
+    new_tokens = result.tokens.tolist()
+    new_measures = [values.tolist() for values in (result.confidence, result.entropy, result.margin)]
+    base = {**stage_settings(settings, seed, tokens.shape[1]), **stage_provenance(model), "processes": processes}
+    field = "edited" if isinstance(settings, EditSettings) else "remasked"
     refined = []
     for row, record in enumerate(batch):
-        remasked = result.remasked[row].nonzero().flatten().tolist()
+        positions = changed[row].nonzero().flatten().tolist()
         stage = {
-            **stage_settings,
-            "remasked": remasked,
-            # What the remasked positions held before this stage, so a viewer can compare before and after.
-            "previous_tokens": [record.tokens[i] for i in remasked],
-            "previous_confidence": [record.confidence[i] for i in remasked],
+            **base,
+            field: positions,
+            # What those positions held before this stage, so a viewer can compare before and after.
+            "previous_tokens": [record.tokens[i] for i in positions],
+            "previous_confidence": [record.confidence[i] for i in positions],
             "nfes": result.nfes[row],
             "model_calls": result.model_calls,
-            "cache_calls": result.cache_calls,
-            **commit_stats(result.commits[row]),
+            **counts,
+            **(commit_stats(result.commits[row]) if field == "remasked" else {}),
             "batch_size": len(batch),
             "seconds": result.seconds / len(batch),
         }
@@ -324,7 +337,9 @@ def _refine_batch(
             dataclasses.replace(
                 record,
                 tokens=new_tokens[row],
-                confidence=_round7(new_confidence[row]),
+                confidence=_round7(new_measures[0][row]),
+                entropy=_round7(new_measures[1][row]) if measured else None,
+                margin=_round7(new_measures[2][row]) if measured else None,
                 text=tokenizer.decode(new_tokens[row][record.prompt_len :]),
                 draft_tokens=record.draft_tokens or record.tokens,
                 stages=[*record.stages, stage],
@@ -338,7 +353,7 @@ def generate(
     model: BD3LM,
     tokenizer: Any,
     draft_settings: DraftSettings,
-    refine_settings: list[RefineSettings],
+    refine_settings: list[RefineSettings | EditSettings],
     *,
     num_samples: int,
     seed: int = 0,

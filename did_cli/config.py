@@ -248,9 +248,24 @@ def default_micro_batch_size(rows_per_process: int, cap: int = 16) -> int:
 UNMASKING_ORDERS = ("first-hitting", "steps", "confidence")
 # The one list of remask strategy names; `did_cli.sampling.remask` maps each to its score function (a test checks
 # that the two agree), so settings can be checked here without importing the sampler.
-REMASK_STRATEGIES = ("snapshot", "posthoc", "random")
+REMASK_STRATEGIES = (
+    "snapshot",
+    "posthoc",
+    "random",
+    "snapshot-entropy",
+    "snapshot-margin",
+    "energy",
+    "mc-dropout",
+    "mc-variance",
+    "noise-ensemble",
+)
 # Other spellings users write (the paper says "post-hoc"); every name is looked up through `canonical_remask`.
-REMASK_ALIASES = {"post-hoc": "posthoc", "post_hoc": "posthoc"}
+REMASK_ALIASES = {"post-hoc": "posthoc", "post_hoc": "posthoc"} | {
+    name.replace("-", "_"): name for name in REMASK_STRATEGIES if "-" in name
+}
+# Editing (`EditSettings`) revises without remasking; the sweep's strategy axis takes it by this name.
+EDIT = "edit"
+EDIT_CANDIDATES = ("argmax", "sampled")
 
 
 def canonical_remask(name: str) -> str:
@@ -262,9 +277,7 @@ def canonical_remask(name: str) -> str:
     key = name.strip().lower()
     key = REMASK_ALIASES.get(key, key)
     if key not in REMASK_STRATEGIES:
-        raise UsageError(
-            f"unknown remask strategy {name!r}; choose one of {', '.join(REMASK_STRATEGIES)} (or post-hoc)"
-        )
+        raise UsageError(f"unknown remask strategy {name!r}; choose one of {', '.join(REMASK_STRATEGIES)}")
     return key
 
 
@@ -367,7 +380,9 @@ class RefineSettings:
     `block_size` None means one global block (the whole sequence, fully bidirectional), the paper's B2 = L.
     `refine_cache` R > 1 (global block only) reuses the keys and values of kept (never remasked) positions for R
     calls before recomputing them; only the remasked positions run through the model in between. R = 1 recomputes
-    everything at every call: the exact refinement, and the default.
+    everything at every call: the exact refinement, and the default. `passes` (M) and `ensemble_ratio` are read by
+    the strategies that score with several model calls (`mc-dropout`, `mc-variance`, `noise-ensemble`; see
+    `did_cli.sampling.remask`).
     """
 
     gamma: float = 0.5
@@ -376,6 +391,8 @@ class RefineSettings:
     kv_cache: bool = True
     unmasking: UnmaskingSettings = field(default_factory=UnmaskingSettings)
     refine_cache: int = 1
+    passes: int = 8
+    ensemble_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
@@ -385,12 +402,47 @@ class RefineSettings:
             raise UsageError(f"block_size must be positive, got {self.block_size}")
         if isinstance(self.refine_cache, bool) or not isinstance(self.refine_cache, int) or self.refine_cache < 1:
             raise UsageError(f"--refine-cache must be a positive integer (1 = exact), got {self.refine_cache!r}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or not 1 <= self.passes <= 1024:
+            raise UsageError(f"--passes must be an integer from 1 to 1024, got {self.passes!r}")
+        if not 0.0 < self.ensemble_ratio < 1.0:
+            raise UsageError(f"--ensemble-ratio must be in (0, 1), got {self.ensemble_ratio}")
         # The one home of this rule: kept keys/values can only be reused when every call sees the whole sequence.
         if self.refine_cache > 1 and self.block_size is not None:
             raise UsageError(
                 f"--refine-cache {self.refine_cache} needs one global refine block (B2 = L), not a refine block size "
                 f"of {self.block_size}; drop --block-size"
             )
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """A revision stage that remasks nothing: committed tokens the model would now replace are replaced in place.
+
+    Each of `passes` global passes (one bidirectional block over the clean sequence) reads the model's distribution
+    at every generated position; a token is replaced when the candidate (the argmax, or a token drawn with the
+    `unmasking` top-p and temperature) differs from it and the model gives the candidate a probability above
+    `threshold`. This is LLaDA 2.x's editing rule, applied globally to a finished draft. A threshold of 1 changes
+    nothing.
+
+    Attributes:
+        threshold: the candidate's probability must exceed it, in [0, 1].
+        passes: R, global passes (each sees the previous pass's edits).
+        candidate: `argmax` or `sampled`.
+        unmasking: top-p and temperature of `sampled` candidates.
+    """
+
+    threshold: float = 0.9
+    passes: int = 1
+    candidate: str = "argmax"
+    unmasking: UnmaskingSettings = field(default_factory=UnmaskingSettings)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--edit-threshold must be in [0, 1], got {self.threshold}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or not 1 <= self.passes <= 1024:
+            raise UsageError(f"--edit-passes must be an integer from 1 to 1024, got {self.passes!r}")
+        if self.candidate not in EDIT_CANDIDATES:
+            raise UsageError(f"--edit-candidate must be {' or '.join(EDIT_CANDIDATES)}, got {self.candidate!r}")
 
 
 def check_block_size(block_size: int, length: int) -> None:

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from did_cli.config import DraftSettings, RefineSettings
+from did_cli.config import DraftSettings, EditSettings, RefineSettings
 from did_cli.records import Record
 
 __all__ = [
@@ -39,12 +39,14 @@ __all__ = [
     "Identity",
     "device_info",
     "draft_stage_settings",
+    "edit_stage_settings",
     "expect_drafts",
     "expect_refinements",
     "made_with",
     "model_info",
     "record_model",
     "refine_stage_settings",
+    "stage_settings",
     "stage_provenance",
     "tokenizer_info",
     "versions",
@@ -207,8 +209,30 @@ def refine_stage_settings(settings: RefineSettings, seed: int, length: int | Non
         "kv_cache": settings.kv_cache,
         **dataclasses.asdict(settings.unmasking),
         "refine_cache": settings.refine_cache,
+        "passes": settings.passes,
+        "ensemble_ratio": settings.ensemble_ratio,
         "seed": seed,
     }
+
+
+def edit_stage_settings(settings: EditSettings, seed: int) -> dict[str, Any]:
+    """The settings an edit stage records (`did_cli.sampling.edit`)."""
+    return {
+        "kind": "edit",
+        "threshold": settings.threshold,
+        "passes": settings.passes,
+        "candidate": settings.candidate,
+        "top_p": settings.unmasking.top_p,
+        "temperature": settings.unmasking.temperature,
+        "seed": seed,
+    }
+
+
+def stage_settings(settings: RefineSettings | EditSettings, seed: int, length: int | None) -> dict[str, Any]:
+    """The settings a revision stage records, remasking or editing."""
+    if isinstance(settings, EditSettings):
+        return edit_stage_settings(settings, seed)
+    return refine_stage_settings(settings, seed, length)
 
 
 def _length_of(record: Record, stage: dict[str, Any]) -> Any:
@@ -227,6 +251,9 @@ LEGACY_VALUES: dict[str, Callable[[Record, dict[str, Any]], Any]] = {
     "entropy_window": lambda record, stage: 256,
     "confidence_threshold": lambda record, stage: None,
     "refine_cache": lambda record, stage: 1,
+    # Read only by strategies that did not exist before these keys; earlier records were made with the defaults.
+    "passes": lambda record, stage: 8,
+    "ensemble_ratio": lambda record, stage: 0.5,
     "model": lambda record, stage: record.model,  # per-stage provenance came later than the record's own
     "dtype": lambda record, stage: record.dtype,
     "kv_cache_dtype": lambda record, stage: stage.get("dtype", record.dtype),
@@ -378,9 +405,13 @@ def _as_stored(confidence: float) -> float:
 
 
 def _refined_from(record: Record) -> tuple[list[int], list[float], set[int]] | None:
-    """The tokens and confidences the last refine stage started from, and its remasked positions (None: damaged)."""
+    """The tokens and confidences the last revision stage started from, and the positions it changed (None: damaged).
+
+    A refine stage lists the positions it remasked, an edit stage those it replaced; each keeps what they held before.
+    """
     stage = record.stages[-1]
-    remasked, tokens, confidence = (stage.get(k) for k in ("remasked", "previous_tokens", "previous_confidence"))
+    changed = "edited" if stage.get("kind") == "edit" else "remasked"
+    remasked, tokens, confidence = (stage.get(k) for k in (changed, "previous_tokens", "previous_confidence"))
     lists = (remasked, tokens, confidence)
     if not all(isinstance(v, list) for v in lists) or not len(remasked) == len(tokens) == len(confidence):
         return None
@@ -419,7 +450,7 @@ def expect_drafts(
     seed: int,
     prompts: Sequence[tuple[str | None, Sequence[int]]],
     num_samples: int,
-    refinements: Sequence[RefineSettings] = (),
+    refinements: Sequence[RefineSettings | EditSettings] = (),
 ) -> Expected:
     """What a drafting run (`draft`, or `generate` with `refinements`) makes.
 
@@ -432,15 +463,17 @@ def expect_drafts(
         refinements: the refine stages `generate` runs after drafting.
     """
     stages = [draft_stage_settings(settings, seed)]
-    stages += [refine_stage_settings(s, seed, None) for s in refinements]  # B2 = None: each record's own length
+    stages += [stage_settings(s, seed, None) for s in refinements]  # B2 = None: each record's own length
     encoded = tuple((text, tuple(ids)) for text, ids in prompts)
     return Expected(_json_values(identity), seed, tuple(_json_values(s) for s in stages), encoded, num_samples)
 
 
-def expect_refinements(identity: Identity, settings: RefineSettings, seed: int, inputs: Iterable[Record]) -> Expected:
-    """What refining `inputs` (records from `draft` or an earlier `refine`) makes; B2 = None is each record's length."""
+def expect_refinements(
+    identity: Identity, settings: RefineSettings | EditSettings, seed: int, inputs: Iterable[Record]
+) -> Expected:
+    """What refining or editing `inputs` (records of `draft` or an earlier stage) makes; B2 None: each one's length."""
     by_id = {record.id: record for record in inputs}
-    stage = _json_values(refine_stage_settings(settings, seed, None))
+    stage = _json_values(stage_settings(settings, seed, None))
     return Expected(_json_values(identity), seed, (stage,), inputs=by_id)
 
 

@@ -7,6 +7,8 @@ interrupted run keeps every finished sample and `did draft | did refine` streams
 * `tokens` (the whole sequence, prompt and BOS included), `confidence` (same length; 1.0 at prompt positions,
   otherwise the probability the model gave the token at the call that committed it, updated by each refinement);
 * `prompt_len`, `prompt` (decoded prompt text without BOS, or null), `text` (decoded generated part);
+* `entropy`, `margin` (same length, or null in records of earlier versions): the entropy (nats) and the top-1 minus
+  top-2 probability of the distribution each token was committed from, read off the same call as `confidence`;
 * `draft_tokens`: the stage-1 tokens, kept unchanged through refinements so what changed can always be shown;
 * `stages`: one entry per stage with its settings, `nfes`, `seconds` and, for refinements, the `remasked` positions;
 * `model`, `tokenizer`, `versions`, `device`, `dtype`: provenance.
@@ -25,7 +27,7 @@ from typing import IO, Any
 from did_cli.errors import InputError
 
 _REQUIRED = ("id", "tokens", "confidence", "prompt_len")
-_NULLABLE = ("prompt", "draft_tokens")
+_NULLABLE = ("prompt", "draft_tokens", "entropy", "margin")
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Record:
     text: str = ""
     prompt: str | None = None
     draft_tokens: list[int] | None = None
+    entropy: list[float] | None = None
+    margin: list[float] | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +54,9 @@ class Record:
     def to_json(self) -> str:
         """One line of JSON (confidences to 7 significant digits, the precision of float32)."""
         body = asdict(self)
-        body["confidence"] = [float(f"{c:.7g}") for c in self.confidence]
+        for key in ("confidence", "entropy", "margin"):
+            if body[key] is not None:
+                body[key] = [float(f"{c:.7g}") for c in body[key]]
         # allow_nan=False: NaN and Infinity are not JSON, and a reader would choke on them later.
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -111,6 +117,7 @@ def _check_fields(body: dict[str, Any], where: str) -> None:
         raise InputError(f"{where}: confidence must hold finite probabilities in [0, 1]")
     if not _is_int(prompt_len) or not 0 <= prompt_len < len(tokens):
         raise InputError(f"{where}: prompt_len must be an integer from 0 to the number of tokens - 1")
+    _check_measures(body, where, len(tokens))
     draft_tokens = body.get("draft_tokens")
     if draft_tokens is not None and (
         not isinstance(draft_tokens, list) or not all(_is_int(t) and t >= 0 for t in draft_tokens)
@@ -126,6 +133,18 @@ def _check_fields(body: dict[str, Any], where: str) -> None:
         value = body.get(key)
         if value is not None and not isinstance(value, str):
             raise InputError(f"{where}: {key} must be a string, got {type(value).__name__}")
+
+
+def _check_measures(body: dict[str, Any], where: str, length: int) -> None:
+    """The snapshot entropies (nats, >= 0) and margins (in [0, 1]), when a record has them."""
+    for key, high in (("entropy", math.inf), ("margin", 1.0)):
+        values = body.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != length:
+            raise InputError(f"{where}: {key} must be a list as long as tokens ({length}) or null")
+        if not all(_is_number(v) and 0.0 <= v <= high for v in values):
+            raise InputError(f"{where}: {key} must hold finite numbers in [0, {high:g}]")
 
 
 def parse_record(line: str, where: str) -> Record:

@@ -26,7 +26,7 @@ import torch
 from did_cli.config import UnmaskingSettings
 from did_cli.kv_cache import KVCache
 from did_cli.model import BD3LM
-from did_cli.sampling.primitives import sample_from_logits
+from did_cli.sampling.primitives import Snapshot, snapshot
 from did_cli.sampling.reuse import KeptKVReuse
 from did_cli.sampling.schedules import first_hitting_calls, fixed_step_calls, most_confident
 
@@ -43,6 +43,8 @@ class DenoiseResult:
     Attributes:
         tokens: [B, L] int64, no [MASK] left.
         confidence: [B, L] float32, updated at every committed position.
+        entropy: [B, L] float32 nats, the committing call's entropy at every committed position (input elsewhere).
+        margin: [B, L] float32, the committing call's top-1 minus top-2 probability (input elsewhere).
         nfes: [B] int64 (CPU), model calls in which each sample committed at least one token.
         model_calls: batched denoiser calls made (each counts once however many samples it served).
         cache_calls: calls that only appended clean blocks to the KV cache (no logits; BD3-LM does not count them).
@@ -52,6 +54,8 @@ class DenoiseResult:
 
     tokens: torch.Tensor
     confidence: torch.Tensor
+    entropy: torch.Tensor
+    margin: torch.Tensor
     nfes: torch.Tensor
     model_calls: int
     cache_calls: int
@@ -73,6 +77,8 @@ def denoise(
     on_block_end: BlockEndHook | None = None,
     vocab_size: int | None = None,
     refine_cache: int = 1,
+    entropy: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
 ) -> DenoiseResult:
     """Fill every masked position, block by block.
 
@@ -86,6 +92,8 @@ def denoise(
         settings: unmasking order and token sampling.
         vocab_size: ids at or above it are never drawn (see `sample_from_logits`).
         refine_cache: R; above 1 (one global block only), kept positions' keys/values are recomputed every R calls.
+        entropy: [B, L] float32 snapshot entropies of earlier stages, kept at unmasked positions (None: 0).
+        margin: [B, L] float32 snapshot margins of earlier stages, kept at unmasked positions (None: 1).
         kv_cache: use the KV cache (True) or recompute the prefix at every call (the oracle).
         on_call: optional progress callback.
         on_block_end: optional hook called after each block that had masked positions, with the block's end and
@@ -99,7 +107,9 @@ def denoise(
         ValueError: `refine_cache` above 1 with blocks smaller than the sequence.
     """
     batch, length = tokens.shape
-    loop = _Loop(model, tokens, is_masked, uniforms, confidence, block_size, settings, on_call)
+    entropy = torch.zeros_like(confidence) if entropy is None else entropy
+    margin = torch.ones_like(confidence) if margin is None else margin
+    loop = _Loop(model, tokens, is_masked, uniforms, (confidence, entropy, margin), block_size, settings, on_call)
     loop.vocab_size = vocab_size
     if refine_cache > 1:
         if block_size < length:  # `RefineSettings` refuses this for users; a direct caller gets told too
@@ -122,7 +132,15 @@ def denoise(
     full_calls = loop.model_calls - (loop.reuse.calls - loop.reuse.full_calls if loop.reuse is not None else 0)
     commits = [dict(sorted(row.items())) for row in loop.commits]
     return DenoiseResult(
-        loop.tokens, loop.confidence, loop.nfes, loop.model_calls, loop.cache_calls, commits, full_calls
+        loop.tokens,
+        loop.confidence,
+        loop.entropy,
+        loop.margin,
+        loop.nfes,
+        loop.model_calls,
+        loop.cache_calls,
+        commits,
+        full_calls,
     )
 
 
@@ -150,7 +168,7 @@ class _Loop:
         tokens: torch.Tensor,
         is_masked: torch.Tensor,
         uniforms: torch.Tensor,
-        confidence: torch.Tensor,
+        measures: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         block_size: int,
         settings: UnmaskingSettings,
         on_call: CallCallback | None,
@@ -158,7 +176,8 @@ class _Loop:
         self.model, self.block_size, self.settings, self.on_call = model, block_size, settings, on_call
         self.device = tokens.device
         self.tokens = torch.where(is_masked, torch.full_like(tokens, model.mask_id), tokens)
-        self.confidence = confidence.clone()
+        # Snapshot measures [B, L] float32, written where each token is committed (see `primitives.Snapshot`).
+        self.confidence, self.entropy, self.margin = (values.clone() for values in measures)
         self.masked = is_masked.cpu().clone()
         self.keys, self.draws = uniforms[..., 0].cpu(), uniforms[..., 1].cpu()
         self.nfes = torch.zeros(tokens.shape[0], dtype=torch.long)
@@ -185,13 +204,13 @@ class _Loop:
             if not commit.any():
                 continue  # nothing is revealed at this step: the previous distribution stays valid, skip the call
             gather, scatter, counts = _slots(commit)
-            tokens, confidence = self._sample(start, end, gather, cache)
-            self._write(start, end, scatter, tokens, confidence)
+            self._write(start, end, scatter, self._sample(start, end, gather, cache))
             self._account(start, end, commit, counts)
 
     def _confidence_call(self, start: int, end: int, masked: torch.Tensor, cache: KVCache | None) -> None:
         gather, _, counts = _slots(masked)
-        tokens, confidence = self._sample(start, end, gather, cache)
+        drawn = self._sample(start, end, gather, cache)
+        confidence = drawn.confidence
         valid = torch.arange(gather.shape[1])[None, :] < counts[:, None]
         chosen = most_confident(confidence, valid.to(self.device), self.settings.tokens_per_call).cpu()
         threshold = self.settings.confidence_threshold
@@ -203,13 +222,11 @@ class _Loop:
         commit = torch.zeros(masked.shape[0], width + 1, dtype=torch.bool)
         commit.scatter_(1, scatter, True)  # unchosen slots land in the trash column, never on a real position
         commit = commit[:, :width]
-        self._write(start, end, scatter, tokens, confidence)
+        self._write(start, end, scatter, drawn)
         self._account(start, end, commit, commit.sum(dim=1))
 
-    def _sample(
-        self, start: int, end: int, gather: torch.Tensor, cache: KVCache | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and snapshot confidences [B, k] drawn at block positions `gather` [B, k] (CPU)."""
+    def _sample(self, start: int, end: int, gather: torch.Tensor, cache: KVCache | None) -> Snapshot:
+        """Tokens and snapshot measures [B, k] drawn at block positions `gather` [B, k] (CPU)."""
         self.model_calls += 1
         draws = self._to_device(self.draws[:, start:end].gather(1, gather))
         index = self._to_device(gather)
@@ -225,7 +242,7 @@ class _Loop:
         else:
             logits = self.model(self.tokens[:, :end], self.block_size, select=index + start)
         batch, k, vocab = logits.shape
-        tokens, confidence = sample_from_logits(
+        drawn = snapshot(
             logits.reshape(batch * k, vocab),
             draws.reshape(-1),
             mask_id=self.model.mask_id,
@@ -233,14 +250,13 @@ class _Loop:
             temperature=self.settings.temperature,
             vocab_size=self.vocab_size,
         )
-        return tokens.view(batch, k), confidence.view(batch, k)
+        return Snapshot(*(values.view(batch, k) for values in drawn))
 
-    def _write(
-        self, start: int, end: int, scatter: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor
-    ) -> None:
+    def _write(self, start: int, end: int, scatter: torch.Tensor, drawn: Snapshot) -> None:
         # Scatter into the block plus one trash column, so padded slots never collide with real positions.
         index = self._to_device(scatter)
-        for target, values in ((self.tokens, tokens), (self.confidence, confidence)):
+        targets = (self.tokens, self.confidence, self.entropy, self.margin)
+        for target, values in zip(targets, drawn, strict=True):
             block = target[:, start:end]
             extended = torch.cat((block, block[:, :1]), dim=1)
             extended.scatter_(1, index, values.to(extended.dtype))

@@ -38,6 +38,8 @@ class DraftResult:
     Attributes:
         tokens: [B, L] int64, prompt included; positions at or past `lengths[i]` are not part of sample i.
         confidence: [B, L] float32 snapshot confidence; 1.0 at prompt positions.
+        entropy: [B, L] float32 snapshot entropy (nats) of the committing call's distribution; 0.0 at prompt positions.
+        margin: [B, L] float32 snapshot top-1 minus top-2 probability; 1.0 at prompt positions.
         prompt_lengths: prompt tokens per sample (BOS included); these positions are never remasked.
         lengths: tokens per sample: L, or less when a variable-length sample stopped early.
         tries: draws per sample (1 unless entropy rejection redrew it).
@@ -50,6 +52,8 @@ class DraftResult:
 
     tokens: torch.Tensor
     confidence: torch.Tensor
+    entropy: torch.Tensor
+    margin: torch.Tensor
     prompt_lengths: list[int]
     lengths: list[int]
     tries: list[int]
@@ -107,6 +111,7 @@ def draft(
     batch = len(prompts)
     tokens = torch.full((batch, length), model.mask_id, dtype=torch.long, device=model.device)
     confidence = torch.zeros(batch, length, device=model.device)
+    entropy, margin = torch.zeros_like(confidence), torch.ones_like(confidence)
     lengths, tries, nfes = [length] * batch, [0] * batch, [0] * batch
     commits: list[dict[int, int]] = [{} for _ in range(batch)]
     model_calls = cache_calls = 0
@@ -120,7 +125,7 @@ def draft(
         cache_calls += result.cache_calls
         index = torch.tensor(pending, device=tokens.device)
         tokens[index] = result.tokens
-        confidence[index] = result.confidence
+        confidence[index], entropy[index], margin[index] = result.confidence, result.entropy, result.margin
         for row, i in enumerate(pending):
             lengths[i], tries[i], nfes[i] = stops.lengths[row], attempt + 1, int(result.nfes[row])
             commits[i] = result.commits[row]
@@ -141,6 +146,8 @@ def draft(
     return DraftResult(
         tokens=tokens,
         confidence=confidence,
+        entropy=entropy,
+        margin=margin,
         prompt_lengths=[len(p) for p in prompts],
         lengths=lengths,
         tries=tries,

@@ -21,7 +21,7 @@ from did_cli.config import RefineSettings, check_block_size
 from did_cli.model import BD3LM
 from did_cli.sampling.denoise import CallCallback, denoise
 from did_cli.sampling.primitives import draw_uniforms
-from did_cli.sampling.remask import STRATEGIES, select_lowest
+from did_cli.sampling.remask import SCORING_CALLS, STRATEGIES, RemaskInputs, select_lowest
 
 
 @dataclass
@@ -31,9 +31,11 @@ class RefineResult:
     Attributes:
         tokens: [B, L] int64.
         confidence: [B, L] float32; new values at re-committed positions, previous values elsewhere.
+        entropy: [B, L] float32 snapshot entropy, likewise (0 where the input had none).
+        margin: [B, L] float32 snapshot margin, likewise (1 where the input had none).
         remasked: [B, L] bool, the positions that were remasked (the only ones that may differ from the input).
-        nfes: per-sample model calls (the post-hoc scoring pass counts as one).
-        model_calls: batched denoiser calls, scoring pass included.
+        nfes: per-sample model calls, the strategy's scoring passes included (post-hoc: one; M for M passes).
+        model_calls: batched denoiser calls, scoring passes counted as batched calls.
         cache_calls: KV-cache append calls.
         seconds: wall-clock for the batch.
         commits: per sample, {tokens committed in one call: calls} (the scoring pass is not a commit).
@@ -42,6 +44,8 @@ class RefineResult:
 
     tokens: torch.Tensor
     confidence: torch.Tensor
+    entropy: torch.Tensor
+    margin: torch.Tensor
     remasked: torch.Tensor
     nfes: list[int]
     model_calls: int
@@ -65,6 +69,8 @@ def refine(
     *,
     vocab_size: int | None = None,
     pinned: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
 ) -> RefineResult:
     """Refine one batch.
 
@@ -81,6 +87,9 @@ def refine(
         vocab_size: ids at or above it are never drawn (the tokenizer's size; see `sample_from_logits`).
         pinned: [B, L] bool, generated positions that are never remasked either: the EOS that ends a variable-length
             sample, so the refined sample still ends where its draft stopped. gamma applies to the other positions.
+        entropy: [B, L] float32 snapshot entropies of earlier stages (None: records made before they were kept;
+            `snapshot-entropy` then refuses them).
+        margin: [B, L] float32 snapshot margins, likewise.
 
     Returns:
         A RefineResult; `remasked` is False wherever `pinned` is True.
@@ -95,8 +104,22 @@ def refine(
     if pinned is not None:
         eligible &= ~pinned.to(device)
     uniforms = draw_uniforms(seed, sample_ids, stage, length, 3)  # stays on the CPU, where positions are scheduled
-    scores = STRATEGIES[settings.remask](tokens, confidence, uniforms[..., 2].to(device), model, block_size)
-    remasked = select_lowest(scores, eligible, settings.gamma)
+    inputs = RemaskInputs(
+        tokens=tokens,
+        confidence=confidence,
+        entropy=entropy,
+        margin=margin,
+        uniforms=uniforms[..., 2].to(device),
+        model=model,
+        block_size=block_size,
+        sample_ids=sample_ids,
+        stage=stage,
+        seed=seed,
+        passes=settings.passes,
+        ensemble_ratio=settings.ensemble_ratio,
+        eligible=eligible,
+    )
+    remasked = select_lowest(STRATEGIES[settings.remask](inputs), eligible, settings.gamma)
     result = denoise(
         model,
         tokens,
@@ -109,11 +132,16 @@ def refine(
         on_call=on_call,
         vocab_size=vocab_size,
         refine_cache=settings.refine_cache,
+        entropy=entropy,
+        margin=margin,
     )
-    scoring_calls = 1 if settings.remask == "posthoc" else 0
+    scoring = SCORING_CALLS.get(settings.remask)
+    scoring_calls = scoring(settings.passes) if scoring is not None else 0
     return RefineResult(
         tokens=result.tokens,
         confidence=result.confidence,
+        entropy=result.entropy,
+        margin=result.margin,
         remasked=remasked,
         nfes=(result.nfes + scoring_calls).tolist(),
         model_calls=result.model_calls + scoring_calls,

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from did_cli.api import commit_stats, refine_stage_settings
+from did_cli.api import commit_stats
 from did_cli.cli._sampling import unmasking
 from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.errors import UsageError
+from did_cli.provenance import refine_stage_settings
 from did_cli.sampling.draft import draft
 from did_cli.sampling.primitives import draw_uniforms, sample_from_logits
 from did_cli.sampling.refine import refine
