@@ -20,6 +20,7 @@ from did_cli.cli._errors import handle_errors
 from did_cli.cli._progress import stderr
 from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
+from did_cli.printable import printable
 
 _D = FinetuneSettings()
 PLAIN_INTERVAL_S = 15.0
@@ -58,7 +59,7 @@ class _Printer:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("event") == "warning":
-            self._write(Text(f"warning: {event['message']}"))
+            self._write(Text(printable(f"warning: {event['message']}")))
             return
         if self.quiet and event.get("event") != "stopping":
             return
@@ -69,7 +70,7 @@ class _Printer:
             self.last_train = now
         line = _describe(event)
         if line is not None:
-            self._write(Text.from_markup(line))
+            self._write(Text.from_markup(printable(line)))  # paths and names: shown, never obeyed
 
     def _write(self, text: Text) -> None:
         if self.terminal:
@@ -79,7 +80,9 @@ class _Printer:
             sys.stderr.flush()
 
 
-@handle_errors(on_interrupt="interrupted before training started; nothing was saved")
+@handle_errors(
+    on_interrupt="interrupted before training started; nothing was saved", on_memory="lower --micro-batch-size"
+)
 def finetune(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Checkpoint to start from (default: BD3-LM's block-1024 pretrain).")
