@@ -121,9 +121,9 @@ def follow_links(path: str | Path, flag: str) -> Path:
 def output_target(path: str | Path, flag: str) -> Path:
     """Where an output named on the command line goes, checked before any work starts.
 
-    A symbolic link is followed (`follow_links`), so its target is replaced rather than the link. Device files and
-    pipes (`/dev/null`, a fifo) are returned as they are: `is_special` tells writers to write into them, never to
-    replace them with a renamed file.
+    A symbolic link is followed (`follow_links`, which checks every component of the path), so its target is
+    replaced rather than the link. Device files and pipes (`/dev/null`, a fifo) are returned as they are:
+    `is_special` tells writers to write into them, never to replace them with a renamed file.
 
     Raises:
         OutputError: an empty name, a directory, a path under a file, a folder this process cannot write, a loop of
@@ -133,8 +133,9 @@ def output_target(path: str | Path, flag: str) -> Path:
     if not text.strip() or Path(text) == Path("."):
         raise OutputError(f"{flag} needs a file name, got {text!r}")
     target = Path(text).expanduser()
+    resolved = follow_links(target, flag)  # refuses a loop, or a planted link in any component of the path
     if target.is_symlink():
-        target = follow_links(target, flag)
+        target = resolved
     if target.is_dir():
         raise OutputError(f"{flag} {text} is a directory; give a file name")
     if is_special(target):
@@ -161,11 +162,13 @@ def write_atomically(target: str | Path, write: Callable[[Path], Any]) -> None:
     rename would put a regular file in its place.
 
     Raises:
-        OutputError: the file cannot be written (no space left, no permission): one line naming it.
+        OutputError: the file cannot be written (no space left, no permission): one line naming it; or a link on
+            its path is refused (`follow_links`).
     """
     target = Path(target)
+    resolved = follow_links(target, "output")
     if target.is_symlink():
-        target = follow_links(target, "output")
+        target = resolved
     try:
         if is_special(target):
             write(target)

@@ -75,7 +75,7 @@ def test_an_output_link_another_user_planted_in_a_sticky_folder_is_refused(tmp_p
     folder_link.symlink_to(tmp_path, target_is_directory=True)
     _planted_by_another_user(folder_link, monkeypatch)
     with pytest.raises(OutputError, match="anyone can write to"):
-        follow_links(folder_link / "victim.txt", "--out")
+        output_target(folder_link / "victim.txt", "--out")
     assert victim.read_text() == "precious"
 
 

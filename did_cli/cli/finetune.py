@@ -252,5 +252,5 @@ def finetune(
             overwrite=overwrite,
         )
     except KeyboardInterrupt as exc:
-        sys.stderr.write(f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}\n")
+        sys.stderr.write(printable(f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}") + "\n")
         raise typer.Exit(130) from None
