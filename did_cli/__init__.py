@@ -16,12 +16,12 @@ _EXPORTS = {
     "BD3LM": "did_cli.model",
     "DidError": "did_cli.errors",
     "DraftSettings": "did_cli.config",
-    "EvalSettings": "did_cli.evaluation.gen_ppl",
+    "EvalSettings": "did_cli.evaluation.settings",
     "FinetuneSettings": "did_cli.config",
     "Identity": "did_cli.provenance",
     "ModelConfig": "did_cli.config",
-    "NllData": "did_cli.evaluation.nll_rows",
-    "NllSettings": "did_cli.evaluation.nll",
+    "NllData": "did_cli.evaluation.settings",
+    "NllSettings": "did_cli.evaluation.settings",
     "Processes": "did_cli.processes",
     "Record": "did_cli.records",
     "RecordOutput": "did_cli.record_files",
@@ -89,9 +89,8 @@ if TYPE_CHECKING:
     from did_cli.checkpoints import load_model, load_tokenizer, save_model
     from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
     from did_cli.errors import DidError
-    from did_cli.evaluation.gen_ppl import EvalSettings
-    from did_cli.evaluation.nll import NllSettings, eval_nll
-    from did_cli.evaluation.nll_rows import NllData
+    from did_cli.evaluation.nll import eval_nll
+    from did_cli.evaluation.settings import EvalSettings, NllData, NllSettings
     from did_cli.execution import optimize
     from did_cli.model import BD3LM
     from did_cli.processes import Processes, current_processes

@@ -14,7 +14,7 @@ Masks are boolean with True meaning "may attend", the convention of `scaled_dot_
 "everything visible" and lets SDPA pick its fused kernels; returning `None` whenever it is exact is a speed
 choice, not a convenience.
 
-Two attention backends compute the same thing (`ATTN_BACKENDS`):
+Two attention backends compute the same thing (`config.ATTN_BACKENDS`):
 
 * `sdpa`: dense boolean masks through `scaled_dot_product_attention`; the CPU path and the oracle;
 * `flex`: `torch.nn.attention.flex_attention` with a `BlockMask` that skips fully masked 128 x 128 tiles, as
@@ -37,9 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from did_cli.errors import UsageError
-
-ATTN_BACKENDS = ("auto", "sdpa", "flex")
 # What `attend` accepts: a dense bool mask [n, m], a flex BlockMask, or None (everything visible).
 AttentionMask = torch.Tensor | BlockMask | None
 
@@ -95,13 +92,6 @@ def block_diffusion_mask(length: int, block_size: int, device: torch.device | st
     offset_block_causal = (q_block > k_block) & ~q_clean & k_clean
     block_causal = (q_block >= k_block) & q_clean & k_clean
     return block_diagonal | offset_block_causal | block_causal
-
-
-def check_attn_backend(choice: str) -> str:
-    """Return `choice` if it names a backend, else raise a one-line UsageError."""
-    if choice not in ATTN_BACKENDS:
-        raise UsageError(f"--attn-backend must be one of {', '.join(ATTN_BACKENDS)}, got {choice!r}")
-    return choice
 
 
 def use_flex(choice: str, device: torch.device) -> bool:

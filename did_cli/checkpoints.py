@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from did_cli.config import ModelConfig
+from did_cli.config import ModelConfig, check_device_name, dtype_name
 from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import atomic_folder
 from did_cli.kv_cache import check_kv_cache_dtype
@@ -184,6 +184,8 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """`auto`/None → CUDA when available, else CPU; anything else as given."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str):
+        check_device_name(device)
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -199,17 +201,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
-    return names[dtype]
+    return getattr(torch, dtype_name(dtype))
 
 
 def load_model(

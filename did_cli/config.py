@@ -245,6 +245,55 @@ def default_micro_batch_size(rows_per_process: int, cap: int = 16) -> int:
     return max(size for size in range(1, min(cap, rows_per_process) + 1) if rows_per_process % size == 0)
 
 
+# How a model runs, as names: each is checked here, before torch is imported, so a misspelt flag fails at once;
+# `checkpoints`, `kv_cache` and `attention` map the names to torch objects.
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+KV_CACHE_DTYPE_NAMES = ("float32", "bfloat16")
+ATTN_BACKENDS = ("auto", "sdpa", "flex")
+
+
+def dtype_name(dtype: str) -> str:
+    """The canonical name of a weights dtype (`bf16` → `bfloat16`).
+
+    Raises:
+        UsageError: a name that is no dtype did runs in, listing the choices.
+    """
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return DTYPE_NAMES[dtype]
+
+
+def check_kv_cache_dtype_name(name: str | None) -> None:
+    """Refuse a KV cache dtype name did does not offer (None: the weights' dtype)."""
+    if name is not None and name not in KV_CACHE_DTYPE_NAMES:
+        raise UsageError(f"unknown KV cache dtype {name!r}; use {' or '.join(KV_CACHE_DTYPE_NAMES)}")
+
+
+def check_attn_backend(choice: str) -> str:
+    """Return `choice` if it names an attention backend, else raise a one-line UsageError."""
+    if choice not in ATTN_BACKENDS:
+        raise UsageError(f"--attn-backend must be one of {', '.join(ATTN_BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def check_device_name(device: str) -> None:
+    """Refuse what cannot be a device name (`auto`, or a type with an optional index: `cpu`, `cuda:1`).
+
+    Whether the type exists (and the device is present) is torch's to say when the model loads.
+    """
+    kind, colon, index = device.partition(":")
+    named = kind.isascii() and kind.isalpha() and kind.islower() and (not colon or index.isdigit())
+    if device != "auto" and not named:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
 UNMASKING_ORDERS = ("first-hitting", "steps", "confidence")
 # The one list of remask strategy names; `did_cli.sampling.remask` maps each to its score function (a test checks
 # that the two agree), so settings can be checked here without importing the sampler.

@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
+from did_cli.printable import printable
 from did_cli.records import Record
 
 __all__ = [
@@ -62,12 +63,6 @@ _PROMPT_STYLE = f"italic {PROMPT_COLORS[1]} on {PROMPT_COLORS[0]}"
 _PROMPT_OPEN, _PROMPT_CLOSE = "«", "»"
 _DRAFT_STYLE = "strike dim"
 _ARROW = "→"  # between a changed token's draft and its new text, in every rendering
-# Control characters would move the cursor or vanish; Unicode's "control pictures" show them instead. The line
-# break of a newline is written after the whole token (see `line_breaks`), never inside its marks.
-_CONTROL = {"\n": "⏎", "\t": "⇥", **{chr(c): chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"}}
-_CONTROL["\x7f"] = "␡"
-# C1 controls (0x9b starts an escape sequence on some terminals) have no pictures: show the replacement character.
-_CONTROL.update({chr(c): "\ufffd" for c in range(0x80, 0xA0)})
 _EMPTY = "∅"
 
 
@@ -133,10 +128,13 @@ def token_texts(tokenizer: Any, ids: Iterable[int]) -> dict[int, str]:
 
 
 def visible(text: str) -> str:
-    """`text` on one line: control characters as visible pictures (a newline is ⏎) and "" shown as ∅."""
+    """`text` on one line: control characters as visible pictures (`printable`: a newline is ⏎), "" shown as ∅.
+
+    The line break of a newline is written after the whole token (see `line_breaks`), never inside its marks.
+    """
     if not text:
         return _EMPTY
-    return "".join(_CONTROL.get(c, c) for c in text)
+    return printable(text)
 
 
 def line_breaks(view: TokenView) -> str:

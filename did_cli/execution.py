@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from did_cli.attention import check_attn_backend
+from did_cli.config import check_attn_backend
 from did_cli.errors import UsageError
 from did_cli.kv_cache import KVCache
 

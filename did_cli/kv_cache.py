@@ -22,9 +22,10 @@ from typing import Any, Protocol
 
 import torch
 
+from did_cli.config import KV_CACHE_DTYPE_NAMES, check_kv_cache_dtype_name
 from did_cli.errors import UsageError
 
-KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = {name: getattr(torch, name) for name in KV_CACHE_DTYPE_NAMES}
 
 
 def check_kv_cache_dtype(cache_dtype: str | torch.dtype | None, weights_dtype: torch.dtype) -> torch.dtype | None:
@@ -40,8 +41,7 @@ def check_kv_cache_dtype(cache_dtype: str | torch.dtype | None, weights_dtype: t
     if cache_dtype is None:
         return None
     if isinstance(cache_dtype, str):
-        if cache_dtype not in KV_CACHE_DTYPES:
-            raise UsageError(f"unknown KV cache dtype {cache_dtype!r}; use float32 or bfloat16")
+        check_kv_cache_dtype_name(cache_dtype)
         cache_dtype = KV_CACHE_DTYPES[cache_dtype]
     if cache_dtype not in KV_CACHE_DTYPES.values():
         raise UsageError(f"unsupported KV cache dtype {cache_dtype}; use float32 or bfloat16")

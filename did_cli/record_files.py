@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from did_cli.errors import DidError, InputError, OutputError, UsageError
-from did_cli.files import is_special, output_target
+from did_cli.files import is_special, output_target, stdout_stream
 from did_cli.locks import is_locked, try_lock
 from did_cli.processes import ONE_PROCESS, Processes
 from did_cli.provenance import Expected, made_with
@@ -109,13 +109,21 @@ class RecordWriter:
         dropped: a note naming a complete but invalid last line a resumed run dropped (`read_complete_records`).
     """
 
-    def __init__(self, out: str | Path | None = None, *, resume: bool = False, replace_partial: bool = False) -> None:
+    def __init__(
+        self,
+        out: str | Path | None = None,
+        *,
+        resume: bool = False,
+        replace_partial: bool = False,
+        how_to_continue: str = "--resume continues",
+    ) -> None:
         self.path = None if out is None or str(out) == "-" else Path(out)
         self.partial = (
             None if self.path is None or not self.path.name else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         )
         self.resume = resume
         self.replace_partial = replace_partial
+        self.how_to_continue = how_to_continue
         self.count = 0
         self.kept: list[Record] = []
         self.dropped: str | None = None
@@ -141,9 +149,19 @@ class RecordWriter:
             return self._open_special()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            # Never through a symbolic link: the partial file is did's own, and a link planted there would make a
+            # resumed run write into (and then rename away) whatever it points at.
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(self.partial, flags, 0o666)
         except OSError as exc:
+            if self.partial.is_symlink():
+                raise OutputError(
+                    f"{self.partial} is a symbolic link, not a partial file did wrote; remove it and run again"
+                ) from None
             raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a fifo or device planted as the partial file
+            os.close(fd)
+            raise OutputError(f"{self.partial} is not a regular file, not a partial file did wrote; remove it")
         if not try_lock(fd):
             os.close(fd)
             raise OutputError(f"another did run is writing {self.path} (it holds {self.partial}); wait or pick --out")
@@ -307,7 +325,8 @@ class RecordWriter:
         if self.path is None or self._special:
             return f"{self.count} finished samples were written before it"
         total = len(self.kept) + self.count
-        return f"{total} finished samples are kept in {self.partial} ({self.path} is unchanged; --resume continues)"
+        kept = f"{total} finished samples are kept in {self.partial}"
+        return f"{kept} ({self.path} is unchanged; {self.how_to_continue})"
 
     def _close(self) -> None:
         if self._fd is not None and self.path is not None:
@@ -326,19 +345,12 @@ class RecordWriter:
 
 def _stdout() -> tuple[int | None, IO[str] | None]:
     """Where stdout records go: its file descriptor (whole-line writes), or the stream itself when it has none."""
-    stream = sys.stdout
-    if stream is None:
-        raise OutputError("stdout is closed; pass --out FILE")
+    stream = stdout_stream("pass --out FILE")
     try:
         stream.flush()
-        fd = stream.fileno()
+        return stream.fileno(), None
     except (ValueError, OSError, AttributeError):
         return None, stream  # an in-memory stdout (a test runner, a notebook)
-    try:
-        os.fstat(fd)
-    except OSError:
-        raise OutputError("stdout is closed; pass --out FILE") from None
-    return fd, None
 
 
 # --- One output across processes --------------------------------------------------------------------------------------
@@ -381,6 +393,7 @@ class RecordOutput:
         position: an input position per record (its id for draft and generate; the input record's place for refine):
             which process owns it, and the order of `out`.
         notes: lines worth telling the user (a dropped damaged line).
+        how_to_continue: what continues an interrupted run, for the line saying what was kept.
     """
 
     out: Path | None
@@ -388,13 +401,14 @@ class RecordOutput:
     resume: bool = False
     position: PositionFn = field(default=lambda record: record.id)
     notes: list[str] = field(default_factory=list)
+    how_to_continue: str = "--resume continues"
 
     def __post_init__(self) -> None:
         if self.out is not None and str(self.out) == "-":
             self.out = None
         world = self.processes.world
         target = self.out if world == 1 or self.out is None else part_path(self.out, self.processes.shard.rank, world)
-        self.writer = RecordWriter(target, resume=self.resume)
+        self.writer = RecordWriter(target, resume=self.resume, how_to_continue=self.how_to_continue)
 
     @property
     def kept(self) -> list[Record]:
@@ -531,7 +545,7 @@ class RecordOutput:
         positions = [self.position(r) for r in records]
         if positions != list(range(len(records))):
             raise UsageError(f"the parts of {out} do not hold every sample exactly once; rerun with --resume")
-        with RecordWriter(out, replace_partial=True) as writer:
+        with RecordWriter(out, replace_partial=True, how_to_continue=self.how_to_continue) as writer:
             for record in records:
                 writer.write(record)
         for path in paths:

@@ -22,9 +22,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from did_cli.errors import InputError
+from did_cli.files import open_input
 
 _REQUIRED = ("id", "tokens", "confidence", "prompt_len")
 _NULLABLE = ("prompt", "draft_tokens", "entropy", "margin")
@@ -99,7 +100,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # An int is finite however long (math.isfinite would overflow converting a 401-digit one to float).
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _check_fields(body: dict[str, Any], where: str) -> None:
@@ -170,21 +172,6 @@ def parse_record(line: str, where: str) -> Record:
     return Record(**{k: v for k, v in body.items() if k in known and (v is not None or k in _NULLABLE)})
 
 
-def _open_input(source: str | Path) -> tuple[str, IO[str]]:
-    name = "stdin" if str(source) == "-" else str(source)
-    if str(source) == "-":
-        return name, sys.stdin
-    path = Path(source)
-    if path.is_dir():
-        raise InputError(f"input {name} is a directory, not a JSONL file")
-    if not path.is_file():
-        raise InputError(f"input file {name} does not exist")
-    try:
-        return name, open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller after streaming
-    except OSError as exc:
-        raise InputError(f"cannot read {name}: {exc.strerror}") from None
-
-
 def read_records(source: str | Path) -> Iterator[Record]:
     """Records from a JSONL file, or from stdin when `source` is "-"; blank lines are skipped.
 
@@ -192,7 +179,8 @@ def read_records(source: str | Path) -> Iterator[Record]:
         InputError: a malformed line (naming its number), a file that is not UTF-8 or cannot be read, or an input
             with no record at all.
     """
-    name, stream = _open_input(source)
+    name = "stdin" if str(source) == "-" else str(source)
+    stream = open_input(source, "a JSONL file")
     count = 0
     try:
         for lineno, line in enumerate(stream, start=1):
@@ -217,11 +205,3 @@ def check_records_file(source: str | Path) -> int:
     if str(source) == "-":
         return 0
     return sum(1 for _ in read_records(source))
-
-
-def same_file(first: str | Path | None, second: str | Path | None) -> bool:
-    """Whether two paths name the same existing file (writing one would destroy the other)."""
-    if first is None or second is None or str(first) == "-" or str(second) == "-":
-        return False
-    a, b = Path(first), Path(second)
-    return a.exists() and b.exists() and a.samefile(b)

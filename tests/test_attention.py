@@ -7,9 +7,9 @@ from did_cli.attention import (
     block_causal_mask,
     block_diffusion_block_mask,
     block_diffusion_mask,
-    check_attn_backend,
     use_flex,
 )
+from did_cli.config import check_attn_backend
 from did_cli.errors import UsageError
 from tests.bd3lm_reference import naive_block_causal, naive_block_diffusion
 

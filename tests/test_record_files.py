@@ -258,3 +258,36 @@ def test_a_record_holding_mask_or_an_id_beyond_its_tokenizer_is_never_written(tm
         writer.write(_record(1, tokens=[0, 68, 6], tokenizer={"name": "chars", "vocab_size": 68}))
     assert "\n" not in str(info.value)
     assert [r.id for r in read_complete_records(tmp_path / "o.jsonl.partial").records] == [0]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("victim_content", ["", "precious\n"])
+def test_a_planted_partial_symlink_is_refused_and_its_target_kept(tmp_path, resume, victim_content):
+    victim = tmp_path / "victim.txt"
+    victim.write_text(victim_content)
+    out = tmp_path / "o.jsonl"
+    (tmp_path / "o.jsonl.partial").symlink_to(victim)
+    with pytest.raises(OutputError, match="o.jsonl.partial is a symbolic link"), RecordWriter(out, resume=resume) as w:
+        w.write(_record(0))
+    assert victim.read_text() == victim_content and not out.exists()
+    assert (tmp_path / "o.jsonl.partial").is_symlink()
+
+
+def test_a_planted_fifo_as_partial_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "o.jsonl.partial")
+    with pytest.raises(OutputError, match="not a regular file"):
+        RecordWriter(tmp_path / "o.jsonl", resume=True).open()
+
+
+def test_a_full_disk_says_how_the_caller_continues(tmp_path, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with RecordWriter(tmp_path / "o.jsonl", how_to_continue="run the same command again to continue") as writer:
+        writer.write(_record(0))
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(OutputError) as info:
+            writer.write(_record(1))
+        monkeypatch.undo()
+    message = str(info.value)
+    assert "o.jsonl.partial" in message and "run the same command again" in message and "--resume" not in message

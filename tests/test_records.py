@@ -30,6 +30,7 @@ MALFORMED = [
     (_body(tokens=[0, True, 1]), "tokens must be a non-empty list"),
     (_body(confidence=[1.0, 0.5]), "confidence must be a list as long as tokens"),
     (_body(confidence=[1.0, 2.0, 0.1]), "finite probabilities"),
+    (_body(confidence=[1.0, 10**400, 0.1]), "finite probabilities"),  # a 401-digit integer overflows a float
     (_body(prompt_len=3), "prompt_len must be an integer"),
     (_body(stages=None), "stages must be a list of objects"),
     (_body(stages=[1]), "stages must be a list of objects"),

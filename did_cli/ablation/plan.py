@@ -29,11 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from did_cli.checkpoints import parse_dtype
-from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings, canonical_remask
+from did_cli.config import (
+    DraftSettings,
+    RefineSettings,
+    UnmaskingSettings,
+    canonical_remask,
+    check_device_name,
+    dtype_name,
+)
 from did_cli.errors import UsageError
-from did_cli.evaluation.gen_ppl import EvalSettings
-from did_cli.evaluation.judge import DEFAULT_JUDGE
+from did_cli.evaluation.settings import DEFAULT_JUDGE, EvalSettings
 
 __all__ = [
     "DRAFT",
@@ -353,7 +358,8 @@ class SweepSettings:
             DraftSettings(self.length, self.draft_block_size)
         elif self.draft_block_size < 1:
             raise UsageError(f"--draft-block-size must be positive, got {self.draft_block_size}")
-        parse_dtype(self.dtype)
+        dtype_name(self.dtype)
+        check_device_name(self.device)
         for threshold in self.confidence_thresholds:
             UnmaskingSettings(order="confidence", confidence_threshold=threshold, top_p=self.unmasking.top_p)
         for r in self.refine_caches:
@@ -458,7 +464,7 @@ def plan_model(spec: ModelSpec, settings: SweepSettings, model_length: int, sha2
         "draft_block_size": settings.draft_block_size,
         "num_samples": settings.num_samples,
         "seed": settings.seed,
-        "dtype": str(parse_dtype(settings.dtype)).removeprefix("torch."),
+        "dtype": dtype_name(settings.dtype),
         "unmasking": unmasking_config(settings.unmasking),
         "kv_cache": settings.kv_cache,
         "judge": settings.judge,

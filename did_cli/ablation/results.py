@@ -7,6 +7,7 @@ every finished score. A row is keyed by (model label, variant id, configuration)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.ablation.plan import ModelPlan, ModelSpec, Variant
+from did_cli.errors import OutputError
 from did_cli.evaluation.scoring import FileResult
 from did_cli.files import strict_json
 from did_cli.provenance import versions
 from did_cli.records import Record
 
 __all__ = [
+    "CONTINUE",
     "RESULTS",
     "append_result",
     "earlier_compatible",
@@ -33,6 +36,8 @@ __all__ = [
 ]
 
 RESULTS = "results.jsonl"
+# How an interrupted or failed sweep continues (it has no --resume: finished files and rows are reused).
+CONTINUE = "run the same command again to continue"
 Row = dict[str, Any]
 RowKey = tuple[Any, Any, str]
 
@@ -57,18 +62,33 @@ def read_results(path: str | Path) -> list[Row]:
 
 
 def append_result(path: str | Path, row: Row) -> None:
-    """Append one row as a JSON line and flush it, so an interrupted sweep keeps every finished score."""
+    """Append one row as a JSON line and flush it, so an interrupted sweep keeps every finished score.
+
+    Raises:
+        OutputError: the row cannot be written (a full disk): nothing of it is left, and the line names the file
+            and says how the sweep continues.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as handle:
-        # A line cut short by an interrupt has no newline; end it so the new row starts on its own line.
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(handle.tell() - 1)
-            if handle.read(1) != "\n":
-                handle.write("\n")
-        handle.write(strict_json(row) + "\n")  # an undefined number is null, never NaN
-        handle.flush()
+    size = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+", encoding="utf-8") as handle:
+            # A line cut short by an interrupt has no newline; end it so the new row starts on its own line.
+            size = handle.seek(0, os.SEEK_END)
+            if size > 0:
+                handle.seek(size - 1)
+                if handle.read(1) != "\n":
+                    handle.write("\n")
+            handle.write(strict_json(row) + "\n")  # an undefined number is null, never NaN
+            handle.flush()
+    except OSError as exc:
+        if size is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+        raise OutputError(
+            f"cannot append to {path}: {exc.strerror or exc}; finished sample files and earlier rows are kept "
+            f"in {path.parent} ({CONTINUE})"
+        ) from None
 
 
 def latest_rows(rows: Sequence[Row]) -> list[Row]:

@@ -28,6 +28,7 @@ from did_cli import api
 from did_cli.ablation.plan import DRAFT, ModelPlan, SweepSettings, Variant, plan_model
 from did_cli.ablation.report import write_report
 from did_cli.ablation.results import (
+    CONTINUE,
     RESULTS,
     append_result,
     earlier_compatible,
@@ -360,7 +361,7 @@ class SweepRunner:
         records = self.processes.from_main(reusable)
         if records is not None:
             return records
-        with RecordOutput(path, self.processes, resume=True) as output:
+        with RecordOutput(path, self.processes, resume=True, how_to_continue=CONTINUE) as output:
             difference = self.processes.first([made_with(output.kept, expected)])
             if difference is not None:
                 self.emit(SweepEvent("note", f"{path}: made again ({difference})"))

@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from did_cli.cli._errors import handle_errors, interrupted, silence_stdout
+from did_cli.cli._errors import handle_errors, interrupted, say_line, silence_stdout
+from did_cli.cli._help import Command, Group
 
 __all__ = ["app", "build_app", "handle_errors", "main"]
 
@@ -46,6 +47,7 @@ def build_app() -> typer.Typer:
 
     application = typer.Typer(
         name="did",
+        cls=Group,
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
@@ -63,7 +65,7 @@ def build_app() -> typer.Typer:
         ("push", push, "Upload a checkpoint folder to the Hugging Face Hub with a model card from the run's files."),
     ]
     for name, function, help_text in commands:
-        application.command(name, help=help_text)(function)
+        application.command(name, help=help_text, cls=Command)(function)  # Command: what --help shows per flag
     return application
 
 
@@ -117,7 +119,7 @@ def _exit_on_usage_error(exc: Exception) -> None:
         context = getattr(exc, "ctx", None)
         path = f"{context.command_path} --help" if context is not None else "did --help"
         message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
-        sys.stderr.write(f"error: {message} (see '{path}')\n")
+        say_line(f"error: {message} (see '{path}')")  # the value the user typed is shown, never obeyed
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
 
 

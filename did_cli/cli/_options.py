@@ -1,11 +1,14 @@
-"""Option types shared by several commands, so the same flag means the same thing everywhere."""
+"""Option types shared by several commands, so the same flag means the same thing everywhere, and count checks."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from did_cli.errors import UsageError
 
 DEFAULT_MODEL = "did-tiny"  # kept equal to checkpoints.DEFAULT_MODEL (a test checks), without importing torch here
 DEFAULT_BATCH_SIZE = 16
@@ -140,3 +143,17 @@ DegenerateEntropy = Annotated[
         "scaled by log n / log 256 for an n-token sample (3.5 at 128 tokens).",
     ),
 ]
+
+
+def check_count(value: int | None, flag: str) -> None:
+    """Refuse a count (samples, batch size, draws) below 1, or beyond what a process can index (None: unset).
+
+    Raises:
+        UsageError: naming the flag and the value.
+    """
+    if value is None:
+        return
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1, got {value}")
+    if value > sys.maxsize:
+        raise UsageError(f"{flag} {value} is too large; it must be at most {sys.maxsize}")

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 
+from did_cli.printable import printable
+
 __all__ = ["PlainLines", "bar", "keyed_bars", "say", "stderr"]
 
 stderr = Console(stderr=True, highlight=False)
@@ -27,8 +29,8 @@ PLAIN_INTERVAL = 10.0
 
 
 def say(message: str) -> None:
-    """One plain line on stderr (markup in `message` is printed literally)."""
-    stderr.print(escape(message), soft_wrap=True)
+    """One plain line on stderr: markup in `message` is printed literally, control characters shown (`printable`)."""
+    stderr.print(escape(printable(message)), soft_wrap=True)
 
 
 def _plain_interval() -> float:
@@ -60,7 +62,8 @@ class PlainLines:
 def bar(unit: str, *extra: ProgressColumn) -> Progress:
     """A transient rich progress bar on stderr, counting `unit`s, that never takes over stdout.
 
-    Its description and extra text columns are never read as rich markup: they hold file and model names.
+    Its description and extra text columns are never read as rich markup: they hold file and model names, which
+    callers pass through `printable`.
     """
     return Progress(
         TextColumn("{task.description}", markup=False),
@@ -80,7 +83,7 @@ def bar(unit: str, *extra: ProgressColumn) -> Progress:
 def keyed_bars(quiet: bool, unit: str, describe: Callable[..., str]) -> Iterator[Callable[..., None] | None]:
     """A callback `(*key, done, total)` drawing one bar per key (a file, a model and block size), or plain lines.
 
-    `describe(*key)` names a key. Yields None when `quiet`.
+    `describe(*key)` names a key (a file or model name: shown through `printable`). Yields None when `quiet`.
     """
     if quiet:
         yield None
@@ -100,7 +103,7 @@ def keyed_bars(quiet: bool, unit: str, describe: Callable[..., str]) -> Iterator
     def update(*args: Any) -> None:
         *key, done, total = args
         if tuple(key) not in tasks:
-            tasks[tuple(key)] = progress.add_task(describe(*key), total=total)
+            tasks[tuple(key)] = progress.add_task(printable(describe(*key)), total=total)
         progress.update(tasks[tuple(key)], completed=done, total=total)
 
     with progress:

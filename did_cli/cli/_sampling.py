@@ -16,9 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from rich.progress import Progress, TextColumn
 
+from did_cli.cli._options import check_count
 from did_cli.cli._progress import PlainLines, bar, say, stderr
-from did_cli.config import DraftSettings, UnmaskingSettings
+from did_cli.config import (
+    DraftSettings,
+    UnmaskingSettings,
+    check_attn_backend,
+    check_device_name,
+    check_kv_cache_dtype_name,
+    dtype_name,
+)
 from did_cli.errors import DidError, InputError, UsageError
+from did_cli.files import refuse_overwriting_inputs
 from did_cli.processes import Processes
 from did_cli.record_files import RecordOutput
 from did_cli.records import Record
@@ -35,6 +44,8 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | No
     if prompt_file is None:
         if prompt is not None and not prompt.strip():
             raise UsageError("--prompt is empty; leave it out for unconditional samples")
+        if prompt is not None and not _is_unicode(prompt):
+            raise UsageError("--prompt holds bytes that are not UTF-8 text; check the terminal's encoding")
         return [prompt] if prompt is not None else None
     if prompt_file.is_dir():
         raise InputError(f"prompt file {prompt_file} is a directory")
@@ -61,12 +72,48 @@ def note_inert_var_length(settings: DraftSettings, processes: Processes) -> None
         )
 
 
+def _is_unicode(text: str) -> bool:
+    # Bytes of an argument that are not UTF-8 reach Python as lone surrogates, which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_num_samples(num_samples: int, batch_size: int) -> None:
     """Count options, checked before the model loads."""
-    if num_samples < 1:
-        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_count(num_samples, "--num-samples")
+    check_count(batch_size, "--batch-size")
+
+
+def check_execution(device: str, dtype: str, kv_cache_dtype: str | None, no_kv_cache: bool, attn_backend: str) -> None:
+    """The names of how the model runs, checked before torch is imported (a misspelt flag fails at once).
+
+    Also refuses a cache dtype that would not act: with --no-kv-cache no cache is made.
+    """
+    check_device_name(device)
+    dtype_name(dtype)
+    check_kv_cache_dtype_name(kv_cache_dtype)
+    check_attn_backend(attn_backend)
+    if no_kv_cache and kv_cache_dtype is not None:
+        raise UsageError(f"--kv-cache-dtype {kv_cache_dtype} has no effect with --no-kv-cache; drop one of them")
+
+
+def check_stand_in_draft(
+    length: int | None, block_size: int, sampling: UnmaskingSettings, reject_entropy: float, max_tries: int
+) -> None:
+    """Check the draft settings before the model loads; without --length, against a length any block size divides.
+
+    The model's length is known only once it loads: `check_block_size` then checks B1 against it.
+    """
+    DraftSettings(
+        length=length if length is not None else 2 * max(block_size, 1),
+        block_size=block_size,
+        unmasking=sampling,
+        reject_entropy=reject_entropy,
+        max_tries=max_tries,
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +135,6 @@ def load(
     execution: Execution = Execution(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> tuple[BD3LM, Any]:
     """The model and its tokenizer, checked against each other, set to execute as `execution` asks."""
-    from did_cli.attention import check_attn_backend
     from did_cli.checkpoints import load_model, load_tokenizer
     from did_cli.execution import optimize
 
@@ -96,12 +142,6 @@ def load(
     loaded = load_model(model, device=device, dtype=dtype, revision=revision, kv_cache_dtype=execution.kv_cache_dtype)
     optimize(loaded, attn_backend=execution.attn_backend, compile=execution.compile, cuda_graphs=execution.cuda_graphs)
     return loaded, load_tokenizer(loaded, tokenizer)
-
-
-def check_kv_cache_flags(kv_cache_dtype: str | None, no_kv_cache: bool) -> None:
-    """Refuse a cache dtype that would not act: with --no-kv-cache no cache is made."""
-    if no_kv_cache and kv_cache_dtype is not None:
-        raise UsageError(f"--kv-cache-dtype {kv_cache_dtype} has no effect with --no-kv-cache; drop one of them")
 
 
 def unmasking(
@@ -187,13 +227,20 @@ class Reporter:
 
 @contextmanager
 def output(
-    out: Path | None, processes: Processes, *, resume: bool = False, position: Any = None
+    out: Path | None,
+    processes: Processes,
+    *,
+    resume: bool = False,
+    position: Any = None,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
 ) -> Iterator[RecordOutput]:
     """Open `--out` (or stdout, or this process's part file) before any work; finish (merge the parts) at the end.
 
-    On failure or Ctrl-C it says what was kept: inside a DidError's one line, or on its own line for Ctrl-C and
+    `--out` naming one of the `inputs` ((flag, path) pairs: a records file, a prompt file) is refused first. On
+    failure or Ctrl-C it says what was kept: inside a DidError's one line, or on its own line for Ctrl-C and
     unexpected errors; then it re-raises. Notes the output found (a dropped damaged line) go to stderr.
     """
+    refuse_overwriting_inputs([("--out", out)], inputs)
     records = RecordOutput(out, processes, resume, **({"position": position} if position is not None else {}))
     records.open()
     for note in records.notes:

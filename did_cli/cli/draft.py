@@ -11,8 +11,9 @@ from did_cli.cli._errors import handle_errors
 from did_cli.cli._sampling import (
     Execution,
     Reporter,
-    check_kv_cache_flags,
+    check_execution,
     check_num_samples,
+    check_stand_in_draft,
     load,
     note_inert_var_length,
     output,
@@ -58,19 +59,20 @@ def draft(
     quiet: o.Quiet = False,
 ) -> None:
     """Draft samples block by block with the KV cache, recording each token's snapshot confidence (JSONL)."""
-    from did_cli import api
     from did_cli.processes import current_processes
     from did_cli.provenance import Identity, expect_drafts
 
+    # Every option is checked before torch is imported (option errors answer at once) and before any model loads.
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
-    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
+    check_execution(device, dtype, kv_cache_dtype, no_kv_cache, attn_backend)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
-    if length is not None:
-        DraftSettings(length=length, block_size=block_size, unmasking=sampling)  # bad values fail before loading
+    check_stand_in_draft(length, block_size, sampling, reject_entropy, max_tries)
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     processes = current_processes()
-    with output(out, processes, resume=resume) as records_out:
+    with output(out, processes, resume=resume, inputs=[("--prompt-file", prompt_file)]) as records_out:
+        from did_cli import api
+
         loaded, tok = load(
             model or o.DEFAULT_MODEL, tokenizer, revision, processes.device_for(device), dtype, execution
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -9,13 +10,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
+from did_cli.cli._options import check_count
 from did_cli.cli._progress import keyed_bars, stderr
+from did_cli.config import check_device_name, dtype_name
 from did_cli.errors import UsageError
 from did_cli.evaluation.zero_shot import PRESETS
-from did_cli.files import output_target, strict_json, write_output
+from did_cli.files import output_target, refuse_overwriting_inputs, stdout_stream, strict_json, write_output
+from did_cli.printable import printable
 
 if TYPE_CHECKING:
     from did_cli.evaluation import nll as likelihood
@@ -69,7 +74,7 @@ PerSequence = Annotated[
 ]
 
 
-@handle_errors(on_interrupt="interrupted: no result was written")
+@handle_errors(on_interrupt="interrupted: no result was written", on_memory="lower --batch-size or --noise-draws")
 def eval_nll(
     model: Models,
     data: Data = None,
@@ -96,16 +101,20 @@ def eval_nll(
     quiet: o.Quiet = False,
 ) -> None:
     """NELBO per token and exp(NELBO), the perplexity bound, for each model and block size (BD3-LM's ppl_eval)."""
-    from did_cli.evaluation import nll as likelihood
-    from did_cli.evaluation.nll_rows import NllData
+    from did_cli.evaluation.settings import NllData, NllSettings
     from did_cli.processes import current_processes
 
-    settings = likelihood.NllSettings(
+    # Every option but --clip is checked before torch is imported (option errors answer at once).
+    check_count(noise_draws, "--noise-draws")
+    check_count(batch_size, "--batch-size")
+    check_count(num_samples, "--num-samples")
+    check_device_name(device)
+    dtype_name(dtype)
+    settings = NllSettings(
         block_sizes=_sizes(block_size),
         noise_draws=noise_draws,
         batch_size=batch_size,
         seed=seed,
-        clip=_clip(clip),
         noise_layout=noise_layout,
     )
     source = NllData(
@@ -120,9 +129,16 @@ def eval_nll(
     )
     if per_sequence is not None and str(per_sequence) == "-":
         raise UsageError("--per-sequence needs a file name; only --json can go to stdout")
-    for out, flag in ((json_out, "--json"), (per_sequence, "--per-sequence")):
+    outputs = [("--json", json_out), ("--per-sequence", per_sequence)]
+    for flag, out in outputs:
         if out is not None and str(out) != "-":
             output_target(out, flag)  # unwritable outputs fail before any model loads
+        elif out is not None:
+            stdout_stream(f"pass {flag} FILE")
+    refuse_overwriting_inputs(outputs, [("--data", data)])  # a Hub id is no local path: nothing to overwrite
+    from did_cli.evaluation import nll as likelihood
+
+    settings = dataclasses.replace(settings, clip=_clip(clip))  # --clip is parsed by the noise code (torch)
     processes = current_processes()
     bars = keyed_bars(quiet or not processes.is_main, "rows", lambda name, block: f"{name} B={block}")
     with bars as on_progress:
@@ -211,7 +227,7 @@ def _table(result: likelihood.NllResult) -> Table:
     for r in result.results:
         error = r.stderr
         table.add_row(
-            r.model,
+            Text(printable(r.model)),  # a name or folder as given: shown, never obeyed or read as markup
             str(r.block_size),
             f"{r.nelbo:.4f}",
             f"{error:.4f}" if math.isfinite(error) else "—",

@@ -3,7 +3,8 @@
 stdout carries only `--json -`; progress and the results table go to stderr. Every JSON output is strict JSON
 (an undefined number is null, never NaN or Infinity). The table names each file by the shortest path suffix
 that tells the inputs apart and never wraps it: a name too long for the terminal ends in "…" (the --json
-output has the full names).
+output has the full names). Names are shown through `printable` before they are cut, so a cut never leaves half
+an escape sequence.
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from rich.text import Text
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._progress import keyed_bars, stderr
+from did_cli.cli._options import check_count
+from did_cli.cli._progress import keyed_bars, say, stderr
+from did_cli.config import check_device_name, dtype_name
 from did_cli.errors import InputError, UsageError
-from did_cli.files import output_target, strict_json, write_output
+from did_cli.files import (
+    check_input,
+    output_target,
+    refuse_overwriting_inputs,
+    stdout_stream,
+    strict_json,
+    write_output,
+)
+from did_cli.printable import printable
 
 if TYPE_CHECKING:
     from did_cli import evaluation
@@ -61,7 +72,7 @@ Reference = Annotated[
     typer.Option(
         "--reference",
         help="Reference texts (same formats as the inputs): add each file's MAUVE against them, with features from "
-        "the judge (needs the mauve extra: pip install 'did\\[mauve]'; skipped with a note without it).",
+        "the judge (needs the mauve extra: pip install 'did[mauve]'; skipped with a note without it).",
     ),
 ]
 PerSample = Annotated[
@@ -88,12 +99,18 @@ def eval_ppl(
     quiet: o.Quiet = False,
 ) -> None:
     """Generative perplexity (BD3-LM protocol) and entropy of each file's samples under a judge LM."""
-    _check_inputs([*files, *([reference] if reference is not None else [])])
-    _check_outputs([*files, *([reference] if reference is not None else [])], json_out, per_sample)
-    from did_cli import evaluation
+    from did_cli.evaluation.settings import EvalSettings
     from did_cli.processes import current_processes
 
-    settings = evaluation.EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
+    # Every option is checked before torch is imported (option errors answer at once) and before the judge loads.
+    _check_inputs(files, reference)
+    _check_outputs(files, reference, json_out, per_sample)
+    check_count(batch_size, "--batch-size")
+    check_device_name(device)
+    dtype_name(dtype)
+    settings = EvalSettings(context, stride, batch_size, degenerate_entropy, max_tokens, clean_up_spaces)
+    from did_cli import evaluation
+
     processes = current_processes()
     with keyed_bars(quiet or not processes.is_main, "judge windows", lambda source: f"scoring {source}") as on_progress:
         result = evaluation.eval_ppl(
@@ -110,7 +127,7 @@ def eval_ppl(
     if not processes.is_main:
         return  # the main process holds the same gathered result and writes it once
     if result.mauve is not None and result.mauve.skipped:
-        stderr.print(f"note: {result.mauve.skipped}", highlight=False, soft_wrap=True, markup=False)
+        say(f"note: {result.mauve.skipped}")
     if json_out is not None:
         write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sample is not None:
@@ -120,27 +137,28 @@ def eval_ppl(
         stderr.print(_table(result, stderr.width))
 
 
-def _check_inputs(files: list[Path]) -> None:
-    """Refuse a folder given as an input in one line, before anything is read or loaded."""
+def _check_inputs(files: list[Path], reference: Path | None) -> None:
+    """Refuse a folder or a missing file given as an input in one line, before anything is read or loaded."""
     for path in files:
-        if str(path) != "-" and path.is_dir():
-            raise InputError(f"{path} is a folder; give sample files (.jsonl or .txt)")
+        check_input(path, "a samples file (.jsonl or .txt)")
+    try:
+        if reference is not None:
+            check_input(reference, "a file of reference texts")
+    except InputError as exc:
+        raise InputError(f"--reference: {exc}") from None
 
 
-def _check_outputs(files: list[Path], json_out: Path | None, per_sample: Path | None) -> None:
-    """Refuse outputs that would overwrite an input or each other."""
-    outputs = [p for p in (json_out, per_sample) if p is not None and str(p) != "-"]
+def _check_outputs(files: list[Path], reference: Path | None, json_out: Path | None, per_sample: Path | None) -> None:
+    """Refuse outputs that cannot be written, would overwrite an input or each other, or a closed stdout for -."""
     if per_sample is not None and str(per_sample) == "-":
         raise UsageError("--per-sample needs a file name; only --json can go to stdout")
-    for out, flag in ((json_out, "--json"), (per_sample, "--per-sample")):
+    outputs = [("--json", json_out), ("--per-sample", per_sample)]
+    for flag, out in outputs:
         if out is not None and str(out) != "-":
             output_target(out, flag)  # unwritable outputs fail before the judge loads
-    resolved = {p.resolve() for p in files if str(p) != "-"}
-    for out in outputs:
-        if out.resolve() in resolved:
-            raise UsageError(f"{out} is an input; choose another output file")
-    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
-        raise UsageError("--json and --per-sample name the same file")
+        elif out is not None:
+            stdout_stream(f"pass {flag} FILE")
+    refuse_overwriting_inputs(outputs, [*(("sample file", path) for path in files), ("--reference", reference)])
 
 
 def short_names(sources: list[str]) -> list[str]:
@@ -171,7 +189,8 @@ def fit_name(name: str, width: int) -> str:
 def _table(result: evaluation.EvalResult, width: int) -> Table:
     settings = result.settings
     title = Text(
-        f"gen PPL under {result.judge.get('name')} (context {settings['context']}, stride {settings['stride']})"
+        f"gen PPL under {printable(str(result.judge.get('name')))} (context {settings['context']}, "
+        f"stride {settings['stride']})"
     )
     threshold = settings["degenerate_entropy"]
     from did_cli import evaluation
@@ -199,7 +218,7 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
         cuts = sorted({r.max_tokens for r in result.mauve.results.values()})
         # Each input is cut at its own length (the reference alike), so several lengths can appear.
         detail = f"judge features, {'/'.join(map(str, cuts))} tokens" if cuts else "skipped"
-        caption.append(f"; MAUVE: against {result.mauve.reference} ({detail})")
+        caption.append(f"; MAUVE: against {printable(str(result.mauve.reference))} ({detail})")
         headers = (*headers, "MAUVE")
         table.pad_edge = False  # the seventh number column fits 80 columns without the outer padding
         for f, row in zip(result.files, rows, strict=True):
@@ -212,7 +231,7 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
     table.add_column("file", no_wrap=True)
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
-    names = short_names([f.source for f in result.files])
+    names = short_names([printable(f.source) for f in result.files])  # shown, never obeyed; then cut to fit
     for f, name, cells in zip(result.files, names, rows, strict=True):
         # Texts, so a "[" in a file name is never read as rich markup.
         cells[4] = Text(cells[4], style="red" if f.num_degenerate else "")

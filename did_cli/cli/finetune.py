@@ -24,6 +24,7 @@ from did_cli.cli._hub import check_push_options, push_final
 from did_cli.cli._progress import stderr
 from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
+from did_cli.printable import printable
 
 _D = FinetuneSettings()
 PLAIN_INTERVAL_S = 15.0
@@ -98,7 +99,7 @@ class _Printer:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("event") == "warning":
-            self._write(Text(f"warning: {event['message']}"))
+            self._write(Text(printable(f"warning: {event['message']}")))
             return
         if self.quiet and event.get("event") != "stopping":
             return
@@ -112,7 +113,7 @@ class _Printer:
             self.last_train = now
         line = _describe(event)
         if line is not None:
-            self._write(Text.from_markup(line))
+            self._write(Text.from_markup(printable(line)))  # paths and names: shown, never obeyed
 
     def _write(self, text: Text) -> None:
         if self.terminal:
@@ -139,7 +140,9 @@ def _validation_requested(ctx: typer.Context, val_every: int, val_fraction: floa
     )
 
 
-@handle_errors(on_interrupt="interrupted before training started; nothing was saved")
+@handle_errors(
+    on_interrupt="interrupted before training started; nothing was saved", on_memory="lower --micro-batch-size"
+)
 def finetune(
     ctx: typer.Context,
     model: Annotated[
@@ -336,7 +339,7 @@ def finetune(
             overwrite=overwrite,
         )
     except KeyboardInterrupt as exc:
-        sys.stderr.write(f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}\n")
+        sys.stderr.write(printable(f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}") + "\n")
         raise typer.Exit(130) from None
     if push_to_hub is not None:
         push_final(result.final, push_to_hub, hub_private, hub_revision)

@@ -11,8 +11,9 @@ from did_cli.cli._errors import handle_errors
 from did_cli.cli._sampling import (
     Execution,
     Reporter,
-    check_kv_cache_flags,
+    check_execution,
     check_num_samples,
+    check_stand_in_draft,
     load,
     note_inert_var_length,
     output,
@@ -37,7 +38,7 @@ Remask = Annotated[str, typer.Option("--remask", help="snapshot, posthoc (or pos
 def parse_stages(stages: str | None, block_size: int | None, length: int) -> list[int]:
     """Block sizes per stage; a size at least the length means one global block."""
     if stages is None:
-        return [block_size or 4, length]
+        return [block_size if block_size is not None else 4, length]
     try:
         sizes = [int(part) for part in stages.split(",") if part.strip()]
     except ValueError:
@@ -49,12 +50,16 @@ def parse_stages(stages: str | None, block_size: int | None, length: int) -> lis
     return sizes
 
 
-def parse_gammas(gammas: str, refine_stages: int) -> list[float]:
-    """One gamma per refine stage; a single value applies to all."""
+def _gamma_values(gammas: str) -> list[float]:
     try:
-        values = [float(part) for part in gammas.split(",") if part.strip()]
+        return [float(part) for part in gammas.split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"--gamma must be a number or a comma-separated list, got {gammas!r}") from None
+
+
+def parse_gammas(gammas: str, refine_stages: int) -> list[float]:
+    """One gamma per refine stage; a single value applies to all."""
+    values = _gamma_values(gammas)
     if len(values) == 1:
         values = values * refine_stages
     if len(values) != refine_stages:
@@ -99,15 +104,17 @@ def generate(
     quiet: o.Quiet = False,
 ) -> None:
     """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
-    from did_cli import api
     from did_cli.processes import current_processes
     from did_cli.provenance import Identity, expect_drafts
 
+    # Every option is checked before torch is imported (option errors answer at once) and before any model loads.
     prompts = read_prompts(prompt, prompt_file)
     check_num_samples(num_samples, batch_size)
-    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
+    check_execution(device, dtype, kv_cache_dtype, no_kv_cache, attn_backend)
     sampling = unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold)
-    RefineSettings(refine_cache=refine_cache)  # a bad R fails before any model loads
+    check_stand_in_draft(length, parse_stages(stages, block_size, 1)[0], sampling, reject_entropy, max_tries)
+    for value in _gamma_values(gamma):
+        RefineSettings(gamma=value, remask=remask, refine_cache=refine_cache)  # bad values fail before any load
 
     def refinements(length: int) -> tuple[list[int], list[RefineSettings]]:
         """Block sizes per stage and each refine stage's settings (a size >= L is one global block)."""
@@ -134,7 +141,9 @@ def generate(
         refinements(length)  # every stage checked before loading anything: a bad B2 must not cost a whole draft
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     processes = current_processes()
-    with output(out, processes, resume=resume) as records_out:
+    with output(out, processes, resume=resume, inputs=[("--prompt-file", prompt_file)]) as records_out:
+        from did_cli import api
+
         loaded, tok = load(
             model or o.DEFAULT_MODEL, tokenizer, revision, processes.device_for(device), dtype, execution
         )

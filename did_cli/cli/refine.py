@@ -11,10 +11,11 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._sampling import Execution, Reporter, check_kv_cache_flags, load, output, unmasking, write_records
+from did_cli.cli._options import check_count
+from did_cli.cli._sampling import Execution, Reporter, check_execution, load, output, unmasking, write_records
 from did_cli.config import RefineSettings
 from did_cli.errors import InputError, UsageError
-from did_cli.records import Record, read_records, same_file
+from did_cli.records import Record, read_records
 
 Input = Annotated[str, typer.Argument(help="Draft records (JSONL file), or - for stdin.")]
 Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tokens to remask, in [0, 1].")]
@@ -57,13 +58,12 @@ def refine(
     quiet: o.Quiet = False,
 ) -> None:
     """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
-    from did_cli import api
     from did_cli.processes import current_processes
     from did_cli.provenance import Identity, expect_refinements, record_model
 
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    check_kv_cache_flags(kv_cache_dtype, no_kv_cache)
+    # Every option is checked before torch is imported (option errors answer at once) and before any model loads.
+    check_count(batch_size, "--batch-size")
+    check_execution(device, dtype, kv_cache_dtype, no_kv_cache, attn_backend)
     settings = RefineSettings(
         gamma=gamma,
         block_size=block_size,
@@ -74,8 +74,6 @@ def refine(
     )
     if input == "-" and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError("refine reads records from stdin: pipe them in (did draft | did refine) or name a file")
-    if same_file(input, out):
-        raise UsageError(f"--out {out} is the input file; write the refined records somewhere else")
     processes = current_processes()
     if input == "-" and processes.world > 1:
         raise UsageError(f"with {processes.world} processes, refine reads its input from a file, not stdin")
@@ -92,7 +90,9 @@ def refine(
     records = itertools.chain([first], records)
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     position = None if ids is None else _positions(ids)
-    with output(out, processes, resume=resume, position=position) as records_out:
+    with output(out, processes, resume=resume, position=position, inputs=[("records file", input)]) as records_out:
+        from did_cli import api
+
         name = model or record_model(first)
         if name is None:
             raise InputError("the records do not name the model that made them; pass --model")

@@ -7,7 +7,6 @@ or saved; when stdout is not a colour terminal the rendering uses brackets and a
 
 from __future__ import annotations
 
-import sys
 from collections import deque
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,8 +15,9 @@ import typer
 from rich.console import Console
 
 from did_cli.cli._errors import handle_errors
+from did_cli.cli._progress import say
 from did_cli.errors import InputError, ModelLoadError, UsageError
-from did_cli.files import output_target, write_text_atomically
+from did_cli.files import output_target, refuse_overwriting_inputs, stdout_stream, write_output
 from did_cli.records import Record, read_records
 
 File = Annotated[str, typer.Argument(help="Sample records (JSONL from draft, refine or generate), or - for stdin.")]
@@ -111,9 +111,7 @@ def check_ids(record: Record, tokenizer: Any) -> None:
         )
     recorded = (record.tokenizer or {}).get("vocab_size")
     if recorded is not None and recorded != size:
-        sys.stderr.write(
-            f"warning: record {record.id} was made with a {recorded}-token tokenizer; this one has {size}\n"
-        )
+        say(f"warning: record {record.id} was made with a {recorded}-token tokenizer; this one has {size}")
 
 
 @handle_errors
@@ -127,6 +125,9 @@ def show(
     """Show one sample: tokens coloured by confidence, remasked positions and what refinement changed."""
     if html is not None and str(html) != "-":
         output_target(html, "--html")  # an unwritable page fails before the record is read
+        refuse_overwriting_inputs([("--html", html)], [("records file", file)])
+    else:
+        stdout_stream("pass --html FILE to write the page to a file")  # a closed stdout fails before any work
     record = select_record(file, index)
     tok = record_tokenizer(record, model, tokenizer)
     check_ids(record, tok)
@@ -137,8 +138,7 @@ def show(
         console = Console()
         styled = console.color_system is not None and not console.no_color
         console.print(display.render_sample(record, texts, styled=styled), soft_wrap=not console.is_terminal)
-    elif str(html) == "-":
-        sys.stdout.write(display.render_html(record, texts))
     else:
-        write_text_atomically(html, display.render_html(record, texts))
-        sys.stderr.write(f"wrote {html}\n")
+        write_output(html, display.render_html(record, texts))
+        if str(html) != "-":
+            say(f"wrote {html}")

@@ -18,9 +18,11 @@ from rich.progress import TextColumn
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._progress import PlainLines, bar, stderr
+from did_cli.cli._options import check_count
+from did_cli.cli._progress import PlainLines, bar, say, stderr
 from did_cli.cli._sampling import unmasking
 from did_cli.errors import UsageError
+from did_cli.printable import printable
 
 if TYPE_CHECKING:
     from did_cli.ablation.run import EventFn, SweepEvent
@@ -98,7 +100,7 @@ Reference = Annotated[
     typer.Option(
         "--reference",
         help="Reference texts (.jsonl with a text field, records, or .txt one per line): MAUVE of every file "
-        "against them, from the judge's features (needs pip install 'did\\[mauve]'; skipped with a note otherwise).",
+        "against them, from the judge's features (needs pip install 'did[mauve]'; skipped with a note otherwise).",
     ),
 ]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; run again with the same one to resume.")]
@@ -130,7 +132,7 @@ def sweep(
     seed: o.SamplingSeed = 0,
     top_p: TopPs = "0.9",
     temperature: Temperatures = "1.0",
-    order: o.Order = "first-hitting",
+    order: o.Order = None,
     steps_per_block: o.StepsPerBlock = None,
     tokens_per_call: o.TokensPerCall = 1,
     no_kv_cache: o.NoKVCache = False,
@@ -145,8 +147,8 @@ def sweep(
     quiet: o.Quiet = False,
 ) -> None:
     """Draft once, refine the same drafts for every variant, score all with a judge, and write report.md."""
-    from did_cli.ablation import SweepSettings, run_sweep
-    from did_cli.evaluation import EvalSettings
+    from did_cli.ablation.plan import SweepSettings
+    from did_cli.evaluation.settings import EvalSettings
     from did_cli.processes import current_processes
 
     processes = current_processes()  # each launched process samples and scores on its own accelerator
@@ -185,18 +187,20 @@ def sweep(
         draft_temperatures=temperatures if len(temperatures) > 1 else (),
         reference=reference,
     )
+    check_count(num_samples, "--num-samples")
+    check_count(batch_size, "--batch-size")
+    from did_cli.ablation.run import run_sweep  # torch: after every option was checked
+
     with _events(quiet) as on_event:
         result = run_sweep(settings, on_event, processes)
     if not quiet:
-        stderr.print(
+        # One line each, however narrow the terminal (scripts grep them); paths shown, never read as markup.
+        say(
             f"{len(result.rows)} results ({result.scored} scored now, {result.reused} reused; sampled files: "
-            f"{result.drafted} draft, {result.refined} refined); report: {result.report}",
-            highlight=False,
-            markup=False,  # paths are printed as they are, never read as rich markup
-            soft_wrap=True,  # one line, however narrow the terminal: scripts grep it
+            f"{result.drafted} draft, {result.refined} refined); report: {result.report}"
         )
         for line in result.verdicts:
-            stderr.print(f"verdict: {line}", highlight=False, markup=False, soft_wrap=True)
+            say(f"verdict: {line}")
 
 
 def _base(values: list[float], usual: float) -> float:
@@ -214,19 +218,20 @@ def _events(quiet: bool) -> Iterator[EventFn]:
     lines = PlainLines() if progress is None and not quiet else None  # logs and batch jobs: plain lines
 
     def on_event(event: SweepEvent) -> None:
+        message = printable(event.message)  # model labels and paths: shown, never obeyed
         if event.kind == "note":
             if not quiet:
-                stderr.print(f"note: {event.message}", highlight=False, soft_wrap=True, markup=False)
+                say(f"note: {message}")
         elif lines is not None and event.kind in ("step", "progress"):
-            where = f"sweep step {min(event.step + 1, event.steps)}/{event.steps}: {event.message}"
+            where = f"sweep step {min(event.step + 1, event.steps)}/{event.steps}: {message}"
             if event.kind == "progress":
                 where += f" {event.done}{f'/{event.total}' if event.total else ''} {event.unit}"
             lines(where)
         elif progress is not None and event.kind == "step":
-            progress.update(task, description=event.message, completed=event.step, total=event.steps, detail="")
+            progress.update(task, description=message, completed=event.step, total=event.steps, detail="")
         elif progress is not None and event.kind == "progress":
             total = f"/{event.total}" if event.total else ""
-            progress.update(task, detail=f"{event.message} {event.done}{total} {event.unit}")
+            progress.update(task, detail=f"{message} {event.done}{total} {event.unit}")
 
     if progress is None:
         yield on_event

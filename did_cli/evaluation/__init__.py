@@ -3,7 +3,7 @@
 One job per module: `scoring` (pure windows, NLLs, entropy, aggregation), `samples` (sample files and the one rule
 that turns a record into a judged sample), `gen_ppl` (the one scoring path and `eval_ppl`), `judge` (loading the
 judge LM), `mauve` (MAUVE from judge features), `nll` (`eval_nll`: the NELBO per block size), `nll_rows` (the rows it
-scores) and `zero_shot` (upstream's zero-shot presets).
+scores), `zero_shot` (upstream's zero-shot presets) and `settings` (what eval-ppl and eval-nll are asked, torch-free).
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from typing import Any
 # import torch.
 _EXPORTS = {
     "EvalResult": "did_cli.evaluation.gen_ppl",
-    "EvalSettings": "did_cli.evaluation.gen_ppl",
+    "EvalSettings": "did_cli.evaluation.settings",
     "ReferenceMauve": "did_cli.evaluation.gen_ppl",
     "eval_ppl": "did_cli.evaluation.gen_ppl",
     "score_file": "did_cli.evaluation.gen_ppl",
     "score_samples": "did_cli.evaluation.gen_ppl",
-    "DEFAULT_JUDGE": "did_cli.evaluation.judge",
+    "DEFAULT_JUDGE": "did_cli.evaluation.settings",
     "Judge": "did_cli.evaluation.judge",
     "load_judge": "did_cli.evaluation.judge",
     "NllResult": "did_cli.evaluation.nll",
-    "NllSettings": "did_cli.evaluation.nll",
+    "NllSettings": "did_cli.evaluation.settings",
     "eval_nll": "did_cli.evaluation.nll",
-    "NllData": "did_cli.evaluation.nll_rows",
+    "NllData": "did_cli.evaluation.settings",
     "Sample": "did_cli.evaluation.samples",
     "read_reference": "did_cli.evaluation.samples",
     "read_samples": "did_cli.evaluation.samples",

@@ -20,7 +20,6 @@ cut alike.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from did_cli.evaluation.judge import DEFAULT_JUDGE, Judge, load_judge
 from did_cli.evaluation.mauve import MauveReport, MauveResult, MauveSettings, mauve_scorer, mauve_unavailable
 from did_cli.evaluation.samples import Sample, read_reference, read_samples
 from did_cli.evaluation.scoring import FileResult, WindowProgressFn, score_sequence, summarize, target_nlls
+from did_cli.evaluation.settings import EvalSettings
 from did_cli.processes import ONE_PROCESS, Processes
 from did_cli.provenance import device_info, versions
 
@@ -49,52 +49,6 @@ __all__ = [
 
 # Upstream's max_length for texts that carry no length of their own: BD3-LM's model length.
 PLAIN_TEXT_MAX_TOKENS = 1024
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How samples are scored.
-
-    Attributes:
-        context: most tokens the judge sees at once (capped at the judge's own limit); 1024 upstream.
-        stride: tokens each later sliding window advances; None means half the context (512 upstream).
-        batch_size: windows per judge call. Changes speed and memory, not the numbers (beyond float noise).
-        degenerate_entropy: samples with a unigram entropy (nats) below this are counted as degenerate; it is
-            the threshold at 256 tokens or more, scaled down for shorter samples (see `degenerate_threshold`).
-        max_tokens: cut each sample's judge ids (BOS included) to this many, as upstream's `max_length`. None: a did
-            record's own length (its draft length), `PLAIN_TEXT_MAX_TOKENS` for other texts; 0: never cut.
-        clean_up_spaces: apply transformers' `clean_up_tokenization` to each text before re-tokenising it, which
-            is what decoding with `clean_up_tokenization_spaces=True` (the paper-era default) would have produced.
-    """
-
-    context: int = 1024
-    stride: int | None = None
-    batch_size: int = 8
-    degenerate_entropy: float = 4.0
-    max_tokens: int | None = None
-    clean_up_spaces: bool = False
-
-    def __post_init__(self) -> None:
-        if self.context < 2:
-            raise UsageError(f"--context must be at least 2 tokens, got {self.context}")
-        if self.stride is not None and self.stride < 1:
-            raise UsageError(f"--stride must be at least 1, got {self.stride}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise UsageError(f"--max-tokens must be at least 0 (0 scores everything), got {self.max_tokens}")
-        if not (math.isfinite(self.degenerate_entropy) and self.degenerate_entropy >= 0):
-            raise UsageError(
-                f"--degenerate-entropy must be a finite number of nats >= 0, got {self.degenerate_entropy}"
-            )
-
-    def windows_for(self, max_positions: int | None) -> tuple[int, int]:
-        """The (context, stride) used with a judge that accepts at most `max_positions` tokens."""
-        context = min(self.context, max_positions) if max_positions else self.context
-        stride = self.stride if self.stride is not None else context // 2
-        if stride >= context:
-            raise UsageError(f"--stride {stride} must be smaller than the context of {context} tokens")
-        return context, stride
 
 
 def score_samples(

@@ -19,11 +19,9 @@ import torch
 
 from did_cli.checkpoints import EMBEDDED, bos_token_id, file_sha256, parse_dtype, pick_device, resolve
 from did_cli.errors import ModelLoadError
+from did_cli.evaluation.settings import DEFAULT_JUDGE
 
 __all__ = ["DEFAULT_JUDGE", "Judge", "load_judge"]
-
-# The judge of every published gen PPL number for BD3-LM and DiD.
-DEFAULT_JUDGE = "gpt2-large"
 
 
 @dataclass

@@ -43,7 +43,8 @@ import torch
 
 from did_cli.config import check_block_size
 from did_cli.errors import UsageError
-from did_cli.evaluation.nll_rows import EvalRows, NllData, load_rows, read_documents
+from did_cli.evaluation.nll_rows import EvalRows, load_rows, read_documents
+from did_cli.evaluation.settings import NllData, NllSettings
 from did_cli.model import BD3LM
 from did_cli.noise import DEFAULT_EPS_MAX, DEFAULT_EPS_MIN, Clip, ClipSpec, clip_for, is_unweighted, mask_tokens
 from did_cli.processes import ONE_PROCESS, Processes
@@ -51,42 +52,6 @@ from did_cli.provenance import model_info, tokenizer_info, versions
 from did_cli.training.objective import nelbo_terms, noise_batch
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class NllSettings:
-    """How `eval_nll` estimates the bound.
-
-    Attributes:
-        block_sizes: block sizes to evaluate (sizes at least L mean one global block, the MDLM bound).
-        noise_draws: noise draws (t and masks) per row, averaged; more lowers the standard error.
-        batch_size: sequences (rows x noise draws) per forward pass; never changes the result.
-        seed: the noise of row i at block size B depends only on (seed, i, B).
-        clip: None for the unclipped schedule t ~ U[1e-3, 1] (the true bound), else an interval or intervals per
-            block size (a biased estimate, what training with `--clip` optimises).
-        exact_block_1: at B = 1 score the exact NLL (t = 1), the expectation of the B = 1 NELBO, as upstream does.
-        noise_layout: `row` (t stratified over each row's draws x blocks, from (seed, row, B): the default) or
-            `batch` (upstream's and training validation's layout: t stratified over consecutive groups of
-            `batch_size` rows x blocks, one draw, so the number depends on the batch size as upstream's does).
-    """
-
-    block_sizes: tuple[int, ...] = (4, 16, 1024)
-    noise_draws: int = 1
-    batch_size: int = 16
-    seed: int = 0
-    clip: ClipSpec | None = None
-    exact_block_1: bool = True
-    noise_layout: str = "row"
-
-    def __post_init__(self) -> None:
-        if self.noise_layout not in ("row", "batch"):
-            raise UsageError(f"--noise-layout must be row or batch, got {self.noise_layout!r}")
-        if self.noise_layout == "batch" and self.noise_draws != 1:
-            raise UsageError("--noise-layout batch draws once per row, as upstream; drop --noise-draws")
-        if not self.block_sizes or min(self.block_sizes) < 1:
-            raise UsageError(f"--block-size needs positive sizes, got {self.block_sizes}")
-        if self.noise_draws < 1 or self.batch_size < 1:
-            raise UsageError("--noise-draws and --batch-size must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -29,38 +29,6 @@ LAYOUTS = ("wrap", "bos-eos", "document")
 
 
 @dataclass(frozen=True)
-class NllData:
-    """What `eval_nll` scores.
-
-    Attributes:
-        data: a local .txt/.jsonl/.parquet file or folder, or a Hugging Face dataset id (or None with `preset`).
-        preset: a zero-shot preset name (`zero_shot.PRESETS`), or None with `data`.
-        config: dataset configuration (Hub datasets).
-        split: dataset split (Hub datasets).
-        text_field: the text column.
-        txt_documents: `.txt` files: `lines` (one document per line) or `file`.
-        seq_len: row length L (default: each model's length).
-        layout: `wrap`, `bos-eos` or `document`; None means `bos-eos` for a preset (upstream's zero-shot rows) and
-            `wrap` (training's rows) otherwise.
-        num_samples: score only the first rows (default: all).
-    """
-
-    data: str | None = None
-    preset: str | None = None
-    config: str | None = None
-    split: str = "test"
-    text_field: str = "text"
-    txt_documents: str = "lines"
-    seq_len: int | None = None
-    layout: str | None = None
-    num_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.seq_len is not None and self.seq_len < 2:
-            raise UsageError(f"seq_len must be at least 2 (BOS and one token), got {self.seq_len}")
-
-
-@dataclass(frozen=True)
 class EvalRows:
     """The rows to score.
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from did_cli.errors import InputError
+from did_cli.files import open_input
 from did_cli.records import Record, parse_record
 
 __all__ = ["Sample", "read_reference", "read_samples", "sample_from_record", "sampled_length"]
@@ -65,7 +65,8 @@ def read_samples(source: str | Path) -> list[Sample]:
     name = "stdin" if str(source) == "-" else str(source)
     plain = Path(str(source)).suffix.lower() == ".txt"
     samples = []
-    with _open_input(source, name) as stream:
+    stream = open_input(source, "a samples file")
+    with contextlib.nullcontext(stream) if stream is sys.stdin else stream:
         try:
             for lineno, line in enumerate(stream, start=1):
                 if not line.strip():
@@ -79,24 +80,6 @@ def read_samples(source: str | Path) -> list[Sample]:
     if not samples:
         raise InputError(f"{name} holds no samples")
     return samples
-
-
-@contextlib.contextmanager
-def _open_input(source: str | Path, name: str) -> Iterator[IO[str]]:
-    if str(source) == "-":
-        yield sys.stdin
-        return
-    path = Path(source)
-    if path.is_dir():
-        raise InputError(f"input {name} is a directory, not a samples file")
-    if not path.is_file():
-        raise InputError(f"input file {name} does not exist")
-    try:
-        stream = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise InputError(f"cannot read {name}: {exc.strerror}") from None
-    with stream:
-        yield stream
 
 
 def _parse_sample(line: str, name: str, lineno: int, first: bool) -> Sample:

@@ -153,7 +153,8 @@ def test_degenerate_entropy_must_be_a_finite_non_negative_number(judge_folder, i
 
 def test_a_folder_or_non_utf8_input_is_one_line(judge_folder, inputs, tmp_path):
     (tmp_path / "folder").mkdir()
-    assert "folder is a folder" in _one_line_error(runner.invoke(app, ["eval-ppl", "folder", "--judge", judge_folder]))
+    stderr = _one_line_error(runner.invoke(app, ["eval-ppl", "folder", "--judge", judge_folder]))
+    assert "folder is a directory" in stderr
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     stderr = _one_line_error(runner.invoke(app, ["eval-ppl", "latin1.txt", "--judge", judge_folder]))
     assert "latin1.txt is not UTF-8 text" in stderr

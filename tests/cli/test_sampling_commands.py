@@ -225,7 +225,7 @@ def test_refine_refuses_to_overwrite_its_input_and_failures_keep_existing_output
     runner.invoke(app, ["draft", "-m", str(tiny_checkpoint), "-n", "2", "--out", str(drafts)])
     before = drafts.read_text()
     result = runner.invoke(app, ["refine", str(drafts), "-m", str(tiny_checkpoint), "--out", str(drafts)])
-    assert result.exit_code == 2 and "is the input file" in result.stderr
+    assert result.exit_code == 2 and "is an input" in result.stderr
     assert drafts.read_text() == before
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -137,3 +137,68 @@ def test_a_judge_that_cannot_load_fails_before_any_drafting(tiny_checkpoint, tmp
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "no-such-judge" in result.stderr
     assert not list(tmp_path.rglob("*.jsonl"))
+
+
+def test_steps_per_block_alone_implies_the_steps_order_as_in_draft(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_sweep(settings, on_event, processes):
+        seen["unmasking"] = settings.unmasking
+        raise SystemExit(0)
+
+    monkeypatch.setattr("did_cli.ablation.run.run_sweep", fake_sweep)
+    runner.invoke(app, ["sweep", "-m", "x", "--steps-per-block", "2", "--out", str(tmp_path / "out"), "-q"])
+    assert seen["unmasking"].order == "steps" and seen["unmasking"].steps_per_block == 2
+
+
+def test_a_full_disk_during_a_sweep_names_the_file_and_says_to_run_it_again(
+    tiny_checkpoint, judge_folder, tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("did_cli.record_files.os.write", full)
+    out = tmp_path / "out"
+    result = runner.invoke(app, sweep_args(tiny_checkpoint, judge_folder, out, "-q"))
+    assert result.exit_code != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert str(out) in result.stderr and "No space left on device" in result.stderr
+    assert "run the same command again" in result.stderr and "--resume" not in result.stderr
+    assert os.path.isdir(out)
+
+
+def test_a_full_disk_while_appending_a_result_names_the_file_and_keeps_earlier_rows(tmp_path, monkeypatch):
+    import errno
+
+    from did_cli.ablation import results
+    from did_cli.errors import OutputError
+
+    path = tmp_path / "results.jsonl"
+    results.append_result(path, {"model": "a"})
+    real_open = open
+
+    class Full:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results, "open", Full, raising=False)
+    with pytest.raises(OutputError, match="cannot append to .*results.jsonl: No space left on device") as info:
+        results.append_result(path, {"model": "b" * 100})
+    assert "run the same command again" in str(info.value)
+    assert results.read_results(path) == [{"model": "a"}] and path.read_text().endswith("\n")
