@@ -157,3 +157,52 @@ def check_count(value: int | None, flag: str) -> None:
         raise UsageError(f"{flag} must be at least 1, got {value}")
     if value > sys.maxsize:
         raise UsageError(f"{flag} {value} is too large; it must be at most {sys.maxsize}")
+
+
+# Revision stages (refine, generate): the remask strategies beyond snapshot confidence, and editing.
+REMASK_HELP = (
+    "Which tokens to remask: snapshot (the paper's), snapshot-entropy, snapshot-margin (free: recorded with each "
+    "token), posthoc, energy (one scoring pass), mc-dropout, mc-variance, noise-ensemble (--passes scoring passes) "
+    "or random."
+)
+Passes = Annotated[
+    int,
+    typer.Option(
+        "--passes", help="Scoring passes M of --remask mc-dropout, mc-variance and noise-ensemble (M model calls)."
+    ),
+]
+EnsembleRatio = Annotated[
+    float,
+    typer.Option("--ensemble-ratio", help="Share of generated tokens each --remask noise-ensemble pass masks."),
+]
+EditThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--edit-threshold",
+        help="Edit instead of remasking: replace a committed token where a global pass's candidate differs from it "
+        "with a probability above this (LLaDA 2.x's editing, applied to the whole sample; 1 changes nothing).",
+    ),
+]
+EditPasses = Annotated[int, typer.Option("--edit-passes", help="Global passes of --edit-threshold (R model calls).")]
+EditCandidate = Annotated[
+    str,
+    typer.Option(
+        "--edit-candidate", help="The token an edit proposes: argmax, or sampled (with --top-p, --temperature)."
+    ),
+]
+
+
+def given(ctx: typer.Context, *names: str) -> list[str]:
+    """The parameters among `names` the command line set (a default is not a choice the user made)."""
+    chosen = []
+    for name in names:
+        # Compared by name: Typer 0.12-0.2x ships click's ParameterSource either from click or from its own copy.
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            chosen.append(name)
+    return chosen
+
+
+def flag(name: str) -> str:
+    """The option of a parameter name (`edit_threshold` -> `--edit-threshold`)."""
+    return "--" + name.replace("_", "-")

@@ -20,6 +20,7 @@ from did_cli.cli._options import check_count
 from did_cli.cli._progress import PlainLines, bar, say, stderr
 from did_cli.config import (
     DraftSettings,
+    EditSettings,
     UnmaskingSettings,
     check_attn_backend,
     check_device_name,
@@ -63,13 +64,33 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str] | No
     return prompts
 
 
-def note_inert_var_length(settings: DraftSettings, processes: Processes) -> None:
-    """Say once (main process) when --var-length cannot act: BD3-LM checks stops only past its 256-token window."""
-    if settings.var_length and settings.length <= settings.entropy_window and processes.is_main:
+def note_settings(ctx: Any, settings: DraftSettings, sizes: list[int], processes: Processes) -> None:
+    """Say once (main process, even with --quiet) where a setting cannot act as written, instead of recording it.
+
+    BD3-LM checks stop conditions only once a sample is longer than its 256-token window, so --var-length cuts
+    nothing and --reject-entropy / --max-tries redraw nothing at or below it; a block size beyond the length is one
+    global block of the length.
+    """
+    from did_cli.cli._options import given
+
+    if not processes.is_main:
+        return
+    length, window = settings.length, settings.entropy_window
+    if settings.var_length and length <= window:
         say(
-            f"note: --var-length cuts no sample at --length {settings.length}: BD3-LM checks for EOS only once a "
-            f"sample is longer than {settings.entropy_window} tokens"
+            f"note: --var-length cuts no sample at --length {length}: BD3-LM checks for EOS only once a sample is "
+            f"longer than {window} tokens"
         )
+    explicit = [f"--{name.replace('_', '-')}" for name in given(ctx, "reject_entropy", "max_tries")]
+    if explicit and length <= window:
+        say(
+            f"note: {' and '.join(explicit)} cannot act at --length {length}: BD3-LM checks entropy only once a "
+            f"sample is longer than {window} tokens"
+        )
+    for stage, size in enumerate(sizes):
+        if size > length:
+            kind = "draft" if stage == 0 else "refine"
+            say(f"note: {kind} block size {size} is longer than --length {length}: one global block of {length} tokens")
 
 
 def _is_unicode(text: str) -> bool:
@@ -79,6 +100,35 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def strategy_flags(ctx: Any, remask: str) -> None:
+    """Refuse --passes / --ensemble-ratio where the remask strategy would ignore them (a silent no-op otherwise)."""
+    from did_cli.cli._options import flag, given
+    from did_cli.config import canonical_remask
+
+    strategy = canonical_remask(remask)
+    ignored = {
+        "passes": strategy not in ("mc-dropout", "mc-variance", "noise-ensemble"),
+        "ensemble_ratio": strategy != "noise-ensemble",
+    }
+    unused = [name for name in given(ctx, *ignored) if ignored[name]]
+    if unused:
+        raise UsageError(f"{flag(unused[0])} does not apply to --remask {strategy}")
+
+
+def edit_settings(
+    ctx: Any, threshold: float | None, passes: int, candidate: str, top_p: float, temperature: float
+) -> EditSettings | None:
+    """The editing stage `--edit-threshold` asks for, or None; its other flags refused without it."""
+    from did_cli.cli._options import flag, given
+
+    if threshold is None:
+        unused = given(ctx, "edit_passes", "edit_candidate")
+        if unused:
+            raise UsageError(f"{flag(unused[0])} applies to --edit-threshold; add it or drop {flag(unused[0])}")
+        return None
+    return EditSettings(threshold, passes, candidate, UnmaskingSettings(top_p=top_p, temperature=temperature))
 
 
 def check_num_samples(num_samples: int, batch_size: int) -> None:

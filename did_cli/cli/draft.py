@@ -15,7 +15,7 @@ from did_cli.cli._sampling import (
     check_num_samples,
     check_stand_in_draft,
     load,
-    note_inert_var_length,
+    note_settings,
     output,
     read_prompts,
     unmasking,
@@ -28,6 +28,7 @@ BlockSize = Annotated[int, typer.Option("--block-size", help="Draft block size B
 
 @handle_errors
 def draft(
+    ctx: typer.Context,
     model: o.Model = None,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
@@ -85,7 +86,7 @@ def draft(
             max_tries=max_tries,
             var_length=var_length,
         )
-        note_inert_var_length(settings, processes)
+        note_settings(ctx, settings, [settings.block_size], processes)
         encoded = api.encode_prompts(tok, prompts)
         skip = records_out.check_kept(expect_drafts(Identity.of(loaded, tok), settings, seed, encoded, num_samples))
         total = num_samples * len(encoded)

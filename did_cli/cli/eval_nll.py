@@ -15,7 +15,7 @@ from rich.text import Text
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._options import check_count
-from did_cli.cli._progress import keyed_bars, stderr
+from did_cli.cli._progress import keyed_bars, say, stderr
 from did_cli.config import check_device_name, dtype_name
 from did_cli.errors import UsageError
 from did_cli.evaluation.zero_shot import PRESETS
@@ -155,6 +155,8 @@ def eval_nll(
         )
     if not processes.is_main:
         return  # every process holds the same gathered result; the main process writes it once
+    for note in result.notes:
+        say(f"note: {note}")
     if json_out is not None:
         write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sequence is not None:

@@ -14,14 +14,16 @@ from did_cli.cli._sampling import (
     check_execution,
     check_num_samples,
     check_stand_in_draft,
+    edit_settings,
     load,
-    note_inert_var_length,
+    note_settings,
     output,
     read_prompts,
+    strategy_flags,
     unmasking,
     write_records,
 )
-from did_cli.config import DraftSettings, RefineSettings, check_block_size
+from did_cli.config import DraftSettings, EditSettings, RefineSettings, check_block_size
 from did_cli.errors import UsageError
 
 Stages = Annotated[
@@ -32,7 +34,7 @@ BlockSize = Annotated[
     int | None, typer.Option("--block-size", help="Draft block size B1 (same as the first --stages).")
 ]
 Gammas = Annotated[str, typer.Option("--gamma", help="Remask fraction per refine stage: one value or a list.")]
-Remask = Annotated[str, typer.Option("--remask", help="snapshot, posthoc (or post-hoc) or random.")]
+Remask = Annotated[str, typer.Option("--remask", help=o.REMASK_HELP)]
 
 
 def parse_stages(stages: str | None, block_size: int | None, length: int) -> list[int]:
@@ -69,6 +71,7 @@ def parse_gammas(gammas: str, refine_stages: int) -> list[float]:
 
 @handle_errors
 def generate(
+    ctx: typer.Context,
     model: o.Model = None,
     tokenizer: o.Tokenizer = None,
     revision: o.Revision = None,
@@ -87,6 +90,11 @@ def generate(
     tokens_per_call: o.TokensPerCall = 1,
     confidence_threshold: o.ConfidenceThreshold = None,
     refine_cache: o.RefineCache = 1,
+    passes: o.Passes = 8,
+    ensemble_ratio: o.EnsembleRatio = 0.5,
+    edit_threshold: o.EditThreshold = None,
+    edit_passes: o.EditPasses = 1,
+    edit_candidate: o.EditCandidate = "argmax",
     no_kv_cache: o.NoKVCache = False,
     reject_entropy: o.RejectEntropy = 4.0,
     max_tries: o.MaxTries = 10,
@@ -103,7 +111,10 @@ def generate(
     cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
-    """Draft with small blocks, then globally revise the least confident tokens (JSONL)."""
+    """Draft with small blocks, then globally revise the least confident tokens (JSONL).
+
+    `--edit-threshold` adds an editing stage after the refine stages (`--stages 4` alone: draft, then edit).
+    """
     from did_cli.processes import current_processes
     from did_cli.provenance import Identity, expect_drafts
 
@@ -115,8 +126,10 @@ def generate(
     check_stand_in_draft(length, parse_stages(stages, block_size, 1)[0], sampling, reject_entropy, max_tries)
     for value in _gamma_values(gamma):
         RefineSettings(gamma=value, remask=remask, refine_cache=refine_cache)  # bad values fail before any load
+    strategy_flags(ctx, remask)
+    editing = edit_settings(ctx, edit_threshold, edit_passes, edit_candidate, top_p, temperature)
 
-    def refinements(length: int) -> tuple[list[int], list[RefineSettings]]:
+    def refinements(length: int) -> tuple[list[int], list[RefineSettings | EditSettings]]:
         """Block sizes per stage and each refine stage's settings (a size >= L is one global block)."""
         sizes = parse_stages(stages, block_size, length)
         for size in sizes:
@@ -124,7 +137,7 @@ def generate(
         if var_length and any(size < length for size in sizes[1:]):
             # A variable-length sample's length is not a multiple of a smaller B2; one global block fits any length.
             raise UsageError("--var-length works only with global refine stages (block size = the length)")
-        refine = [
+        refine: list[RefineSettings | EditSettings] = [
             RefineSettings(
                 gamma=g,
                 block_size=None if size >= length else size,
@@ -132,10 +145,12 @@ def generate(
                 kv_cache=not no_kv_cache,
                 unmasking=sampling,
                 refine_cache=refine_cache,
+                passes=passes,
+                ensemble_ratio=ensemble_ratio,
             )
             for size, g in zip(sizes[1:], parse_gammas(gamma, len(sizes) - 1), strict=True)
         ]
-        return sizes, refine
+        return sizes, refine + ([editing] if editing is not None else [])
 
     if length is not None:
         refinements(length)  # every stage checked before loading anything: a bad B2 must not cost a whole draft
@@ -149,6 +164,7 @@ def generate(
         )
         length = loaded.config.model_length if length is None else length
         sizes, refine_settings = refinements(length)
+
         draft_settings = DraftSettings(
             length=length,
             block_size=sizes[0],
@@ -158,7 +174,7 @@ def generate(
             max_tries=max_tries,
             var_length=var_length,
         )
-        note_inert_var_length(draft_settings, processes)
+        note_settings(ctx, draft_settings, sizes, processes)
         encoded = api.encode_prompts(tok, prompts)
         identity = Identity.of(loaded, tok)
         expected = expect_drafts(identity, draft_settings, seed, encoded, num_samples, refine_settings)
@@ -178,4 +194,4 @@ def generate(
                 processes=processes,
                 on_progress=reporter,
             )
-            write_records(records, records_out, reporter, new_stages=len(sizes))
+            write_records(records, records_out, reporter, new_stages=len(refine_settings) + 1)

@@ -11,9 +11,20 @@ import typer
 
 from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
-from did_cli.cli._options import check_count
-from did_cli.cli._sampling import Execution, Reporter, check_execution, load, output, unmasking, write_records
-from did_cli.config import RefineSettings
+from did_cli.cli._options import check_count, flag, given
+from did_cli.cli._progress import say
+from did_cli.cli._sampling import (
+    Execution,
+    Reporter,
+    check_execution,
+    edit_settings,
+    load,
+    output,
+    strategy_flags,
+    unmasking,
+    write_records,
+)
+from did_cli.config import EditSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.records import Record, read_records
 
@@ -22,13 +33,12 @@ Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tok
 BlockSize = Annotated[
     int | None, typer.Option("--block-size", help="Refine block size B2 (default: the whole sequence, one block).")
 ]
-Remask = Annotated[
-    str, typer.Option("--remask", help="Which tokens to remask: snapshot, posthoc (or post-hoc) or random.")
-]
+Remask = Annotated[str, typer.Option("--remask", help=o.REMASK_HELP)]
 
 
 @handle_errors
 def refine(
+    ctx: typer.Context,
     input: Input = "-",
     model: o.RecordsModel = None,
     tokenizer: o.Tokenizer = None,
@@ -45,6 +55,11 @@ def refine(
     tokens_per_call: o.TokensPerCall = 1,
     confidence_threshold: o.ConfidenceThreshold = None,
     refine_cache: o.RefineCache = 1,
+    passes: o.Passes = 8,
+    ensemble_ratio: o.EnsembleRatio = 0.5,
+    edit_threshold: o.EditThreshold = None,
+    edit_passes: o.EditPasses = 1,
+    edit_candidate: o.EditCandidate = "argmax",
     no_kv_cache: o.NoKVCache = False,
     force: o.Force = False,
     out: o.Out = None,
@@ -57,21 +72,33 @@ def refine(
     cuda_graphs: o.CudaGraphs = False,
     quiet: o.Quiet = False,
 ) -> None:
-    """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them (JSONL)."""
+    """Remask the bottom-gamma tokens of each record (by snapshot confidence) and re-denoise them, or edit (JSONL)."""
     from did_cli.processes import current_processes
     from did_cli.provenance import Identity, expect_refinements, record_model
 
     # Every option is checked before torch is imported (option errors answer at once) and before any model loads.
     check_count(batch_size, "--batch-size")
     check_execution(device, dtype, kv_cache_dtype, no_kv_cache, attn_backend)
-    settings = RefineSettings(
-        gamma=gamma,
-        block_size=block_size,
-        remask=remask,
-        kv_cache=not no_kv_cache,
-        unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold),
-        refine_cache=refine_cache,
+    settings: RefineSettings | EditSettings | None = edit_settings(
+        ctx, edit_threshold, edit_passes, edit_candidate, top_p, temperature
     )
+    if settings is not None:
+        remasking = ("gamma", "remask", "block_size", "refine_cache", "passes", "ensemble_ratio", "order")
+        unused = given(ctx, *remasking, "steps_per_block", "tokens_per_call", "confidence_threshold", "no_kv_cache")
+        if unused:
+            raise UsageError(f"{flag(unused[0])} applies to remasking; --edit-threshold edits without remasking")
+    else:
+        strategy_flags(ctx, remask)
+        settings = RefineSettings(
+            gamma=gamma,
+            block_size=block_size,
+            remask=remask,
+            kv_cache=not no_kv_cache,
+            unmasking=unmasking(order, steps_per_block, tokens_per_call, top_p, temperature, confidence_threshold),
+            refine_cache=refine_cache,
+            passes=passes,
+            ensemble_ratio=ensemble_ratio,
+        )
     if input == "-" and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError("refine reads records from stdin: pipe them in (did draft | did refine) or name a file")
     processes = current_processes()
@@ -97,6 +124,10 @@ def refine(
         if name is None:
             raise InputError("the records do not name the model that made them; pass --model")
         loaded, tok = load(name, tokenizer, revision, processes.device_for(device), dtype, execution)
+        size = getattr(settings, "block_size", None)
+        if size is not None and size > len(first.tokens) and processes.is_main:
+            length = len(first.tokens)
+            say(f"note: refine block size {size} is longer than the records ({length} tokens): one global block")
         kept = records_out.kept_ids
         if kept:
             sources = (record for record in inputs() if record.id in kept)
