@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from did_cli.config import (
+    EDIT,
     DraftSettings,
+    EditSettings,
     RefineSettings,
     UnmaskingSettings,
     canonical_remask,
@@ -97,13 +99,14 @@ class Variant:
     """One refinement of the drafts, or the draft itself (`remask` None).
 
     Attributes:
-        remask: snapshot, posthoc or random; None for the draft without refinement.
+        remask: a remask strategy (`config.REMASK_STRATEGIES`), `edit` for an editing stage, or None for the draft.
         gamma: fraction γ of generated tokens remasked.
         refine_block_size: B2 resolved against the length: L means one global block.
         confidence_threshold: commit every position above it per call (confidence order); None: the sweep's order.
         refine_cache: R, kept positions' keys/values recomputed every R calls (1: exact).
         top_p: for a draft of the draft frontier, its nucleus mass (None: the sweep's).
         temperature: for a draft of the draft frontier, its temperature (None: the sweep's).
+        edit_threshold: for `edit`, the probability a replacing token must exceed.
     """
 
     remask: str | None = None
@@ -113,13 +116,16 @@ class Variant:
     refine_cache: int = 1
     top_p: float | None = None
     temperature: float | None = None
+    edit_threshold: float | None = None
 
     @property
     def id(self) -> str:
-        """File and row name: `draft`, `draft-p0.8-temp0.7` (draft frontier), or e.g. `snapshot-g0.5-b1024`.
+        """File and row name: `draft`, `draft-p0.8-temp0.7` (draft frontier), `edit-t0.9`, or `snapshot-g0.5-b1024`.
 
         Cheaper refinements add `-t0.9` (threshold) and `-r4` (R).
         """
+        if self.remask == EDIT:
+            return f"edit-t{self.edit_threshold:.10g}"
         if self.remask is None:
             name = "draft" + (f"-p{self.top_p:.10g}" if self.top_p is not None else "")
             return name + (f"-temp{self.temperature:.10g}" if self.temperature is not None else "")
@@ -229,6 +235,7 @@ def plan_variants(
     confidence_thresholds: Sequence[float] = (),
     refine_caches: Sequence[int] = (),
     length: int | None = None,
+    edit_thresholds: Sequence[float] = (),
 ) -> list[Variant]:
     """The draft, every strategy at the base point, then the base strategy's γ slice and B2 slice: one axis at a time.
 
@@ -247,10 +254,13 @@ def plan_variants(
         confidence_thresholds: thresholds of cheaper refinements (each with each R, and alone).
         refine_caches: R values of cheaper refinements (1 means none; each with each threshold, and alone).
         length: L, the global block of cheaper refinements (default: the largest of `block_sizes`).
+        edit_thresholds: with `edit` among `remask`, an editing variant at each threshold (beside the base point).
 
     Returns:
         Distinct variants, the draft first, cheaper refinements (at the base strategy and γ, B2 = L) last.
     """
+    edits = [Variant(EDIT, edit_threshold=float(t)) for t in edit_thresholds] if EDIT in remask else []
+    remask = [strategy for strategy in remask if strategy != EDIT] or ["snapshot"]
     base_point = [Variant(strategy, float(base_gamma), base_block_size) for strategy in remask]
     if grid:
         pairs = [(gamma, size) for size in block_sizes for gamma in gammas]
@@ -269,7 +279,7 @@ def plan_variants(
     ]
     if cheaper:
         cheaper.insert(0, Variant(swept, float(base_gamma), global_size))  # the exact refinement they are read against
-    return [DRAFT, *dict.fromkeys([*base_point, *slices, *cheaper])]
+    return [DRAFT, *dict.fromkeys([*base_point, *edits, *slices, *cheaper])]
 
 
 @dataclass(frozen=True)
@@ -283,7 +293,8 @@ class SweepSettings:
         num_samples: samples per variant (the same drafts for every variant of a model).
         length: sequence length L incl. BOS (default: each model's length).
         draft_block_size: B1 of the draft.
-        remask: strategies to compare (each is also swept over γ and B2).
+        remask: strategies to compare (each is also swept over γ and B2); `edit` adds editing stages (no remasking)
+            at each of `edit_thresholds`.
         gammas: γ values of the γ sweep.
         refine_block_sizes: B2 values of the B2 sweep; values >= L mean one global block. None: 16, 64 and L.
         base_gamma: γ where the strategy ablation and the B2 sweep are read.
@@ -303,6 +314,9 @@ class SweepSettings:
             `draft_temperatures`, so refined variants can be read at matched entropy (`ablation.entropy_matched`). The
             sweep's own draft, at `unmasking.top_p`, is always a point of it. Empty: no frontier along top-p.
         draft_temperatures: temperatures of the draft frontier, likewise.
+        edit_thresholds: thresholds of the `edit` variants (`did refine --edit-threshold`).
+        passes: M of the strategies that score with several model calls (mc-dropout, mc-variance, noise-ensemble).
+        ensemble_ratio: the share of generated positions each noise-ensemble pass masks.
         reference: reference texts (JSONL with a text field, sample records, or .txt one per line) for MAUVE of every
             scored file against them, with the judge's features (`did_cli.evaluation.mauve`); None: no MAUVE. Added
             to existing rows without sampling or scoring again; skipped with a note when mauve-text is not installed.
@@ -332,10 +346,14 @@ class SweepSettings:
     draft_top_ps: Sequence[float] = ()
     draft_temperatures: Sequence[float] = ()
     reference: str | Path | None = None
+    edit_thresholds: Sequence[float] = (0.9,)
+    passes: int = 8
+    ensemble_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         # Lists from Python callers become tuples, so the settings stay hashable and cannot change under a run.
         names = ("models", "remask", "gammas", "refine_block_sizes", "confidence_thresholds", "refine_caches")
+        names += ("edit_thresholds",)
         for name in (*names, "draft_top_ps", "draft_temperatures"):
             value = getattr(self, name)
             if value is not None:
@@ -350,7 +368,14 @@ class SweepSettings:
             raise UsageError("--num-samples and --batch-size must be at least 1")
         if not self.remask or not self.gammas:
             raise UsageError("give at least one --remask strategy and one --gamma")
-        object.__setattr__(self, "remask", tuple(dict.fromkeys(canonical_remask(s) for s in self.remask)))
+        strategies = (EDIT if s.strip().lower() == EDIT else canonical_remask(s) for s in self.remask)
+        object.__setattr__(self, "remask", tuple(dict.fromkeys(strategies)))
+        if EDIT in self.remask:
+            if not self.edit_thresholds:
+                raise UsageError("--remask edit needs at least one --edit-threshold")
+            for threshold in self.edit_thresholds:
+                EditSettings(threshold=threshold)
+        RefineSettings(passes=self.passes, ensemble_ratio=self.ensemble_ratio)
         for gamma in (*self.gammas, self.base_gamma):
             if not 0.0 <= gamma <= 1.0:
                 raise UsageError(f"--gamma must be in [0, 1], got {gamma}")
@@ -409,8 +434,11 @@ class ModelPlan:
         """The drafts of `variant`: the sweep's, or a frontier draft's at its own top-p and temperature."""
         return dataclasses.replace(self.draft, unmasking=variant.unmasking(self.draft.unmasking))
 
-    def refine_settings(self, variant: Variant) -> RefineSettings:
-        """The refinement a refined variant runs on the sweep's drafts."""
+    def refine_settings(self, variant: Variant) -> RefineSettings | EditSettings:
+        """The refinement (or editing stage) a refined variant runs on the sweep's drafts."""
+        if variant.remask == EDIT:
+            assert variant.edit_threshold is not None
+            return EditSettings(threshold=variant.edit_threshold, unmasking=self.draft.unmasking)
         assert variant.remask is not None and variant.gamma is not None and variant.refine_block_size is not None
         return RefineSettings(
             gamma=variant.gamma,
@@ -420,6 +448,8 @@ class ModelPlan:
             kv_cache=self.draft.kv_cache,
             unmasking=variant.unmasking(self.draft.unmasking),
             refine_cache=variant.refine_cache,
+            passes=self.config.get("passes", 8),
+            ensemble_ratio=self.config.get("ensemble_ratio", 0.5),
         )
 
 
@@ -455,6 +485,7 @@ def plan_model(spec: ModelSpec, settings: SweepSettings, model_length: int, sha2
         confidence_thresholds=settings.confidence_thresholds,
         refine_caches=settings.refine_caches,
         length=length,
+        edit_thresholds=settings.edit_thresholds,
     )
     frontier = frontier_variants(settings.draft_top_ps, settings.draft_temperatures, settings.unmasking)
     variants = [variants[0], *frontier, *variants[1:]]  # the draft frontier right after the sweep's draft
@@ -471,6 +502,8 @@ def plan_model(spec: ModelSpec, settings: SweepSettings, model_length: int, sha2
         "context": settings.evaluation.context,
         "stride": settings.evaluation.stride,
         "degenerate_entropy": settings.evaluation.degenerate_entropy,
+        "passes": settings.passes,
+        "ensemble_ratio": settings.ensemble_ratio,
     }
     return ModelPlan(spec, draft, variants, json.loads(json.dumps(config)), notes)
 

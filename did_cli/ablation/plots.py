@@ -16,9 +16,9 @@ from typing import Any
 from did_cli.ablation.entropy_matched import FrontierPoint
 from did_cli.ablation.matched import matched_comparison
 from did_cli.ablation.rows import (
-    ABLATION_ORDER,
     SERIES_ORDER,
     STRATEGY_NAMES,
+    STRATEGY_ORDER,
     Row,
     base_size,
     close,
@@ -55,6 +55,13 @@ STRATEGY_STYLES: dict[str | None, tuple[str, str]] = {
     "snapshot": ("#0072B2", "o"),
     "posthoc": ("#E69F00", "s"),
     "random": ("#009E73", "^"),
+    "snapshot-entropy": ("#56B4E9", "v"),
+    "snapshot-margin": ("#56B4E9", ">"),
+    "energy": ("#E69F00", "D"),
+    "mc-dropout": ("#D55E00", "P"),
+    "mc-variance": ("#D55E00", "X"),
+    "noise-ensemble": ("#882255", "h"),
+    "edit": ("#CC79A7", "p"),
 }
 _LINE_STYLES = ("-", "--", ":", "-.")
 
@@ -127,7 +134,7 @@ def gamma_figure(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None
     axes.set_xlabel("γ (fraction of generated tokens remasked)")
     axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
     axes.set_title("γ sweep at the base refine block size (draft: horizontal line)")
-    _legend(figure, [s for s in ABLATION_ORDER if s in strategies], models, draft_line=True)
+    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], models, draft_line=True)
     return figure
 
 
@@ -147,7 +154,7 @@ def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     fronts: list[Row] = []
     for model, linestyle in models.items():
         scored = [r for r in rows if r["model"] == model and finite(r.get("gen_ppl")) and finite(r.get("nfes"))]
-        for strategy in ABLATION_ORDER:
+        for strategy in STRATEGY_ORDER:
             points = [r for r in scored if r.get("remask") == strategy]
             if points:
                 color, marker = STRATEGY_STYLES[strategy]
@@ -176,7 +183,7 @@ def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     axes.set_xlabel("NFEs per sample (draft + refinement)")
     axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
     axes.set_title("NFEs against gen PPL (lines: each model's Pareto front)")
-    _legend(figure, [s for s in ABLATION_ORDER if s in strategies], models)
+    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], models)
     _label_without_overlap(figure, axes, fronts)
     return figure
 
@@ -246,7 +253,7 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
             strategies.add(None)
         drawn += [p.gen_ppl for _, p in drafts]
         labelled = []
-        for strategy in SERIES_ORDER:
+        for strategy in (*SERIES_ORDER, "edit"):
             points = [r for r, _ in comparison.variants if r.get("remask") == strategy]
             points = [r for r in points if finite(r.get("entropy")) and finite(r.get("gen_ppl"))]
             if points:
@@ -266,7 +273,7 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
         Line2D([], [], color="#999999", marker="x", linestyle="", label="draft at other top-p / T"),
         Line2D([], [], color="#555555", label="draft frontier"),
     ]
-    _legend(figure, [s for s in ABLATION_ORDER if s in strategies], {}, extra=extra, below=True)
+    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], {}, extra=extra, below=True)
     for axes, labelled in to_label:  # after the legend and shared axis are set, so the layout is final
         _label_without_overlap(figure, axes, labelled, x="entropy")
     return figure

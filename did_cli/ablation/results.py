@@ -42,7 +42,7 @@ Row = dict[str, Any]
 RowKey = tuple[Any, Any, str]
 
 # Configuration keys added after rows were first written, with the value every earlier row was made with.
-_CONFIG_DEFAULTS = {"kv_cache": True}
+_CONFIG_DEFAULTS = {"kv_cache": True, "passes": 8, "ensemble_ratio": 0.5}
 
 
 def read_results(path: str | Path) -> list[Row]:
@@ -132,6 +132,7 @@ def result_row(
         "remask": variant.remask,
         "gamma": variant.gamma,
         "refine_block_size": variant.refine_block_size,
+        "edit_threshold": variant.edit_threshold,
         "confidence_threshold": variant.confidence_threshold,
         "refine_cache": variant.refine_cache,
         "length": config["length"],

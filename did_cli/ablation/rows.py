@@ -13,8 +13,19 @@ Row = dict[str, Any]
 
 # Table order of the strategy ablation (the paper's), and of the series in the γ and B2 tables.
 ABLATION_ORDER = (None, "random", "posthoc", "snapshot")
-SERIES_ORDER = ("snapshot", "posthoc", "random")
-STRATEGY_NAMES = {None: "none (draft only)", "random": "random", "posthoc": "post-hoc", "snapshot": "snapshot"}
+# The strategies beyond the paper's (`did_cli.sampling.remask`), and editing.
+MORE_STRATEGIES = ("snapshot-entropy", "snapshot-margin", "energy", "mc-dropout", "mc-variance", "noise-ensemble")
+SERIES_ORDER = ("snapshot", "posthoc", "random", *MORE_STRATEGIES)
+# Every kind of row, in legend order: the paper's table, then the other measures, then editing.
+STRATEGY_ORDER = (*ABLATION_ORDER, *MORE_STRATEGIES, "edit")
+STRATEGY_NAMES = {
+    None: "none (draft only)",
+    "random": "random",
+    "posthoc": "post-hoc",
+    "snapshot": "snapshot",
+    **{name: name for name in MORE_STRATEGIES},
+    "edit": "edit (no remasking)",
+}
 
 
 def is_exact(row: Row) -> bool:

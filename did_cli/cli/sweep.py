@@ -42,7 +42,17 @@ DraftBlockSize = Annotated[int, typer.Option("--draft-block-size", help="Draft b
 Remask = Annotated[
     str,
     typer.Option(
-        "--remask", help="Remask strategies to compare at the base point: snapshot,posthoc,random (post-hoc too)."
+        "--remask",
+        help="Revision strategies to compare at the base point, comma-separated: snapshot, posthoc, random, "
+        "snapshot-entropy, snapshot-margin, energy, mc-dropout, mc-variance, noise-ensemble, and edit (editing "
+        "without remasking, at each --edit-threshold).",
+    ),
+]
+EditThresholds = Annotated[
+    str,
+    typer.Option(
+        "--edit-threshold",
+        help="Thresholds of the edit variants (with edit among --remask), comma-separated, e.g. 0.9,0.7,0.5.",
     ),
 ]
 Gammas = Annotated[
@@ -138,6 +148,9 @@ def sweep(
     no_kv_cache: o.NoKVCache = False,
     confidence_threshold: Thresholds = None,
     refine_cache: RefineCaches = None,
+    edit_threshold: EditThresholds = "0.9",
+    passes: o.Passes = 8,
+    ensemble_ratio: o.EnsembleRatio = 0.5,
     batch_size: BatchSize = 8,
     reference: Reference = None,
     device: o.Device = "auto",
@@ -186,6 +199,9 @@ def sweep(
         draft_top_ps=top_ps if len(top_ps) > 1 else (),
         draft_temperatures=temperatures if len(temperatures) > 1 else (),
         reference=reference,
+        edit_thresholds=parse_list(edit_threshold, "--edit-threshold", float),
+        passes=passes,
+        ensemble_ratio=ensemble_ratio,
     )
     check_count(num_samples, "--num-samples")
     check_count(batch_size, "--batch-size")
