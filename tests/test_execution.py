@@ -189,10 +189,15 @@ def test_cache_free_calls_of_many_lengths_compile_twice_and_never_fall_back_to_e
     torch._dynamo.reset()
     counters.clear()
     with caplog.at_level("WARNING", logger="torch._dynamo"), torch.inference_mode():
-        for length in range(4, 32, 2):  # 14 lengths
-            tokens = torch.randint(0, 68, (2, length), generator=torch.Generator().manual_seed(length))
-            torch.testing.assert_close(model(tokens, block_size=4), eager(tokens, block_size=4), atol=ATOL, rtol=0)
-    assert counters["stats"]["unique_graphs"] <= 3
+        for lengths in (range(4, 32, 2), range(5, 32, 2)):  # 14 lengths, then 14 more
+            for length in lengths:
+                tokens = torch.randint(0, 68, (2, length), generator=torch.Generator().manual_seed(length))
+                got, want = model(tokens, block_size=4), eager(tokens, block_size=4)
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            if lengths.start == 4:
+                first = counters["stats"]["unique_graphs"]
+    # A few graphs (no mask for a single block, a static first length, one symbolic length), never one per length.
+    assert first <= 4 and counters["stats"]["unique_graphs"] == first
     assert not [r for r in caplog.records if "recompil" in r.getMessage()]
     settings = DraftSettings(length=32, kv_cache=False)  # 8 blocks: the prefix grows through 8 lengths
     want = draft(eager, [[BOS]] * 2, [0, 1], settings, seed=3)
