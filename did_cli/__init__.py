@@ -9,8 +9,9 @@ pay for importing torch and transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from did_cli.lazy import lazy_exports
 
 _EXPORTS = {
     "BD3LM": "did_cli.model",
@@ -99,13 +100,4 @@ if TYPE_CHECKING:
     from did_cli.records import Record, read_records
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'did_cli' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,8 +8,7 @@ scores), `zero_shot` (upstream's zero-shot presets) and `settings` (what eval-pp
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from did_cli.lazy import lazy_exports
 
 # Loaded on first use (PEP 562): importing one light module of this package (the CLI's option lists) must not
 # import torch.
@@ -72,13 +71,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
