@@ -54,13 +54,29 @@ __all__ = [
 
 @dataclass
 class Progress:
-    """A progress report: which stage, how many samples are finished, and token counts for the current batch."""
+    """A progress report: the stage that runs now, the samples finished, and the running stage's work on its batch.
+
+    Attributes:
+        stage: the kind of stage running, "draft" or "refine".
+        samples_done: samples finished by every stage, over all batches so far.
+        samples_total: samples the call makes (None when unknown: records streamed in).
+        tokens_done: tokens the running stage has committed in the current batch.
+        tokens_total: tokens it commits in the batch (0 between batches and before its first model call).
+        calls: model calls the running stage has made in the current batch.
+        batch: samples in the current batch (0 between batches).
+        stage_index: which of the call's stages runs, from 0 (in `generate` 0 is the draft, 1 the first refinement).
+        stages: how many stages the call runs on each batch.
+    """
 
     stage: str
     samples_done: int
     samples_total: int | None
     tokens_done: int = 0
     tokens_total: int = 0
+    calls: int = 0
+    batch: int = 0
+    stage_index: int = 0
+    stages: int = 1
 
 
 ProgressFn = Callable[[Progress], None]
@@ -169,7 +185,7 @@ def _draft_batches(
     while batch := list(itertools.islice(ids, batch_size)):
         if all(i in skip for i in batch):
             continue
-        on_call = _call_progress(on_progress, "draft", done, total)
+        on_call = _call_progress(on_progress, "draft", done, total, sum(1 for i in batch if i not in skip))
         jobs = [(i, *encoded[i // num_samples]) for i in batch]  # (id, prompt text, prompt ids)
         result = draft_batch(
             model,
@@ -311,7 +327,9 @@ def _refine_batch(
         result: Any = edit_batch(*args, seed, **common)
         changed, counts = result.edited, {"cache_calls": 0}
     else:
-        result = refine_batch(*args, seed, _call_progress(on_progress, "refine", done, None), **common)
+        if on_progress is not None:  # the stage starts (its remasking may score first): say so before its first call
+            on_progress(Progress("refine", done, None, batch=len(batch)))
+        result = refine_batch(*args, seed, _call_progress(on_progress, "refine", done, None, len(batch)), **common)
         changed, counts = result.remasked, {"cache_calls": result.cache_calls}
     new_tokens = result.tokens.tolist()
     new_measures = [values.tolist() for values in (result.confidence, result.entropy, result.margin)]
@@ -366,19 +384,23 @@ def generate(
     """Draft, then run each refinement stage in turn: the same records `draft | refine | refine` would write.
 
     `processes` splits the drafts between processes; each process refines its own drafts. `skip_ids` works as in
-    `draft`: whole batches are drafted and refined, only the missing records are yielded.
+    `draft`: whole batches are drafted and refined, only the missing records are yielded. `on_progress` hears from
+    every stage, each event saying which stage runs (`Progress.stage_index` of `Progress.stages`).
     """
     skip = set(skip_ids)
+    staged = _StagedProgress(on_progress, 1 + len(refine_settings)) if on_progress is not None else None
+    on_draft = staged.draft if staged is not None else None
     batches = _draft_batches(
-        model, tokenizer, draft_settings, num_samples, seed, batch_size, prompts, skip, processes, on_progress
+        model, tokenizer, draft_settings, num_samples, seed, batch_size, prompts, skip, processes, on_draft
     )
     for batch in batches:
         records: Iterable[Record] = batch
-        for settings in refine_settings:
+        for index, settings in enumerate(refine_settings, start=1):
+            progress = staged.refine(index) if staged is not None else None
             records = [
                 refined
                 for chunk in _batches(records, batch_size)
-                for refined in _refine_batch(model, tokenizer, chunk, settings, seed, None, 0, processes.world)
+                for refined in _refine_batch(model, tokenizer, chunk, settings, seed, progress, 0, processes.world)
             ]
         yield from (record for record in records if record.id not in skip)
 
@@ -419,11 +441,44 @@ def _batches(records: Iterable[Record], batch_size: int) -> Iterator[list[Record
         yield batch
 
 
-def _call_progress(on_progress: ProgressFn | None, stage: str, done: int, total: int | None):
+def _call_progress(
+    on_progress: ProgressFn | None, stage: str, done: int, total: int | None, batch: int
+) -> Callable[[int, int], None] | None:
+    """A stage's per-call callback reporting its tokens and calls on a batch of `batch` samples, or None."""
     if on_progress is None:
         return None
+    calls = 0
 
     def on_call(tokens_done: int, tokens_total: int) -> None:
-        on_progress(Progress(stage, done, total, tokens_done, tokens_total))
+        nonlocal calls
+        calls += 1  # the sampler reports once per model call
+        on_progress(Progress(stage, done, total, tokens_done, tokens_total, calls, batch))
 
     return on_call
+
+
+class _StagedProgress:
+    """`generate`'s progress: every event names its stage's place in the schedule and carries the run's sample counts.
+
+    Refine stages see one batch at a time and know nothing of the run, so their events take the counts the draft's
+    last event gave.
+    """
+
+    def __init__(self, on_progress: ProgressFn, stages: int) -> None:
+        self.on_progress, self.stages = on_progress, stages
+        self.samples_done, self.batch = 0, 0
+        self.samples_total: int | None = None
+
+    def draft(self, event: Progress) -> None:
+        self.samples_done, self.samples_total = event.samples_done, event.samples_total
+        self.batch = event.batch
+        self.on_progress(dataclasses.replace(event, stages=self.stages))
+
+    def refine(self, index: int) -> ProgressFn:
+        """The callback of refine stage `index` (1 for the first refinement)."""
+
+        def forward(event: Progress) -> None:
+            counts = dict(samples_done=self.samples_done, samples_total=self.samples_total, batch=self.batch)
+            self.on_progress(dataclasses.replace(event, **counts, stage_index=index, stages=self.stages))
+
+        return forward

@@ -11,6 +11,13 @@ colour-blindness and greyscale, and no bin is near white or near black, so every
 terminals alike (a diverging scale such as RdYlBu has a near-white middle that vanishes on a light background).
 Five bins rather than a continuous ramp, so the legend states exactly which range each colour means.
 
+The bins adapt to the sample shown (`confidence_scale`): their edges are the quintiles of its generated tokens'
+confidences, so each colour holds about a fifth of them and the map has contrast wherever the model's confidences
+lie. Fixed steps of 0.2 put almost every token of a small model in the darkest bin (did-tiny's mean confidence is
+about 0.2) and almost every token of a strong one in the brightest. The legend says which scale it is and gives each
+colour's range, so a colour means a range within this sample, not across samples. A sample with fewer than five
+distinct confidences keeps the fixed steps.
+
 The prompt is marked: on a grey background in colour, between « and » without colour. A token holding a newline
 shows it as ⏎ and the line break follows the whole token, so a token's draft, arrow and brackets stay on one line.
 
@@ -22,7 +29,8 @@ Decoding token ids needs a tokenizer (`token_texts`), and reading files and prin
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +42,13 @@ from did_cli.records import Record
 
 __all__ = [
     "BINS",
+    "FIXED_SCALE",
     "PROMPT_COLORS",
+    "ConfidenceScale",
     "SampleSummary",
     "TokenView",
     "confidence_bin",
+    "confidence_scale",
     "line_breaks",
     "render_html",
     "render_sample",
@@ -142,11 +153,83 @@ def line_breaks(view: TokenView) -> str:
     return "\n" * view.text.count("\n")
 
 
-def confidence_bin(confidence: float) -> int:
-    """Index into BINS of the colour for a confidence (values outside [0, 1] go to the end bins, NaN to the lowest)."""
+@dataclass(frozen=True)
+class ConfidenceScale:
+    """Which confidences each colour of BINS stands for.
+
+    Attributes:
+        edges: the upper edges of every bin but the last, strictly ascending (a confidence below `edges[i]` and at or
+            above the edge before it takes bin i; the last bin takes the rest).
+        quantiles: whether the edges are quintiles of the shown sample's confidences (else fixed steps of 0.2).
+    """
+
+    edges: tuple[float, ...]
+    quantiles: bool
+
+    def bin(self, confidence: float) -> int:
+        """Index into BINS of a confidence's colour (NaN takes the lowest)."""
+        return confidence_bin(confidence, self.edges)
+
+    def labels(self) -> list[str]:
+        """Each bin's range as text ("0–0.041", ..., "0.43–1"): the fewest digits that tell every edge apart."""
+        for digits in range(2, 8):
+            shown = [_edge_text(edge, digits) for edge in self.edges]
+            if len(set(shown)) == len(shown):
+                break
+        bounds = ["0", *shown, "1"]
+        return [f"{low}–{high}" for low, high in zip(bounds, bounds[1:], strict=False)]
+
+    def title(self) -> str:
+        """What the legend calls the scale."""
+        return "confidence quintiles of this sample" if self.quantiles else "confidence"
+
+
+FIXED_SCALE = ConfidenceScale(tuple(upper for upper, *_ in BINS[:-1]), quantiles=False)
+
+
+def confidence_bin(confidence: float, edges: Sequence[float] = FIXED_SCALE.edges) -> int:
+    """Index into BINS of the colour for a confidence, by the bins' upper `edges` (default the fixed 0.2 steps).
+
+    Values outside [0, 1] go to the end bins, NaN to the lowest.
+    """
     if confidence != confidence:
         return 0
-    return next(i for i, (upper, *_) in enumerate(BINS) if confidence < upper)
+    return next((i for i, upper in enumerate(edges) if confidence < upper), len(edges))
+
+
+def confidence_scale(confidences: Iterable[float]) -> ConfidenceScale:
+    """The quintiles of `confidences` (a sample's generated positions) as bin edges, each bin about a fifth of them.
+
+    Each edge is the confidence at rank k·n/5 (k = 1..4) of the sorted values; an edge that ties with the lowest value
+    or the edge below is moved up to the next distinct value, so no bin is empty. Fewer than five distinct values (or
+    ties that leave a bin empty) keep the fixed 0.2 steps.
+    """
+    values = sorted(c for c in confidences if c == c)
+    distinct = sorted(set(values))
+    if len(distinct) < len(BINS):
+        return FIXED_SCALE
+    edges: list[float] = []
+    for k in range(1, len(BINS)):
+        edge, below = values[k * len(values) // len(BINS)], edges[-1] if edges else distinct[0]
+        if edge <= below:
+            edge = next((v for v in distinct if v > below), math.inf)
+        edges.append(edge)
+    if edges[-1] > distinct[-1]:  # ties ran out of values above: a bin would be empty
+        return FIXED_SCALE
+    return ConfidenceScale(tuple(edges), quantiles=True)
+
+
+def _edge_text(value: float, digits: int) -> str:
+    # `digits` significant digits in plain notation (0.0099, 0.029, 0.14), never an exponent.
+    if value <= 0 or not math.isfinite(value):
+        return "0" if value <= 0 else "1"
+    decimals = max(digits - 1 - math.floor(math.log10(value)), 1)
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".") if value < 1 else "1"
+
+
+def _scale(record: Record) -> ConfidenceScale:
+    """The colour scale of one record: quintiles of its generated positions' confidences."""
+    return confidence_scale(float(c) for c in record.confidence[record.prompt_len :])
 
 
 def _last_refine(record: Record) -> dict[str, Any] | None:
@@ -238,7 +321,7 @@ def _header(record: Record) -> str:
     )
 
 
-def _styled_token(view: TokenView) -> Text:
+def _styled_token(view: TokenView, scale: ConfidenceScale) -> Text:
     piece = Text()
     if view.draft_text is not None:
         piece.append(visible(view.draft_text), style=_DRAFT_STYLE)
@@ -246,7 +329,7 @@ def _styled_token(view: TokenView) -> Text:
     if view.is_prompt:
         style = _PROMPT_STYLE
     else:
-        _, _, background, foreground = BINS[confidence_bin(view.confidence)]
+        _, _, background, foreground = BINS[scale.bin(view.confidence)]
         style = f"{foreground} on {background}" + (" underline" if view.remasked else "")
     piece.append(visible(view.text), style=style)
     piece.append(line_breaks(view))
@@ -261,11 +344,11 @@ def _plain_token(view: TokenView) -> str:
     return (f"[{text}]" if view.remasked else text) + line_breaks(view)
 
 
-def _legend(refined: bool, styled: bool) -> Text:
+def _legend(refined: bool, styled: bool, scale: ConfidenceScale = FIXED_SCALE) -> Text:
     legend = Text("legend: ")
     if styled:
-        legend.append("confidence ")
-        for _, label, background, foreground in BINS:
+        legend.append(f"{scale.title()} ")
+        for label, (_, _, background, foreground) in zip(scale.labels(), BINS, strict=True):
             legend.append(f" {label} ", style=f"{foreground} on {background}")
         legend.append("  ")
         legend.append(" prompt ", style=_PROMPT_STYLE)
@@ -299,18 +382,19 @@ def render_sample(record: Record, texts: Mapping[int, str], *, styled: bool = Tr
         A rich Group of four Text lines; token text is never parsed as rich markup.
     """
     views = token_views(record, texts)
+    scale = _scale(record)
     body = Text()
     for view in views:
         if not styled and view.position == 0 and view.is_prompt:
             body.append(_PROMPT_OPEN)
-        body.append_text(_styled_token(view) if styled else Text(_plain_token(view)))
+        body.append_text(_styled_token(view, scale) if styled else Text(_plain_token(view)))
         if not styled and view.is_prompt and view.position == record.prompt_len - 1:
             body.append(_PROMPT_CLOSE)
     refined = _last_refine(record) is not None
     return Group(
         Text(_header(record), style="bold" if styled else ""),
         body,
-        _legend(refined, styled),
+        _legend(refined, styled, scale),
         Text(summary_line(summarize(record))),
     )
 
@@ -345,9 +429,9 @@ def _tooltip(view: TokenView) -> str:
     return " · ".join(parts)
 
 
-def _html_token(view: TokenView) -> str:
+def _html_token(view: TokenView, scale: ConfidenceScale) -> str:
     # The colour sits on the current text alone, so a struck-through draft token stays grey on the page background.
-    colour = "prompt" if view.is_prompt else f"c{confidence_bin(view.confidence)}"
+    colour = "prompt" if view.is_prompt else f"c{scale.bin(view.confidence)}"
     classes = "tok remasked" if view.remasked else "tok"
     draft = ""
     if view.draft_text is not None:
@@ -357,9 +441,9 @@ def _html_token(view: TokenView) -> str:
     return f'<span class="{classes}" title="{title}">{draft}{text}</span>{line_breaks(view)}'
 
 
-def _html_legend(refined: bool) -> str:
-    bins = "".join(f'<span class="c{i}">{html.escape(label)}</span>' for i, (_, label, _, _) in enumerate(BINS))
-    items = [f'<span class="item">confidence {bins}</span>', '<span class="prompt">prompt</span>']
+def _html_legend(refined: bool, scale: ConfidenceScale) -> str:
+    bins = "".join(f'<span class="c{i}">{html.escape(label)}</span>' for i, label in enumerate(scale.labels()))
+    items = [f'<span class="item">{html.escape(scale.title())} {bins}</span>', '<span class="prompt">prompt</span>']
     if refined:
         items.append('<span class="remasked">remasked by the last refinement</span>')
         items.append(
@@ -384,8 +468,9 @@ def render_html(record: Record, texts: Mapping[int, str]) -> str:
         The page, a complete HTML5 document.
     """
     views = token_views(record, texts)
+    scale = _scale(record)
     header = html.escape(_header(record))
-    tokens = "".join(_html_token(view) for view in views)
+    tokens = "".join(_html_token(view, scale) for view in views)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -393,7 +478,7 @@ def render_html(record: Record, texts: Mapping[int, str]) -> str:
         f"<style>\n{_CSS}\n{_bin_css()}\n</style>\n</head>\n<body>\n"
         f"<h1>{header}</h1>\n"
         f'<p class="summary">{html.escape(summary_line(summarize(record)))}</p>\n'
-        f"{_html_legend(_last_refine(record) is not None)}\n"
+        f"{_html_legend(_last_refine(record) is not None, scale)}\n"
         f'<div class="sample">{tokens}</div>\n'
         "</body>\n</html>\n"
     )

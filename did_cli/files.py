@@ -278,6 +278,24 @@ def open_input(source: str | Path, what: str) -> IO[str]:
         raise InputError(f"cannot read {source}: {exc.strerror}") from None
 
 
+def read_input_bytes(source: str | Path, what: str) -> bytes:
+    """The whole of an input file, or of stdin (`stdin_stream`) for "-", as the bytes read.
+
+    Raises:
+        InputError: a folder, a missing or unreadable file, or a closed stdin.
+    """
+    if str(source) == "-":
+        stream = stdin_stream()
+        buffer = getattr(stream, "buffer", None)  # an in-memory stdin (a test runner) may hold text only
+        return buffer.read() if buffer is not None else stream.read().encode("utf-8")
+    check_input(source, what)
+    try:
+        with open(source, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror}") from None
+
+
 def refuse_overwriting_inputs(
     outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[tuple[str, str | Path | None]]
 ) -> None:

@@ -365,3 +365,43 @@ def test_legends_keep_the_draft_and_new_token_apart():
     html_text, _ = _page_text(display.render_html(_refined(), TEXTS))
     for legend in (plain, styled, html_text):
         assert "old→new" in legend and "draftnew" not in legend
+
+
+def _small_model_sample() -> Record:
+    """A sample as did-tiny makes them: most confidences far below 0.2 (mean about 0.2), a few high ones."""
+    confidence = [1.0] + [0.002 * (1.07**i) for i in range(100)]  # 0.002 … 1.6, mostly low
+    confidence = [min(c, 0.99) for c in confidence]
+    return Record(id=0, tokens=[0] + [1] * 100, confidence=confidence, prompt_len=1, model={"name": "tiny"})
+
+
+def test_bins_adapt_to_the_quintiles_of_the_shown_sample():
+    record = _small_model_sample()
+    generated = record.confidence[1:]
+    assert sum(display.confidence_bin(c) == 0 for c in generated) > 60  # fixed steps: most in the darkest bin
+    scale = display.confidence_scale(generated)
+    assert scale.quantiles
+    counts = [sum(scale.bin(c) == i for c in generated) for i in range(len(display.BINS))]
+    assert counts == [20, 20, 20, 20, 20]  # a fifth of the generated tokens in every colour
+    labels = scale.labels()
+    assert labels[0].startswith("0–") and labels[-1].endswith("–1") and len(set(labels)) == 5
+    assert [label.split("–")[1] for label in labels[:-1]] == [label.split("–")[0] for label in labels[1:]]
+
+
+def test_the_legend_says_which_scale_in_the_terminal_and_the_page():
+    record = _small_model_sample()
+    labels = display.confidence_scale(record.confidence[1:]).labels()
+    legend = display.render_sample(record, {0: "<bos>", 1: "a"}, styled=True).renderables[2].plain
+    page_text, _ = _page_text(display.render_html(record, {0: "<bos>", 1: "a"}))
+    for text in (legend, page_text):
+        assert "confidence quintiles of this sample" in text and all(label in text for label in labels)
+    styled = display.render_sample(record, {0: "<bos>", 1: "a"}, styled=True).renderables[1]
+    backgrounds = {str(span.style).split(" on ")[-1] for span in styled.spans}
+    assert len(backgrounds) == 5 + 1  # every colour is used (and the prompt's grey)
+
+
+def test_tied_confidences_still_fill_every_bin_and_fewer_than_five_values_keep_fixed_steps():
+    tied = display.confidence_scale([0.1] * 10 + [0.2, 0.3, 0.4, 0.5])
+    assert tied.quantiles and [tied.bin(c) for c in (0.1, 0.2, 0.3, 0.4, 0.5)] == [0, 1, 2, 3, 4]
+    few = display.confidence_scale([0.1, 0.2, 0.3, 0.4])
+    assert few == display.FIXED_SCALE and few.labels() == [label for _, label, _, _ in display.BINS]
+    assert display.confidence_scale([]) == display.FIXED_SCALE

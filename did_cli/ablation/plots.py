@@ -4,16 +4,25 @@ Plots need matplotlib, the `plots` extra; `figure_classes` returns None without 
 line. Figures are drawn on matplotlib's Agg canvas directly, never through pyplot, so a caller's interactive backend
 and global figure state are left alone. Every strategy has one colour and marker (Okabe-Ito: colour-blind safe, and
 the marker tells them apart in greyscale) and every model one line style.
+
+Every gen PPL carries ± 1 standard error over samples (the row's `gen_ppl_sem`, as report.md gives it): error bars
+on points, a band around the draft's horizontal line; on the entropy plot also ± 1 standard error of the mean entropy
+(from the row's per-sample entropies), since a variant's entropy is as noisy as its gen PPL and decides where it meets
+the frontier. At the sweep's usual 16-300 samples these bars are what tells a difference from noise. Labels go next
+to their points, clear of each other and of every marker (`labels.place_labels`); the entropy plot labels each draft
+point with what it was sampled with (its top-p, and its temperature when those vary).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from did_cli.ablation.entropy_matched import FrontierPoint
+from did_cli.ablation.labels import PointLabel, place_labels
 from did_cli.ablation.matched import matched_comparison
 from did_cli.ablation.rows import (
     SERIES_ORDER,
@@ -28,7 +37,16 @@ from did_cli.ablation.rows import (
 )
 from did_cli.files import write_atomically
 
-__all__ = ["STRATEGY_STYLES", "entropy_figure", "figure_classes", "gamma_figure", "pareto_figure", "save_figure"]
+__all__ = [
+    "STRATEGY_STYLES",
+    "entropy_figure",
+    "entropy_sem",
+    "figure_classes",
+    "gamma_figure",
+    "gen_ppl_sem",
+    "pareto_figure",
+    "save_figure",
+]
 
 
 def figure_classes() -> tuple[Any, Any] | None:
@@ -71,6 +89,57 @@ def _model_styles(rows: Sequence[Row]) -> dict[str, str]:
     return {model: _LINE_STYLES[i % len(_LINE_STYLES)] for i, model in enumerate(models)}
 
 
+# The legend's entry for error bars and the band around the draft's line.
+_BARS_LABEL = "± 1 standard error over samples"
+
+
+def gen_ppl_sem(row: Row) -> float | None:
+    """A row's standard error of gen PPL over samples (`gen_ppl_sem`), or None when it has none."""
+    sem = row.get("gen_ppl_sem")
+    return float(sem) if finite(sem) and sem > 0 else None
+
+
+def entropy_sem(row: Row) -> float | None:
+    """The standard error of a row's mean entropy, from its per-sample entropies; None with fewer than 2."""
+    per_sample = row.get("per_sample")
+    values = per_sample.get("entropy") if isinstance(per_sample, dict) else None
+    values = [float(v) for v in values if finite(v)] if isinstance(values, list) else []
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def _error_bars(axes: Any, rows: Sequence[Row], x: str, color: str, *, with_entropy: bool = False) -> bool:
+    """± 1 standard error of gen PPL (and of entropy, on the x axis, with `with_entropy`) at each row's point.
+
+    A bar stops at a gen PPL of 1, the least a perplexity can be (so a log axis can show it). Rows without a standard
+    error get no bar. Returns whether any bar was drawn.
+    """
+    rows = [r for r in rows if gen_ppl_sem(r) is not None or (with_entropy and entropy_sem(r) is not None)]
+    if not rows:
+        return False
+    upper = [gen_ppl_sem(r) or 0.0 for r in rows]
+    lower = [max(0.0, min(sem, r["gen_ppl"] - 1)) for r, sem in zip(rows, upper, strict=True)]
+    xerr = [entropy_sem(r) or 0.0 for r in rows] if with_entropy else None
+    axes.errorbar(
+        [r[x] for r in rows],
+        [r["gen_ppl"] for r in rows],
+        yerr=[lower, upper],
+        xerr=xerr,
+        fmt="none",
+        ecolor=color,
+        elinewidth=0.9,
+        capsize=2.5,
+        alpha=0.75,
+        zorder=2.5,
+    )
+    return True
+
+
+def _bars_handle() -> Any:
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color="#555555", marker="|", markersize=10, linestyle="", label=_BARS_LABEL)
+
+
 def _legend(
     figure: Any,
     strategies: Sequence[str | None],
@@ -108,24 +177,34 @@ def gamma_figure(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None
     drawn: list[float] = []
     models = _model_styles(rows)
     strategies: list[str | None] = []
+    bars = band = False
     for model, linestyle in models.items():
         model_rows = [r for r in rows if r["model"] == model]
         size = base_size(model_rows, base)
         for strategy in SERIES_ORDER:
             points = sorted(
-                (r["gamma"], r["gen_ppl"])
-                for r in model_rows
-                if r.get("remask") == strategy and close(r.get("refine_block_size"), size) and finite(r["gen_ppl"])
+                (
+                    r
+                    for r in model_rows
+                    if r.get("remask") == strategy and close(r.get("refine_block_size"), size) and finite(r["gen_ppl"])
+                ),
+                key=lambda r: r["gamma"],
             )
             if points:
                 color, marker = STRATEGY_STYLES[strategy]
-                xs, ys = zip(*points, strict=True)
+                xs, ys = [r["gamma"] for r in points], [r["gen_ppl"] for r in points]
                 axes.plot(xs, ys, marker=marker, color=color, linestyle=linestyle, label=f"{model}: {strategy}")
+                bars |= _error_bars(axes, points, "gamma", color)
                 drawn += ys
                 strategies.append(strategy)
         draft = draft_row(model_rows)
         if draft is not None and finite(draft.get("gen_ppl")):
-            axes.axhline(draft["gen_ppl"], color=STRATEGY_STYLES[None][0], linestyle=linestyle, linewidth=1)
+            color = STRATEGY_STYLES[None][0]
+            axes.axhline(draft["gen_ppl"], color=color, linestyle=linestyle, linewidth=1)
+            sem = gen_ppl_sem(draft)
+            if sem is not None:  # the draft's ± 1 standard error as a band along its line
+                axes.axhspan(max(1.0, draft["gen_ppl"] - sem), draft["gen_ppl"] + sem, color=color, alpha=0.1, lw=0)
+                band = True
             drawn.append(draft["gen_ppl"])
             strategies.append(None)
     if not drawn:
@@ -134,15 +213,20 @@ def gamma_figure(classes: tuple[Any, Any], rows: Sequence[Row], base: int | None
     axes.set_xlabel("γ (fraction of generated tokens remasked)")
     axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
     axes.set_title("γ sweep at the base refine block size (draft: horizontal line)")
-    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], models, draft_line=True)
+    extra = [_bars_handle()] if bars else []
+    if band:
+        from matplotlib.patches import Patch
+
+        extra.append(Patch(color=STRATEGY_STYLES[None][0], alpha=0.1, lw=0, label="draft ± 1 standard error"))
+    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], models, draft_line=True, extra=extra)
     return figure
 
 
 def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     """Gen PPL against NFEs per sample for every variant, coloured by strategy; each model's Pareto front joined.
 
-    The front's points are labelled with their variant; a label that would overlap another label is left out
-    (the NFE table of the report lists every variant).
+    The front's points are labelled with their variant, next to them (`labels.place_labels`); a label with no free
+    place is left out (the NFE table of the report lists every variant).
 
     Returns:
         The matplotlib Figure, or None when no row has both NFEs and a gen PPL.
@@ -152,6 +236,7 @@ def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     models = _model_styles(rows)
     strategies: set[str | None] = set()
     fronts: list[Row] = []
+    bars = False
     for model, linestyle in models.items():
         scored = [r for r in rows if r["model"] == model and finite(r.get("gen_ppl")) and finite(r.get("nfes"))]
         for strategy in STRATEGY_ORDER:
@@ -168,6 +253,7 @@ def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
                     zorder=3,
                     alpha=0.9,
                 )
+                bars |= _error_bars(axes, points, "nfes", color)
                 strategies.add(strategy)
         front = sorted(
             (scored[i] for i in pareto_front([(r["nfes"], r["gen_ppl"]) for r in scored])), key=lambda r: r["nfes"]
@@ -183,47 +269,34 @@ def pareto_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     axes.set_xlabel("NFEs per sample (draft + refinement)")
     axes.set_ylabel(f"gen PPL ({_judge_name(rows)})")
     axes.set_title("NFEs against gen PPL (lines: each model's Pareto front)")
-    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], models)
-    _label_without_overlap(figure, axes, fronts)
+    extra = [_bars_handle()] if bars else []
+    _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], models, extra=extra)
+    place_labels(figure, axes, [PointLabel(r["variant"], r["nfes"], r["gen_ppl"]) for r in fronts])
     return figure
 
 
-def _label_without_overlap(
-    figure: Any, axes: Any, points: Sequence[Row], x: str = "nfes", name: Callable[[Row], str] | None = None
-) -> None:
-    """Label each point (`x`, gen PPL) at the first offset whose box overlaps no label or axes edge; else skip it.
+def _draft_setting(row: Row, drafts: Sequence[Row]) -> str:
+    """What a draft point was sampled with, as its label: its top-p, and its temperature when the drafts' differ."""
+    top_ps = {row.get("top_p") for row in drafts}
+    temperatures = {row.get("temperature") for row in drafts}
+    parts = []
+    if len(top_ps) > 1 or len(temperatures) == 1:
+        parts.append(f"top-p {_short(row.get('top_p'))}")
+    if len(temperatures) > 1:
+        parts.append(f"T {_short(row.get('temperature'))}")
+    return ", ".join(parts)
 
-    Labels are `name(row)`, by default the variant; a label shared by several points (a variant on several models'
-    fronts) is placed once.
-    """
-    name = name or (lambda row: row["variant"])
-    renderer = figure.canvas.get_renderer()
-    figure.draw_without_rendering()  # settle the layout, so the boxes measured below are final
-    inside = axes.get_window_extent(renderer)
-    placed: list[Any] = []
-    for text, row in {name(r): r for r in points}.items():
-        for offset in ((5, 5), (5, -12), (-5, 5), (-5, -12), (5, 14), (5, -22)):
-            label = axes.annotate(
-                text,
-                (row[x], row["gen_ppl"]),
-                xytext=offset,
-                textcoords="offset points",
-                fontsize=7,
-                ha="left" if offset[0] > 0 else "right",
-            )
-            box = label.get_window_extent(renderer)
-            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
-            if fits and not any(box.overlaps(other) for other in placed):
-                placed.append(box)
-                break
-            label.remove()
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if finite(value) else "?"
 
 
 def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     """Gen PPL against entropy, one panel per model: the draft frontier as a line, refined variants as points.
 
-    Refined points are coloured by strategy and labelled with their variant. A refined point below its model's line
-    is better than drafting alone at the same entropy.
+    Refined points are coloured by strategy and labelled with their variant, draft points labelled with their top-p
+    (and temperature when it varies); every point carries ± 1 standard error of both numbers. A refined point below
+    its model's line is better than drafting alone at the same entropy.
 
     Returns:
         The matplotlib Figure, or None when no model has a draft frontier.
@@ -240,19 +313,21 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
     panels = figure.subplots(1, len(comparisons), sharey=True, squeeze=False)[0]
     strategies: set[str | None] = set()
     drawn: list[float] = []
-    to_label: list[tuple[Any, list[Row]]] = []
+    bars = False
+    to_label: list[tuple[Any, list[PointLabel]]] = []
     for axes, (model, comparison) in zip(panels, comparisons.items(), strict=True):
-        drafts = [(r, p) for r, p in comparison.points if math.isfinite(p.entropy) and math.isfinite(p.gen_ppl)]
-        axes.scatter([p.entropy for _, p in drafts], [p.gen_ppl for _, p in drafts], color="#999999", marker="x", s=25)
+        drafts = [r for r, p in comparison.points if math.isfinite(p.entropy) and math.isfinite(p.gen_ppl)]
+        axes.scatter([r["entropy"] for r in drafts], [r["gen_ppl"] for r in drafts], color="#999999", marker="x", s=25)
+        bars |= _error_bars(axes, drafts, "entropy", "#999999", with_entropy=True)
         line = _frontier_line(comparison.frontier)
         axes.plot([x for x, _ in line], [y for _, y in line], color="#555555", zorder=2)
-        base = next((r for r, _ in drafts if not r.get("draft_frontier")), None)
+        base = next((r for r in drafts if not r.get("draft_frontier")), None)
         if base is not None:
             color, marker = STRATEGY_STYLES[None]
             axes.scatter([base["entropy"]], [base["gen_ppl"]], color=color, marker=marker, s=120, zorder=3)
             strategies.add(None)
-        drawn += [p.gen_ppl for _, p in drafts]
-        labelled = []
+        drawn += [r["gen_ppl"] for r in drafts]
+        labels = []
         for strategy in (*SERIES_ORDER, "edit"):
             points = [r for r, _ in comparison.variants if r.get("remask") == strategy]
             points = [r for r in points if finite(r.get("entropy")) and finite(r.get("gen_ppl"))]
@@ -260,22 +335,25 @@ def entropy_figure(classes: tuple[Any, Any], rows: Sequence[Row]) -> Any | None:
                 color, marker = STRATEGY_STYLES[strategy]
                 xs, ys = [r["entropy"] for r in points], [r["gen_ppl"] for r in points]
                 axes.scatter(xs, ys, color=color, marker=marker, s=30, zorder=3)
+                bars |= _error_bars(axes, points, "entropy", color, with_entropy=True)
                 strategies.add(strategy)
                 drawn += ys
-                labelled += points
+                labels += [PointLabel(r["variant"], r["entropy"], r["gen_ppl"]) for r in points]
+        labels += [PointLabel(_draft_setting(r, drafts), r["entropy"], r["gen_ppl"], "#555555") for r in drafts]
         axes.set_title(model, fontsize="medium")
         axes.set_xlabel("entropy (nats, mean per sample)")
-        to_label.append((axes, labelled))
+        to_label.append((axes, labels))
     _log_if_wide(panels[0], drawn)
     panels[0].set_ylabel(f"gen PPL ({_judge_name(rows)})")
     figure.suptitle("Gen PPL against entropy: below the line is better than drafting alone")
     extra = [
-        Line2D([], [], color="#999999", marker="x", linestyle="", label="draft at other top-p / T"),
+        Line2D([], [], color="#999999", marker="x", linestyle="", label="draft at other top-p / T (grey labels)"),
         Line2D([], [], color="#555555", label="draft frontier"),
+        *([_bars_handle()] if bars else []),
     ]
     _legend(figure, [s for s in STRATEGY_ORDER if s in strategies], {}, extra=extra, below=True)
-    for axes, labelled in to_label:  # after the legend and shared axis are set, so the layout is final
-        _label_without_overlap(figure, axes, labelled, x="entropy")
+    for axes, labels in to_label:  # after the legend and shared axis are set, so the layout is final
+        place_labels(figure, axes, labels)
     return figure
 
 

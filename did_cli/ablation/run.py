@@ -40,7 +40,7 @@ from did_cli.ablation.results import (
 from did_cli.checkpoints import checkpoint_tokenizer, file_sha256, load_model, read_config, resolve
 from did_cli.errors import InputError
 from did_cli.evaluation import Judge, ReferenceMauve, Sample, load_judge, read_reference, sample_from_record, score_file
-from did_cli.evaluation.mauve import default_buckets, mauve_unavailable
+from did_cli.evaluation.mauve import few_texts_note, mauve_unavailable
 from did_cli.locks import locked_folder
 from did_cli.processes import ONE_PROCESS, Processes
 from did_cli.provenance import Expected, Identity, expect_drafts, expect_refinements, made_with, tokenizer_info
@@ -51,8 +51,6 @@ __all__ = ["SweepEvent", "SweepResult", "run_sweep"]
 
 # The weights file of a did or BD3-LM checkpoint folder (see did_cli.checkpoints).
 _WEIGHTS = "model.safetensors"
-# Below this many samples per file MAUVE's histograms have at most 2 buckets and its values are coarse.
-_MAUVE_FEW = 25
 
 
 @dataclass(frozen=True)
@@ -214,15 +212,9 @@ class SweepRunner:
         if skipped is not None:
             self.emit(SweepEvent("note", skipped))
             return
-        if self.settings.num_samples < _MAUVE_FEW:
-            self.emit(
-                SweepEvent(
-                    "note",
-                    f"MAUVE from {self.settings.num_samples} samples per file is coarse (k-means on so few texts has "
-                    f"{default_buckets(self.settings.num_samples, len(samples))} buckets; mauve-text's authors use "
-                    "thousands)",
-                )
-            )
+        few = few_texts_note(self.settings.num_samples, len(samples))
+        if few is not None:
+            self.emit(SweepEvent("note", few))
         reference = self.mauve_reference
         # Built on first use: the judge loads lazily, and the references are featurised once per cut.
         against = functools.cache(lambda: ReferenceMauve(samples, self.judge(), self.settings.evaluation))

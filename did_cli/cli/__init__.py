@@ -58,7 +58,7 @@ def build_app() -> typer.Typer:
         ("refine", refine, "Remask the least confident tokens of drafts and re-denoise them globally (JSONL)."),
         ("generate", generate, "Draft then refine in one process (same records as draft | refine)."),
         ("finetune", finetune, "Mix-scale block-diffusion fine-tuning on accelerate (block size drawn per step)."),
-        ("show", show, "Show one sample as a confidence heat-map, marking what refinement changed."),
+        ("show", show, "Show one sample as a confidence heat-map, marking what refinement changed; --text: the texts."),
         ("eval-ppl", eval_ppl, "Gen PPL and entropy of sample files under a judge LM (BD3-LM protocol)."),
         ("eval-nll", eval_nll, "NELBO per token and its perplexity bound per model and block size (test PPL)."),
         ("sweep", sweep, "Run the paper's ablations (remask strategy, gamma, B2, NFEs) and write a report."),

@@ -1,12 +1,15 @@
 """Plumbing shared by the sampling commands (draft, refine, generate): prompts, loading, progress, the output file.
 
-stdout carries records only. Progress goes to stderr (`_progress`): a rich bar when stderr is a terminal, plain
-rate-limited lines when it is not (logs, batch jobs), and a closing summary in both cases unless `--quiet`. Heavy
-modules (torch, the model code) are imported inside the functions so `did --help` and option errors answer at once.
+stdout carries records only; when stdout is a terminal one note on stderr says how to read them. Progress goes to
+stderr (`_progress`): on a terminal a start-up line while torch and the model load, then a bar naming the stage that
+runs; plain rate-limited lines when stderr is not a terminal (logs, batch jobs); and a closing summary in both cases
+unless `--quiet`. Heavy modules (torch, the model code) are imported inside the functions so `did --help` and option
+errors answer at once.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import Progress, TextColumn
 
 from did_cli.cli._options import check_count
-from did_cli.cli._progress import PlainLines, bar, say, stderr
+from did_cli.cli._progress import PlainLines, bar, say, set_status, status, stderr
 from did_cli.config import (
     DraftSettings,
     EditSettings,
@@ -189,6 +192,7 @@ def load(
     from did_cli.execution import optimize
 
     check_attn_backend(execution.attn_backend)
+    set_status(f"loading {model}")
     loaded = load_model(model, device=device, dtype=dtype, revision=revision, kv_cache_dtype=execution.kv_cache_dtype)
     optimize(loaded, attn_backend=execution.attn_backend, compile=execution.compile, cuda_graphs=execution.cuda_graphs)
     return loaded, load_tokenizer(loaded, tokenizer)
@@ -220,7 +224,12 @@ def unmasking(
 
 
 class Reporter:
-    """Progress and the closing summary on stderr (see the module docstring); silent with `quiet`."""
+    """Progress and the closing summary on stderr (see the module docstring); silent with `quiet`.
+
+    The bar counts finished samples and moves within a batch as its stages commit tokens (each stage an equal share of
+    the batch), so the time left is estimated before the first batch ends; beside it, the running stage's tokens and
+    model calls on the current batch.
+    """
 
     def __init__(self, quiet: bool, total: int | None, others: Callable[[], int] | None = None) -> None:
         self.quiet = quiet
@@ -235,9 +244,9 @@ class Reporter:
 
     def __enter__(self) -> Reporter:
         if self.live:
-            self._progress = bar("samples", TextColumn("{task.fields[tokens]}"))
+            self._progress = bar("samples", TextColumn("{task.fields[tokens]}", markup=False))
             self._progress.start()
-            self._task = self._progress.add_task("sampling", total=self._total, tokens="")
+            self._task = self._progress.add_task("sampling", total=self._total, tokens="", finished=0)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -250,12 +259,20 @@ class Reporter:
             return
         total = event.samples_total or self._total
         done = event.samples_done + self._count_others()
+        stage = event.stage if event.stages == 1 else f"{event.stage} (stage {event.stage_index + 1}/{event.stages})"
         if self._progress is not None:
-            tokens = f"batch tokens {event.tokens_done}/{event.tokens_total}" if event.tokens_total else ""
-            self._progress.update(self._task, completed=done, description=event.stage, tokens=tokens, total=total)
+            share = event.tokens_done / event.tokens_total if event.tokens_total else 0.0
+            completed = done + event.batch * (event.stage_index + share) / event.stages
+            task = self._progress.tasks[0]
+            # A new stage is drawn at once: at the display's 10 refreshes a second a short stage could go unseen.
+            refresh = stage != task.description
+            task_fields = dict(finished=done, tokens=_work(event))
+            self._progress.update(
+                self._task, completed=completed, description=stage, total=total, refresh=refresh, **task_fields
+            )
             return
         of_total = f"/{total}" if total else ""
-        self._lines(f"{event.stage}: {done}{of_total} samples finished")
+        self._lines(f"{stage}: {done}{of_total} samples finished")
 
     def _count_others(self) -> int:
         now = time.perf_counter()
@@ -283,20 +300,27 @@ def output(
     resume: bool = False,
     position: Any = None,
     inputs: Iterable[tuple[str, str | Path | None]] = (),
+    quiet: bool = False,
 ) -> Iterator[RecordOutput]:
     """Open `--out` (or stdout, or this process's part file) before any work; finish (merge the parts) at the end.
 
     `--out` naming one of the `inputs` ((flag, path) pairs: a records file, a prompt file) is refused first. On
     failure or Ctrl-C it says what was kept: inside a DidError's one line, or on its own line for Ctrl-C and
-    unexpected errors; then it re-raises. Notes the output found (a dropped damaged line) go to stderr.
+    unexpected errors; then it re-raises. Notes the output found (a dropped damaged line) go to stderr. Unless
+    `quiet`, the main process says once how to read records that go to a terminal (`READING_NOTE`), and shows the
+    start-up line (`_progress.status`) until the command's progress bar replaces it.
     """
     refuse_overwriting_inputs([("--out", out)], inputs)
     records = RecordOutput(out, processes, resume, **({"position": position} if position is not None else {}))
     records.open()
     for note in records.notes:
         say(f"note: {note}")
+    talk = not quiet and processes.is_main
+    if talk and out is None and stdout_is_terminal():
+        say(READING_NOTE)
     try:
-        yield records
+        with status("starting: importing torch and the model code", enabled=talk):
+            yield records
     except DidError as exc:
         note = records.abort()
         if note and note not in str(exc):
@@ -308,6 +332,30 @@ def output(
             say(f"kept: {note}")
         raise
     records.finish()
+
+
+def _work(event: ProgressEvent) -> str:
+    """The running stage's work on its batch, for the bar: "batch of 16: 37/1024 tokens, 37 calls"."""
+    if not event.tokens_total:
+        return ""
+    calls = "call" if event.calls == 1 else "calls"
+    work = f"{event.tokens_done}/{event.tokens_total} tokens, {event.calls} {calls}"
+    return f"batch of {event.batch}: {work}" if event.batch else work
+
+
+# Said once on stderr when records would fill a terminal: the ways to read them.
+READING_NOTE = (
+    "note: records are JSON lines, meant for a file or a pipe: add `| did show -` to see one as a confidence "
+    "heat map, `| did show - --text` to read their text, or `--out FILE` to save them"
+)
+
+
+def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal (records written there land on the screen)."""
+    try:
+        return sys.stdout is not None and sys.stdout.isatty()
+    except (ValueError, AttributeError):  # closed, or replaced by an object without isatty
+        return False
 
 
 def _totals(records: Iterable[Record], new_stages: int) -> tuple[int, int]:

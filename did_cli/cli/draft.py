@@ -71,7 +71,7 @@ def draft(
     check_stand_in_draft(length, block_size, sampling, reject_entropy, max_tries)
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     processes = current_processes()
-    with output(out, processes, resume=resume, inputs=[("--prompt-file", prompt_file)]) as records_out:
+    with output(out, processes, resume=resume, inputs=[("--prompt-file", prompt_file)], quiet=quiet) as records_out:
         from did_cli import api
 
         loaded, tok = load(

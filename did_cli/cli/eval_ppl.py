@@ -1,10 +1,11 @@
 """`did eval-ppl`: generative perplexity and entropy of sample files under a judge LM, one table row per file.
 
 stdout carries only `--json -`; progress and the results table go to stderr. Every JSON output is strict JSON
-(an undefined number is null, never NaN or Infinity). The table names each file by the shortest path suffix
-that tells the inputs apart and never wraps it: a name too long for the terminal ends in "…" (the --json
-output has the full names). Names are shown through `printable` before they are cut, so a cut never leaves half
-an escape sequence.
+(an undefined number is null, never NaN or Infinity) and gives each input's sha256. The table names each file by
+the shortest path suffix that tells the inputs apart, whole and on one line: when a name does not fit beside the
+numbers (off a terminal the width is 80), the rows are numbered and a legend under the table gives each number's
+name in full. Names are shown through `printable`. With `--reference`, MAUVE from few texts gets the same note
+as in the sweep (`evaluation.mauve.few_texts_note`).
 """
 
 from __future__ import annotations
@@ -128,13 +129,29 @@ def eval_ppl(
         return  # the main process holds the same gathered result and writes it once
     if result.mauve is not None and result.mauve.skipped:
         say(f"note: {result.mauve.skipped}")
+    few = _few_texts(result)
+    if few is not None and not quiet:
+        say(f"note: {few}")
     if json_out is not None:
         write_output(json_out, strict_json(result.to_dict(), indent=2) + "\n")
     if per_sample is not None:
         lines = [{"file": f.source, **s.to_dict()} for f in result.files for s in f.samples]
         write_output(per_sample, "".join(strict_json(line) + "\n" for line in lines))
     if not quiet:
-        stderr.print(_table(result, stderr.width))
+        table, legend = _table(result, stderr.width)
+        stderr.print(table)
+        for line in legend:
+            say(line)
+
+
+def _few_texts(result: evaluation.EvalResult) -> str | None:
+    """The sweep's note on MAUVE from few texts, for the smallest input (None without MAUVE or with enough texts)."""
+    from did_cli.evaluation.mauve import few_texts_note
+
+    scored = list(result.mauve.results.values()) if result.mauve is not None else []
+    if not scored:
+        return None
+    return few_texts_note(min(r.num_p for r in scored), min(r.num_q for r in scored))
 
 
 def _check_inputs(files: list[Path], reference: Path | None) -> None:
@@ -178,15 +195,12 @@ def short_names(sources: list[str]) -> list[str]:
     return names
 
 
-def fit_name(name: str, width: int) -> str:
-    """`name` within `width` characters: the middle replaced by "…" when too long (the end names the variant)."""
-    if len(name) <= width:
-        return name
-    head = (width - 1) // 2
-    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
+def _table(result: evaluation.EvalResult, width: int) -> tuple[Table, list[str]]:
+    """The results table for a console `width` columns wide, and the legend lines that name numbered rows (or none).
 
-
-def _table(result: evaluation.EvalResult, width: int) -> Table:
+    Each file's name is whole and on one line: in the table when every name fits beside the numbers, else the rows
+    are numbered and the legend gives each number's name.
+    """
     settings = result.settings
     title = Text(
         f"gen PPL under {printable(str(result.judge.get('name')))} (context {settings['context']}, "
@@ -228,15 +242,17 @@ def _table(result: evaluation.EvalResult, width: int) -> Table:
     numbers = sum(max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers))
     # Each column takes its padding (one space each side) and one divider besides its text.
     room = max(8, width - numbers - 3 * (len(headers) + 1) - 1 + (0 if table.pad_edge else 2))
-    table.add_column("file", no_wrap=True)
+    names = short_names([printable(f.source) for f in result.files])  # shown, never obeyed
+    numbered = any(len(name) > room for name in names)
+    table.add_column("file (#)" if numbered else "file", no_wrap=True)
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
-    names = short_names([printable(f.source) for f in result.files])  # shown, never obeyed; then cut to fit
-    for f, name, cells in zip(result.files, names, rows, strict=True):
+    for number, (f, name, cells) in enumerate(zip(result.files, names, rows, strict=True), start=1):
         # Texts, so a "[" in a file name is never read as rich markup.
         cells[4] = Text(cells[4], style="red" if f.num_degenerate else "")
-        table.add_row(Text(fit_name(name, room)), *cells)
-    return table
+        table.add_row(Text(f"#{number}" if numbered else name), *cells)
+    legend = [f"file #{number}: {name}" for number, name in enumerate(names, start=1)] if numbered else []
+    return table, legend
 
 
 def _number(value: float, digits: int = 2) -> str:

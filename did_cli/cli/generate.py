@@ -156,7 +156,7 @@ def generate(
         refinements(length)  # every stage checked before loading anything: a bad B2 must not cost a whole draft
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     processes = current_processes()
-    with output(out, processes, resume=resume, inputs=[("--prompt-file", prompt_file)]) as records_out:
+    with output(out, processes, resume=resume, inputs=[("--prompt-file", prompt_file)], quiet=quiet) as records_out:
         from did_cli import api
 
         loaded, tok = load(

@@ -117,7 +117,8 @@ def refine(
     records = itertools.chain([first], records)
     execution = Execution(attn_backend, compile, cuda_graphs, kv_cache_dtype)
     position = None if ids is None else _positions(ids)
-    with output(out, processes, resume=resume, position=position, inputs=[("records file", input)]) as records_out:
+    source = [("records file", input)]
+    with output(out, processes, resume=resume, position=position, inputs=source, quiet=quiet) as records_out:
         from did_cli import api
 
         name = model or record_model(first)

@@ -3,11 +3,15 @@
 The rendering goes to stdout: for a viewer the picture is the data asked for, so it can be paged (`| less -R`)
 or saved; when stdout is not a colour terminal the rendering uses brackets and arrows instead of colours. With
 `--html` the page is written atomically to the given file (or to stdout for `-`) and one line on stderr says where.
+`--text` prints the records' own text instead (each record's `text`, as `jq -r .text` would), needing no tokenizer:
+verbatim into a pipe or file, and on a terminal with control characters shown (`printable`) line by line.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,11 +22,24 @@ from did_cli.cli._errors import handle_errors
 from did_cli.cli._progress import say
 from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import output_target, refuse_overwriting_inputs, stdout_stream, write_output
+from did_cli.printable import printable
 from did_cli.records import Record, read_records
 
 File = Annotated[str, typer.Argument(help="Sample records (JSONL from draft, refine or generate), or - for stdin.")]
 Index = Annotated[
-    int, typer.Option("--index", "-i", help="Which record: its 0-based position in the file; -1 is the last.")
+    int | None,
+    typer.Option(
+        "--index",
+        "-i",
+        help="Which record: its 0-based position in the file; -1 is the last. Default: the first (with --text, all).",
+    ),
+]
+AsText = Annotated[
+    bool,
+    typer.Option(
+        "--text",
+        help="Print each record's text (the generated part, as jq -r .text) instead of the heat-map; no tokenizer.",
+    ),
 ]
 Html = Annotated[
     Path | None, typer.Option("--html", help="Write a standalone HTML page here (- for stdout) instead of printing.")
@@ -114,15 +131,37 @@ def check_ids(record: Record, tokenizer: Any) -> None:
         say(f"warning: record {record.id} was made with a {recorded}-token tokenizer; this one has {size}")
 
 
+def print_texts(records: Iterable[Record], terminal: bool) -> None:
+    """Each record's text and a newline on stdout, flushed record by record (a pipe streams).
+
+    Into a pipe or file the text is written as it is, as `jq -r .text` writes it; on a `terminal` each line of it goes
+    through `printable`, so an escape sequence in a sample is shown, never obeyed, while its line breaks stay.
+    """
+    for record in records:
+        text = "\n".join(printable(line) for line in record.text.split("\n")) if terminal else record.text
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
 @handle_errors
 def show(
     file: File,
-    index: Index = 0,
+    index: Index = None,
     html: Html = None,
     model: Model = None,
     tokenizer: Tokenizer = None,
+    text: AsText = False,
 ) -> None:
-    """Show one sample: tokens coloured by confidence, remasked positions and what refinement changed."""
+    """Show one sample: tokens coloured by confidence, remasked positions and what refinement changed (or --text)."""
+    if text:
+        given = [flag for flag, value in (("--html", html), ("--model", model), ("--tokenizer", tokenizer)) if value]
+        if given:
+            raise UsageError(f"--text prints the records' own text; it takes no {', '.join(given)}")
+        stream = stdout_stream("nowhere to print the text")
+        records = read_records(file) if index is None else [select_record(file, index)]
+        print_texts(records, terminal=stream.isatty())
+        return
+    index = 0 if index is None else index
     if html is not None and str(html) != "-":
         output_target(html, "--html")  # an unwritable page fails before the record is read
         refuse_overwriting_inputs([("--html", html)], [("records file", file)])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation.judge import DEFAULT_JUDGE, Judge, load_judge
 from did_cli.evaluation.mauve import MauveReport, MauveResult, MauveSettings, mauve_scorer, mauve_unavailable
-from did_cli.evaluation.samples import Sample, read_reference, read_samples
+from did_cli.evaluation.samples import Sample, SampleFile, read_reference_file, read_sample_file
 from did_cli.evaluation.scoring import FileResult, WindowProgressFn, score_sequence, summarize, target_nlls
 from did_cli.evaluation.settings import EvalSettings
 from did_cli.processes import ONE_PROCESS, Processes
@@ -188,7 +188,8 @@ class ReferenceMauve:
 class EvalResult:
     """Per-input results plus everything needed to reproduce them: judge, settings, package versions.
 
-    `mauve` is set when a reference was given: each input's MAUVE against it, or why it was skipped.
+    `mauve` is set when a reference was given: each input's MAUVE against it, or why it was skipped. `sha256` maps
+    each input's name (and the reference's) to the sha256 of the bytes read from it (stdin's too).
     """
 
     files: list[FileResult]
@@ -196,18 +197,22 @@ class EvalResult:
     settings: dict[str, Any]
     versions: dict[str, Any]
     mauve: MauveReport | None = None
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The `--json` body: per input its aggregates, then judge, settings, versions; with a reference, `mauve`.
+        """The `--json` body: per input its aggregates and `sha256`, then judge, settings, versions; `mauve` too.
 
-        With a reference, each input's aggregates hold its `mauve` (null when skipped) and the body the MAUVE report.
+        With a reference, each input's aggregates hold its `mauve` (null when skipped) and the body the MAUVE report,
+        with the reference's `reference_sha256`.
         """
-        files = {f.source: f.summary() for f in self.files}
+        files = {f.source: {**f.summary(), "sha256": self.sha256.get(f.source)} for f in self.files}
         if self.mauve is not None:
             for source, summary in files.items():
                 summary["mauve"] = self.mauve.value(source)
         body = {"files": files, "judge": self.judge, "settings": self.settings, "versions": self.versions}
-        return body if self.mauve is None else {**body, "mauve": self.mauve.to_dict()}
+        if self.mauve is None:
+            return body
+        return {**body, "mauve": {**self.mauve.to_dict(), "reference_sha256": self.sha256.get(self.mauve.reference)}}
 
 
 def eval_ppl(
@@ -246,8 +251,12 @@ def eval_ppl(
     repeated = next((name for name in names if names.count(name) > 1), None)
     if repeated is not None:
         raise UsageError(f"{repeated} is given twice; each input is one row of the results")
-    inputs = [(name, read_samples(source)) for name, source in zip(names, sources, strict=True)]
+    read = [(name, read_sample_file(source)) for name, source in zip(names, sources, strict=True)]
+    inputs = [(name, file.samples) for name, file in read]
+    digests = {name: file.sha256 for name, file in read}
     references = _read_reference(reference, inputs) if reference is not None else None
+    if references is not None:
+        digests.setdefault(str(reference), references.sha256)
     if not isinstance(judge, Judge):
         judge = load_judge(judge, revision=revision, device=device, dtype=dtype)
     context, stride = settings.windows_for(judge.max_positions)
@@ -274,17 +283,17 @@ def eval_ppl(
         if skipped is not None:
             mauve = MauveReport(str(reference), {}, skipped)
         else:
-            against = ReferenceMauve(references, judge, settings)
+            against = ReferenceMauve(references.samples, judge, settings)
             mauve = MauveReport(str(reference), {name: against(samples) for name, samples in inputs})
-    return EvalResult(files, dict(judge.info), run_settings, versions(), mauve)
+    return EvalResult(files, dict(judge.info), run_settings, versions(), mauve, digests)
 
 
-def _read_reference(reference: str | Path, inputs: list[tuple[str, list[Sample]]]) -> list[Sample]:
-    """The reference texts, read (and refused in one line) before the judge loads."""
+def _read_reference(reference: str | Path, inputs: list[tuple[str, list[Sample]]]) -> SampleFile:
+    """The reference texts and their digest, read (and refused in one line) before the judge loads."""
     if str(reference) == "-" and any(name == "-" for name, _ in inputs):
         raise UsageError("stdin (-) cannot be both an input and the reference")
-    references = read_reference(reference)
-    for name, samples in [(str(reference), references), *inputs]:
+    references = read_reference_file(reference)
+    for name, samples in [(str(reference), references.samples), *inputs]:
         if len(samples) < 2:
             raise InputError(f"MAUVE needs at least 2 texts per file; {name} has {len(samples)}")
     return references

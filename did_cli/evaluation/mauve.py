@@ -14,7 +14,8 @@ judge scores it for gen PPL: BOS first, then the text's ids, cut to `max_tokens`
 
 Layout: `judge_features` (texts → features) and `mauve_score` (texts → `MauveResult`) take plain texts and a
 loaded Judge and know nothing of files; `mauve_available` says whether the extra is installed, and `mauve_score`
-raises `MauveUnavailable` (one line for a "note:") when it is not.
+raises `MauveUnavailable` (one line for a "note:") when it is not. `few_texts_note` is the one warning that MAUVE
+from few texts is coarse, printed by `did eval-ppl --reference` and `did sweep --reference` alike.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "MauveUnavailable",
     "judge_features",
     "default_buckets",
+    "few_texts_note",
     "mauve_available",
     "mauve_unavailable",
     "mauve_score",
@@ -260,6 +262,24 @@ def _cut(max_tokens: int, judge: Judge) -> int:
 def default_buckets(num_p: int, num_q: int) -> int:
     """mauve-text's "auto" number of k-means buckets for n_p generated and n_q reference texts."""
     return max(2, round(min(num_p, num_q) / 10))
+
+
+# Below this many texts on a side, mauve-text's "auto" rule gives k-means at most 2 buckets: MAUVE is coarse.
+FEW_TEXTS = 25
+
+
+def few_texts_note(num_p: int, num_q: int) -> str | None:
+    """The one-line note that MAUVE from `num_p` samples per file against `num_q` reference texts is coarse.
+
+    None from FEW_TEXTS texts on each side. `num_p` is the smallest file's count when several files are compared.
+    """
+    if min(num_p, num_q) >= FEW_TEXTS:
+        return None
+    subject = f"MAUVE from {num_p} samples per file" if num_p < FEW_TEXTS else f"MAUVE against {num_q} reference texts"
+    return (
+        f"{subject} is coarse (k-means on so few texts has {default_buckets(num_p, num_q)} buckets; mauve-text's "
+        "authors use thousands)"
+    )
 
 
 def _check_counts(num_p: int, num_q: int, settings: MauveSettings) -> int:

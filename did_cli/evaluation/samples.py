@@ -1,7 +1,8 @@
 """Samples to score: reading sample files, and the one rule that turns a record into a judged sample.
 
 A `.txt` file holds one sample per line; anything else is JSONL whose objects have a `text` string and optionally a
-`prompt` and an `id`; did's sample records are such objects and are checked field by field. `sample_from_record`
+`prompt` and an `id`; did's sample records are such objects and are checked field by field. A file is read whole
+(`read_sample_file`), so the sha256 of the very bytes scored (stdin's too) can be recorded. `sample_from_record`
 is the only place a record becomes a Sample: every gen PPL, entropy or MAUVE figure (`did eval-ppl`, the sweep)
 scores records through it, so they all apply the same cut: a record is cut to the length it was sampled at (its
 draft stage's `length`, else its token count), as upstream re-tokenises with `max_length=model.length`.
@@ -9,18 +10,27 @@ draft stage's `length`, else its token count), as upstream re-tokenises with `ma
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from did_cli.errors import InputError
-from did_cli.files import open_input
+from did_cli.files import read_input_bytes
 from did_cli.records import Record, parse_record
 
-__all__ = ["Sample", "read_reference", "read_samples", "sample_from_record", "sampled_length"]
+__all__ = [
+    "Sample",
+    "SampleFile",
+    "read_reference",
+    "read_reference_file",
+    "read_sample_file",
+    "read_samples",
+    "sample_from_record",
+    "sampled_length",
+]
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,21 @@ def sample_from_record(record: Record, line: int | None = None) -> Sample:
     return Sample(record.text, record.prompt, line, record.id, sampled_length(record))
 
 
+@dataclass(frozen=True)
+class SampleFile:
+    """The samples of one input and the sha256 (hex) of the bytes they were read from."""
+
+    samples: list[Sample]
+    sha256: str
+
+
 def read_samples(source: str | Path) -> list[Sample]:
-    """Samples from a file, or from stdin when `source` is "-".
+    """Samples from a file, or from stdin when `source` is "-" (`read_sample_file` without the digest)."""
+    return read_sample_file(source).samples
+
+
+def read_sample_file(source: str | Path) -> SampleFile:
+    """Samples from a file, or from stdin when `source` is "-", with the sha256 of the bytes read.
 
     A `.txt` file holds one sample per line. Anything else is JSONL whose objects have a `text` string and
     optionally a `prompt` (string or null) and an `id`; did's sample records are such objects. Blank lines are
@@ -64,22 +87,23 @@ def read_samples(source: str | Path) -> list[Sample]:
     """
     name = "stdin" if str(source) == "-" else str(source)
     plain = Path(str(source)).suffix.lower() == ".txt"
+    data = read_input_bytes(source, "a samples file")
     samples = []
-    stream = open_input(source, "a samples file")
-    with contextlib.nullcontext(stream) if stream is sys.stdin else stream:
-        try:
-            for lineno, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                if plain:
-                    samples.append(Sample(line.rstrip("\r\n"), line=lineno))
-                else:
-                    samples.append(_parse_sample(line, name, lineno, first=not samples))
-        except UnicodeDecodeError:
-            raise InputError(f"{name} is not UTF-8 text") from None
+    # Lines as a text file gives them (universal newlines), from the bytes the digest is of.
+    stream = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    try:
+        for lineno, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            if plain:
+                samples.append(Sample(line.rstrip("\r\n"), line=lineno))
+            else:
+                samples.append(_parse_sample(line, name, lineno, first=not samples))
+    except UnicodeDecodeError:
+        raise InputError(f"{name} is not UTF-8 text") from None
     if not samples:
         raise InputError(f"{name} holds no samples")
-    return samples
+    return SampleFile(samples, hashlib.sha256(data).hexdigest())
 
 
 def _parse_sample(line: str, name: str, lineno: int, first: bool) -> Sample:
@@ -102,12 +126,17 @@ def _parse_sample(line: str, name: str, lineno: int, first: bool) -> Sample:
 
 
 def read_reference(source: str | Path) -> list[Sample]:
-    """MAUVE's reference texts, read like any input (`read_samples`); errors say the file was the `--reference`.
+    """MAUVE's reference texts (`read_reference_file` without the digest)."""
+    return read_reference_file(source).samples
+
+
+def read_reference_file(source: str | Path) -> SampleFile:
+    """MAUVE's reference texts, read like any input (`read_sample_file`); errors say the file was the `--reference`.
 
     Raises:
-        InputError: as `read_samples`, the message starting with `--reference:`.
+        InputError: as `read_sample_file`, the message starting with `--reference:`.
     """
     try:
-        return read_samples(source)
+        return read_sample_file(source)
     except InputError as exc:
         raise InputError(f"--reference: {exc}") from None

@@ -200,7 +200,15 @@ def test_json_outputs_never_hold_nan_or_infinity(judge_folder, inputs):
         assert json.loads(handle.read(), parse_constant=refuse)["ppl"] is None
 
 
-def test_the_table_keeps_each_file_name_on_one_line_at_80_columns(judge_folder, inputs, tmp_path, monkeypatch):
+def _table_lines(result):
+    lines = result.stderr.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("file"))
+    start = lines.index(header) + 2  # past the rule under the header
+    end = next(i for i in range(start, len(lines)) if not lines[i].strip())  # the blank line before the caption
+    return lines, header, [line.split() for line in lines[start:end]]
+
+
+def test_the_table_keeps_every_file_name_whole_at_80_columns(judge_folder, inputs, tmp_path, monkeypatch):
     module = importlib.import_module("did_cli.cli.eval_ppl")
     monkeypatch.setattr(module, "stderr", Console(stderr=True, width=80))
     names = ["some_long_directory_name/drafts_with_a_rather_long_name.jsonl", "sweep/mix/[bold]x.txt"]
@@ -209,21 +217,36 @@ def test_the_table_keeps_each_file_name_on_one_line_at_80_columns(judge_folder, 
         (tmp_path / name).write_text(json.dumps({"text": "the cat sat on the mat."}) + "\n")
     result = runner.invoke(app, ["eval-ppl", *names, "--judge", judge_folder])
     assert result.exit_code == 0, result.stderr
-    lines = result.stderr.splitlines()
-    assert all(len(line) <= 80 for line in lines)
-    header = next(line for line in lines if line.lstrip().startswith("file"))
-    assert header.split() == ["file", "samples", "gen", "PPL", "pooled", "entropy", "degenerate", "tokens"]
-    start = lines.index(header) + 2  # past the rule under the header
-    rows = [line.split() for line in lines[start : start + 3]]
-    assert rows[2] == []  # the two rows, then the blank line before the caption
-    assert all(len(row) == 7 for row in rows[:2])  # one line per file, every column there
-    assert rows[0][0].startswith("drafts_") and rows[0][0].endswith(".jsonl") and "…" in rows[0][0]
-    assert rows[1][0] == "[bold]x.txt"  # printed literally, never as markup
-    assert "degenerate: samples with entropy below 4 nats at 256+ tokens" in " ".join(lines)
+    lines, header, rows = _table_lines(result)
+    assert header.split() == ["file", "(#)", "samples", "gen", "PPL", "pooled", "entropy", "degenerate", "tokens"]
+    assert [row[0] for row in rows] == ["#1", "#2"] and all(len(row) == 7 for row in rows)  # one line per file
+    assert all(len(line) <= 80 for line in lines[: lines.index(header) + 4])
+    # The legend names each number in full, on one line; a "[" is printed literally, never read as markup.
+    assert lines[-2:] == ["file #1: drafts_with_a_rather_long_name.jsonl", "file #2: [bold]x.txt"]
+    assert "…" not in result.stderr
+    assert "degenerate: samples with entropy below 4 nats at 256+ tokens" in " ".join(" ".join(lines).split())
 
 
-def test_short_names_and_fit_name():
-    from did_cli.cli.eval_ppl import fit_name, short_names
+def test_names_that_differ_only_in_their_middle_stay_apart_at_any_width(judge_folder, inputs, tmp_path, monkeypatch):
+    # The case: with MAUVE's column at 80 columns both printed as "mix-…sonl".
+    module = importlib.import_module("did_cli.cli.eval_ppl")
+    names = ["mix-draft-of-the-sweep.jsonl", "mix-refined-by-the-sweep.jsonl"]
+    for name in names:
+        (tmp_path / name).write_text(json.dumps({"text": "the cat sat on the mat."}) + "\n")
+    for width, numbered in ((120, False), (50, True)):
+        monkeypatch.setattr(module, "stderr", Console(stderr=True, width=width))
+        result = runner.invoke(app, ["eval-ppl", *names, "--judge", judge_folder])
+        assert result.exit_code == 0, result.stderr
+        _, _, rows = _table_lines(result)
+        if numbered:
+            assert [row[0] for row in rows] == ["#1", "#2"]
+            assert result.stderr.splitlines()[-2:] == [f"file #{i}: {name}" for i, name in enumerate(names, 1)]
+        else:
+            assert [row[0] for row in rows] == names and "file #1" not in result.stderr
+
+
+def test_short_names_tell_the_inputs_apart():
+    from did_cli.cli.eval_ppl import short_names
 
     assert short_names(["a/mix/draft.jsonl", "a/nomix/draft.jsonl", "b/x.txt"]) == [
         "mix/draft.jsonl",
@@ -231,7 +254,18 @@ def test_short_names_and_fit_name():
         "x.txt",
     ]
     assert short_names(["a/draft.jsonl", "b/refined.jsonl"]) == ["draft.jsonl", "refined.jsonl"]
-    assert fit_name("abcdefghij", 10) == "abcdefghij" and fit_name("abcdefghijk", 7) == "abc…ijk"
+
+
+def test_json_gives_the_sha256_of_every_input_stdin_included(judge_folder, inputs, tmp_path):
+    import hashlib
+
+    text = (tmp_path / "draft.jsonl").read_bytes()
+    args = ["eval-ppl", "-", "refined.txt", "--judge", judge_folder, "--json", "-", "-q"]
+    result = runner.invoke(app, args, input=text)
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert files["-"]["sha256"] == hashlib.sha256(text).hexdigest()  # of the bytes read
+    assert files["refined.txt"]["sha256"] == hashlib.sha256((tmp_path / "refined.txt").read_bytes()).hexdigest()
 
 
 @pytest.mark.slow  # a subprocess that imports torch and transformers: ~5 s

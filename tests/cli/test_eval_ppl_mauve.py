@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from did_cli.cli import app
-from did_cli.evaluation.mauve import mauve_available
+from did_cli.evaluation.mauve import few_texts_note, mauve_available
 from tests.evaluation.tiny_judge import save_tiny_judge
 
 runner = CliRunner()
@@ -61,10 +61,25 @@ def test_each_file_gets_a_mauve_value_in_the_json_and_the_table(judge_folder, fi
     assert detail["max_tokens"] == 64  # 1024 for plain text, capped at the tiny judge's 64 positions
     lines = result.stderr.splitlines()
     header = next(line for line in lines if line.strip().startswith("file"))
-    row = next(line for line in lines if line.strip().startswith("samp"))  # the name may be cut to fit 80 columns
+    assert "file #1: samples.jsonl" in lines  # too long beside seven numbers at 80 columns: numbered, named below
+    row = next(line for line in lines if line.strip().startswith("#1 "))
     assert header.rstrip().endswith("MAUVE") and row.rstrip().endswith(f"{values['samples.jsonl']:.3f}")
-    assert max(len(line.rstrip()) for line in result.stderr.splitlines()) <= 80
-    assert "note:" not in result.stderr
+    assert max(len(line.rstrip()) for line in lines if not line.startswith("note:")) <= 80  # a note is one line
+    assert [line for line in lines if line.startswith("note:")] == [f"note: {few_texts_note(24, 30)}"]
+
+
+@pytest.mark.skipif(not mauve_available(), reason="mauve-text is not installed")
+def test_mauve_from_few_samples_gets_the_sweeps_note_and_enough_get_none(judge_folder, files):
+    few = _run(judge_folder, "samples.jsonl", "--reference", "reference.txt")
+    assert few.exit_code == 0, few.stderr
+    note = "note: MAUVE from 24 samples per file is coarse (k-means on so few texts has 2 buckets"
+    assert few.stderr.count(note) == 1  # the sweep's words (evaluation.mauve.few_texts_note)
+    with open("more.txt", "w") as handle:
+        handle.write("".join(f"sample number {i} of the cat and the dog.\n" for i in range(25)))
+    enough = _run(judge_folder, "more.txt", "--reference", "reference.txt")
+    assert enough.exit_code == 0, enough.stderr
+    assert "note:" not in enough.stderr
+    assert few_texts_note(25, 30) is None and few_texts_note(30, 24).startswith("MAUVE against 24 reference texts")
 
 
 def test_without_mauve_text_one_note_line_and_the_other_numbers_unchanged(judge_folder, files, monkeypatch):

@@ -247,3 +247,23 @@ def test_a_tiny_temperature_drafts_greedily_and_refine_accepts_the_records(tiny_
     assert all(68 not in r["tokens"] and min(r["confidence"]) > 0 for r in records)
     refined = runner.invoke(app, ["refine", str(drafts), "-q", "--temperature", "1e-310"])
     assert refined.exit_code == 0, refined.stderr
+
+
+@pytest.mark.parametrize("command", ["draft", "generate", "refine"])
+def test_records_for_a_terminal_come_with_one_note_on_reading_them(tiny_checkpoint, tmp_path, monkeypatch, command):
+    from did_cli.cli import _sampling
+
+    model = str(tiny_checkpoint)
+    drafts = tmp_path / "d.jsonl"
+    assert runner.invoke(app, ["draft", "-m", model, "-n", "2", "-q", "--out", str(drafts)]).exit_code == 0
+    args = ["refine", str(drafts), "-m", model] if command == "refine" else [command, "-m", model, "-n", "2"]
+    monkeypatch.setattr(_sampling, "stdout_is_terminal", lambda: True)
+    shown = runner.invoke(app, args)
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stderr.count(_sampling.READING_NOTE) == 1
+    assert "| did show -" in _sampling.READING_NOTE and "--text" in _sampling.READING_NOTE
+    assert "--out FILE" in _sampling.READING_NOTE
+    saved = runner.invoke(app, [*args, "--out", str(tmp_path / "out.jsonl")])
+    quiet = runner.invoke(app, [*args, "-q"])
+    assert saved.exit_code == quiet.exit_code == 0
+    assert _sampling.READING_NOTE not in saved.stderr and quiet.stderr == ""

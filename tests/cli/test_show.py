@@ -154,3 +154,43 @@ def test_show_prints_and_escapes_hostile_record_fields(samples, tmp_path, tiny_c
     assert page.exit_code == 0, page.stderr
     assert_well_formed_and_self_contained(page.stdout)
     assert HOSTILE not in page.stdout and "&lt;/title&gt;&lt;script&gt;" in page.stdout
+
+
+def test_show_text_prints_every_records_text_as_jq_would(samples):
+    _, refined = samples
+    texts = [json.loads(line)["text"] for line in refined.read_text().splitlines()]
+    result = runner.invoke(app, ["show", str(refined), "--text"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "".join(text + "\n" for text in texts) and result.stderr == ""  # `jq -r .text`
+    second = runner.invoke(app, ["show", "-", "--text", "--index", "1"], input=refined.read_text())
+    assert second.exit_code == 0 and second.stdout == texts[1] + "\n"
+
+
+def test_show_text_needs_no_tokenizer(samples, tmp_path):
+    drafts, _ = samples
+    record = _first(drafts)
+    record["tokenizer"]["name"] = record["model"]["name"] = str(tmp_path / "gone")  # nothing to load a tokenizer from
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(json.dumps(record) + "\n")
+    result = runner.invoke(app, ["show", str(moved), "--text"])
+    assert result.exit_code == 0 and result.stdout == record["text"] + "\n"
+
+
+def test_show_text_keeps_a_pipe_verbatim_and_shows_control_characters_on_a_terminal(capsys):
+    from did_cli.cli.show import print_texts
+    from did_cli.records import Record
+
+    text = "line one\n\x1b]0;title\x07clear\x1b[2J\rover"
+    record = Record(id=0, tokens=[0], confidence=[1.0], prompt_len=1, text=text)
+    print_texts([record], terminal=False)
+    assert capsys.readouterr().out == text + "\n"
+    print_texts([record], terminal=True)
+    assert capsys.readouterr().out == "line one\n␛]0;title␇clear␛[2J␍over\n"  # line breaks kept, the rest shown
+
+
+@pytest.mark.parametrize("extra", [["--html", "page.html"], ["--model", "m"], ["--tokenizer", "t"]])
+def test_show_text_refuses_options_it_would_ignore(samples, extra):
+    drafts, _ = samples
+    result = runner.invoke(app, ["show", str(drafts), "--text", *extra])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"--text prints the records' own text; it takes no {extra[0]}" in result.stderr

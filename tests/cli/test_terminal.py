@@ -74,6 +74,19 @@ def test_refine_and_generate_write_their_records_under_a_terminal(tiny_checkpoin
 
 
 @needs_script
+def test_generate_in_a_terminal_shows_start_up_then_each_stage_with_the_time_left(tiny_checkpoint, tmp_path):
+    line = _did("generate", "-m", str(tiny_checkpoint), "-n", "4", "--batch-size", "2") + " > out.jsonl"
+    done = in_terminal(line, tmp_path)
+    assert done.returncode == 0, done.stdout
+    screen = done.stdout
+    assert "starting: importing torch" in screen or f"loading {tiny_checkpoint}" in screen
+    assert "draft (stage 1/2)" in screen and "refine (stage 2/2)" in screen and "ETA" in screen
+    assert "note: records are JSON lines" not in screen  # stdout is a file: nothing to explain
+    printed = in_terminal(_did("generate", "-m", str(tiny_checkpoint)), tmp_path)  # records on the screen
+    assert printed.returncode == 0 and printed.stdout.count("note: records are JSON lines") == 1
+
+
+@needs_script
 def test_the_readme_first_command_works_in_a_terminal(tmp_path):
     # `did generate | did show -` with the embedded did-tiny, as the README's set-up line runs it.
     done = in_terminal(_did("generate") + " | " + _did("show", "-"), tmp_path, timeout=300)

@@ -144,3 +144,14 @@ def test_eval_ppl_cuts_inputs_and_reference_at_one_length(judge, max_tokens, rec
 
     samples = [Sample("x", max_tokens=n) for n in record_lengths] + [Sample("y")]
     assert mauve_cut(EvalSettings(max_tokens=max_tokens), samples, judge) == expected
+
+
+def test_mauve_from_few_texts_is_noted_in_the_sweeps_words_by_one_function():
+    from did_cli.evaluation.mauve import few_texts_note
+
+    assert few_texts_note(24, 30) == (
+        "MAUVE from 24 samples per file is coarse (k-means on so few texts has 2 buckets; mauve-text's authors use "
+        "thousands)"
+    )
+    assert few_texts_note(100, 10).startswith("MAUVE against 10 reference texts is coarse")
+    assert few_texts_note(25, 25) is None
