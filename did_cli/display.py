@@ -233,15 +233,18 @@ def _scale(record: Record) -> ConfidenceScale:
 
 
 def _last_refine(record: Record) -> dict[str, Any] | None:
-    refines = [stage for stage in record.stages if stage.get("kind") == "refine"]
+    """The last revision stage: a refinement (remasking) or an edit (in-place replacement)."""
+    refines = [stage for stage in record.stages if stage.get("kind") in ("refine", "edit")]
     return refines[-1] if refines else None
 
 
 def _remasked_positions(record: Record) -> set[int]:
+    """The positions the last revision stage remasked, or replaced for an edit stage (both are marked alike)."""
     stage = _last_refine(record)
     if stage is None:
         return set()
-    return {p for p in stage.get("remasked", []) if 0 <= p < len(record.tokens)}
+    changed = stage.get("edited" if stage.get("kind") == "edit" else "remasked", [])
+    return {p for p in changed if isinstance(p, int) and 0 <= p < len(record.tokens)}
 
 
 def token_views(record: Record, texts: Mapping[int, str]) -> list[TokenView]:
@@ -275,7 +278,7 @@ def summarize(record: Record) -> SampleSummary:
     conf = record.confidence
     return SampleSummary(
         generated=len(generated),
-        refinements=sum(s.get("kind") == "refine" for s in record.stages),
+        refinements=sum(s.get("kind") in ("refine", "edit") for s in record.stages),
         changed=changed,
         remasked=len(remasked) if stage is not None else None,
         mean_confidence=_mean([conf[i] for i in generated]),
@@ -295,14 +298,18 @@ def summary_line(summary: SampleSummary) -> str:
     if summary.last_refine is None:
         return f"draft: {summary.generated} generated tokens; mean confidence {_fmt(summary.mean_confidence)}"
     stage = summary.last_refine
-    remask, gamma, size = (_field(stage.get(key, "?")) for key in ("remask", "gamma", "block_size"))
-    settings = f"{remask}, γ={gamma}, B2={size}"
+    if stage.get("kind") == "edit":
+        settings = f"edit, threshold {_field(stage.get('threshold', '?'))}, {_field(stage.get('passes', '?'))} pass(es)"
+        verb = "replaced"
+    else:
+        remask, gamma, size = (_field(stage.get(key, "?")) for key in ("remask", "gamma", "block_size"))
+        settings, verb = f"{remask}, γ={gamma}, B2={size}", "remasked"
     changed = "?" if summary.changed is None else summary.changed
     before = "(before not recorded)" if summary.mean_remasked_before is None else _fmt(summary.mean_remasked_before)
     plural = "refinement" if summary.refinements == 1 else "refinements"
     return (
         f"refined ({summary.refinements} {plural}): {changed} of {summary.generated} generated tokens differ from "
-        f"the draft; {summary.remasked} remasked by the last refinement ({settings}); mean confidence: remasked "
+        f"the draft; {summary.remasked} {verb} by the last refinement ({settings}); mean confidence: {verb} "
         f"{before} → {_fmt(summary.mean_remasked)}, kept {_fmt(summary.mean_kept)}, all {_fmt(summary.mean_confidence)}"
     )
 

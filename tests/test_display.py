@@ -405,3 +405,15 @@ def test_tied_confidences_still_fill_every_bin_and_fewer_than_five_values_keep_f
     few = display.confidence_scale([0.1, 0.2, 0.3, 0.4])
     assert few == display.FIXED_SCALE and few.labels() == [label for _, label, _, _ in display.BINS]
     assert display.confidence_scale([]) == display.FIXED_SCALE
+
+
+def test_an_edit_stage_marks_the_positions_it_replaced():
+    from did_cli.display import summarize, summary_line
+
+    stage = {"kind": "edit", "threshold": 0.5, "passes": 1, "edited": [2], "previous_tokens": [9],
+             "previous_confidence": [0.1]}  # fmt: skip
+    record = Record(0, [0, 5, 6, 7], [1.0, 0.5, 0.9, 0.4], 1, draft_tokens=[0, 5, 9, 7], stages=[{}, stage])
+    summary = summarize(record)
+    assert summary.remasked == 1 and summary.mean_remasked == 0.9 and summary.mean_remasked_before == 0.1
+    line = summary_line(summary)
+    assert "1 replaced by the last refinement (edit, threshold 0.5, 1 pass(es))" in line
