@@ -31,9 +31,9 @@ import torch
 import did_cli.model as model_module
 from benchmarks._common import device_name, print_table
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer
-from did_cli.config import DraftSettings
 from did_cli.model import BD3LM
 from did_cli.sampling.draft import draft
+from did_cli.settings import DraftSettings
 
 
 def _block_logits(model: BD3LM, tokens: torch.Tensor, masked: torch.Tensor, block_size: int) -> torch.Tensor:

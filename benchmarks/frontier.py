@@ -29,11 +29,11 @@ import torch
 from benchmarks._common import build_model, device_name, print_table
 from benchmarks._common import timed as _wall_timed
 from did_cli.checkpoints import bos_token_id, load_tokenizer
-from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.model import BD3LM
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
 from did_cli.sampling.reuse import KeptKVReuse
+from did_cli.settings import DraftSettings, RefineSettings, UnmaskingSettings
 
 
 def timed(device: torch.device, fn: Any) -> tuple[Any, float, float]:

@@ -31,11 +31,11 @@ from benchmarks._common import (
     speed_label,
     timed,
 )
-from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.execution import optimize
 from did_cli.model import BD3LM
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
+from did_cli.settings import DraftSettings, RefineSettings, UnmaskingSettings
 
 COLUMNS = [
     ("stage", "stage"),

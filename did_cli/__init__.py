@@ -16,9 +16,10 @@ from did_cli.lazy import lazy_exports
 _EXPORTS = {
     "BD3LM": "did_cli.model",
     "DidError": "did_cli.errors",
-    "DraftSettings": "did_cli.config",
+    "DraftSettings": "did_cli.settings",
+    "EditSettings": "did_cli.settings",
     "EvalSettings": "did_cli.evaluation.settings",
-    "FinetuneSettings": "did_cli.config",
+    "FinetuneSettings": "did_cli.settings",
     "Identity": "did_cli.provenance",
     "ModelConfig": "did_cli.config",
     "NllData": "did_cli.evaluation.settings",
@@ -26,9 +27,9 @@ _EXPORTS = {
     "Processes": "did_cli.processes",
     "Record": "did_cli.records",
     "RecordOutput": "did_cli.record_files",
-    "RefineSettings": "did_cli.config",
+    "RefineSettings": "did_cli.settings",
     "SweepSettings": "did_cli.ablation.plan",
-    "UnmaskingSettings": "did_cli.config",
+    "UnmaskingSettings": "did_cli.settings",
     "current_processes": "did_cli.processes",
     "draft": "did_cli.api",
     "encode_prompts": "did_cli.api",
@@ -52,6 +53,7 @@ __all__ = [
     "BD3LM",
     "DidError",
     "DraftSettings",
+    "EditSettings",
     "EvalSettings",
     "FinetuneSettings",
     "Identity",
@@ -88,7 +90,7 @@ if TYPE_CHECKING:
     from did_cli.ablation.run import run_sweep
     from did_cli.api import draft, encode_prompts, eval_ppl, finetune, generate, refine
     from did_cli.checkpoints import load_model, load_tokenizer, save_model
-    from did_cli.config import DraftSettings, FinetuneSettings, ModelConfig, RefineSettings, UnmaskingSettings
+    from did_cli.config import ModelConfig
     from did_cli.errors import DidError
     from did_cli.evaluation.nll import eval_nll
     from did_cli.evaluation.settings import EvalSettings, NllData, NllSettings
@@ -98,6 +100,7 @@ if TYPE_CHECKING:
     from did_cli.provenance import Identity, expect_drafts, expect_refinements, made_with
     from did_cli.record_files import RecordOutput
     from did_cli.records import Record, read_records
+    from did_cli.settings import DraftSettings, EditSettings, FinetuneSettings, RefineSettings, UnmaskingSettings
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import bos_token_id, load_model, load_tokenizer, save_model, tokenizer_vocab_size
-from did_cli.config import DraftSettings, EditSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.evaluation import eval_nll, eval_ppl
 from did_cli.execution import optimize
@@ -34,6 +33,7 @@ from did_cli.records import Record
 from did_cli.sampling.draft import draft as draft_batch
 from did_cli.sampling.edit import edit as edit_batch
 from did_cli.sampling.refine import refine as refine_batch
+from did_cli.settings import DraftSettings, EditSettings, RefineSettings
 from did_cli.training.loop import finetune
 
 __all__ = [

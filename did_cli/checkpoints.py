@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from did_cli.config import ModelConfig, check_device_name, dtype_name
+from did_cli.config import ModelConfig
 from did_cli.errors import InputError, ModelLoadError, UsageError
 from did_cli.files import atomic_folder
 from did_cli.kv_cache import check_kv_cache_dtype
 from did_cli.model import BD3LM
 from did_cli.model_card import render_card
+from did_cli.settings import check_device_name, dtype_name
 
 ASSETS = Path(__file__).parent / "assets"
 # Models that ship inside the package, so a first run needs no network.

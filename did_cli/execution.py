@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from did_cli.config import check_attn_backend
 from did_cli.errors import UsageError
 from did_cli.kv_cache import KVCache
+from did_cli.settings import check_attn_backend
 
 if TYPE_CHECKING:
     from did_cli.config import ModelConfig

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
-from did_cli.config import KV_CACHE_DTYPE_NAMES, check_kv_cache_dtype_name
 from did_cli.errors import UsageError
+from did_cli.settings import KV_CACHE_DTYPE_NAMES, check_kv_cache_dtype_name
 
 KV_CACHE_DTYPES = {name: getattr(torch, name) for name in KV_CACHE_DTYPE_NAMES}
 

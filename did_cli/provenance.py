@@ -30,8 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from did_cli.config import DraftSettings, EditSettings, RefineSettings
 from did_cli.records import Record
+from did_cli.settings import DraftSettings, EditSettings, RefineSettings
 
 __all__ = [
     "LEGACY_VALUES",

@@ -4,7 +4,7 @@ import pytest
 
 from did_cli import api
 from did_cli.checkpoints import load_model, load_tokenizer
-from did_cli.config import DraftSettings, RefineSettings
+from did_cli.settings import DraftSettings, RefineSettings
 
 DRAFT = DraftSettings(length=32, block_size=4)
 

@@ -9,8 +9,8 @@ from did_cli.attention import (
     block_diffusion_mask,
     use_flex,
 )
-from did_cli.config import check_attn_backend
 from did_cli.errors import UsageError
+from did_cli.settings import check_attn_backend
 from tests.bd3lm_reference import naive_block_causal, naive_block_diffusion
 
 

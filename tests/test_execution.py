@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from did_cli.config import DraftSettings, RefineSettings
 from did_cli.errors import UsageError
 from did_cli.execution import StaticDecoder, optimize, static_mask
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
+from did_cli.settings import DraftSettings, RefineSettings
 from did_cli.training.objective import nelbo_sum
 from tests.bd3lm_reference import naive_block_causal, reference_sample_mode, reference_train_mode
 from tests.conftest import make_tiny_model

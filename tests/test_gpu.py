@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from did_cli.config import DraftSettings, RefineSettings
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
+from did_cli.settings import DraftSettings, RefineSettings
 from did_cli.training.objective import nelbo_sum
 from tests.conftest import make_tiny_model
 

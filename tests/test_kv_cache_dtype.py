@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from did_cli.checkpoints import load_model
-from did_cli.config import DraftSettings
 from did_cli.errors import UsageError
 from did_cli.execution import StaticDecoder
 from did_cli.kv_cache import check_kv_cache_dtype
 from did_cli.sampling.draft import draft
+from did_cli.settings import DraftSettings
 from tests.bd3lm_reference import naive_block_causal, reference_logits
 from tests.conftest import make_tiny_model
 

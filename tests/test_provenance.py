@@ -6,8 +6,8 @@ import pytest
 
 from did_cli import api
 from did_cli.checkpoints import load_model, load_tokenizer
-from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.provenance import Identity, expect_drafts, expect_refinements, made_with
+from did_cli.settings import DraftSettings, RefineSettings, UnmaskingSettings
 
 DRAFT = DraftSettings(length=32, block_size=4)
 REFINE = RefineSettings(gamma=0.5)

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from did_cli.config import (
+from did_cli.errors import UsageError
+from did_cli.evaluation.settings import DEFAULT_JUDGE, EvalSettings
+from did_cli.settings import (
     EDIT,
     DraftSettings,
     EditSettings,
@@ -39,8 +41,6 @@ from did_cli.config import (
     check_device_name,
     dtype_name,
 )
-from did_cli.errors import UsageError
-from did_cli.evaluation.settings import DEFAULT_JUDGE, EvalSettings
 
 __all__ = [
     "DRAFT",

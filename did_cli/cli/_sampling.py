@@ -21,7 +21,12 @@ from rich.progress import Progress, TextColumn
 
 from did_cli.cli._options import check_count
 from did_cli.cli._progress import PlainLines, bar, say, set_status, status, stderr
-from did_cli.config import (
+from did_cli.errors import DidError, InputError, UsageError
+from did_cli.files import refuse_overwriting_inputs
+from did_cli.processes import Processes
+from did_cli.record_files import RecordOutput
+from did_cli.records import Record
+from did_cli.settings import (
     DraftSettings,
     EditSettings,
     UnmaskingSettings,
@@ -30,11 +35,6 @@ from did_cli.config import (
     check_kv_cache_dtype_name,
     dtype_name,
 )
-from did_cli.errors import DidError, InputError, UsageError
-from did_cli.files import refuse_overwriting_inputs
-from did_cli.processes import Processes
-from did_cli.record_files import RecordOutput
-from did_cli.records import Record
 
 if TYPE_CHECKING:
     from did_cli.api import Progress as ProgressEvent
@@ -108,7 +108,7 @@ def _is_unicode(text: str) -> bool:
 def strategy_flags(ctx: Any, remask: str) -> None:
     """Refuse --passes / --ensemble-ratio where the remask strategy would ignore them (a silent no-op otherwise)."""
     from did_cli.cli._options import flag, given
-    from did_cli.config import canonical_remask
+    from did_cli.settings import canonical_remask
 
     strategy = canonical_remask(remask)
     ignored = {

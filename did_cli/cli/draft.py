@@ -21,7 +21,7 @@ from did_cli.cli._sampling import (
     unmasking,
     write_records,
 )
-from did_cli.config import DraftSettings
+from did_cli.settings import DraftSettings
 
 BlockSize = Annotated[int, typer.Option("--block-size", help="Draft block size B1; must divide the length.")]
 

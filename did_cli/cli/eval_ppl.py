@@ -23,7 +23,6 @@ from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._options import check_count
 from did_cli.cli._progress import keyed_bars, say, stderr
-from did_cli.config import check_device_name, dtype_name
 from did_cli.errors import InputError, UsageError
 from did_cli.files import (
     check_input,
@@ -34,6 +33,7 @@ from did_cli.files import (
     write_output,
 )
 from did_cli.printable import printable
+from did_cli.settings import check_device_name, dtype_name
 
 if TYPE_CHECKING:
     from did_cli import evaluation

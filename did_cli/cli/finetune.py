@@ -22,9 +22,9 @@ from did_cli.cli import _options as o
 from did_cli.cli._errors import handle_errors
 from did_cli.cli._hub import check_push_options, push_final
 from did_cli.cli._progress import stderr
-from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
 from did_cli.printable import printable
+from did_cli.settings import FinetuneSettings
 
 _D = FinetuneSettings()
 PLAIN_INTERVAL_S = 15.0

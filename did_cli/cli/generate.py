@@ -23,8 +23,8 @@ from did_cli.cli._sampling import (
     unmasking,
     write_records,
 )
-from did_cli.config import DraftSettings, EditSettings, RefineSettings, check_block_size
 from did_cli.errors import UsageError
+from did_cli.settings import DraftSettings, EditSettings, RefineSettings, check_block_size
 
 Stages = Annotated[
     str | None,

@@ -24,9 +24,9 @@ from did_cli.cli._sampling import (
     unmasking,
     write_records,
 )
-from did_cli.config import EditSettings, RefineSettings
 from did_cli.errors import InputError, UsageError
 from did_cli.records import Record, read_records
+from did_cli.settings import EditSettings, RefineSettings
 
 Input = Annotated[str, typer.Argument(help="Draft records (JSONL file), or - for stdin.")]
 Gamma = Annotated[float, typer.Option("--gamma", help="Fraction of generated tokens to remask, in [0, 1].")]

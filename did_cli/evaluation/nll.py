@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 
-from did_cli.config import check_block_size
 from did_cli.errors import UsageError
 from did_cli.evaluation.nll_rows import EvalRows, load_rows, read_documents
 from did_cli.evaluation.settings import NllData, NllSettings
@@ -49,6 +48,7 @@ from did_cli.model import BD3LM
 from did_cli.noise import DEFAULT_EPS_MAX, DEFAULT_EPS_MIN, Clip, ClipSpec, clip_for, is_unweighted, mask_tokens
 from did_cli.processes import ONE_PROCESS, Processes
 from did_cli.provenance import model_info, tokenizer_info, versions
+from did_cli.settings import check_block_size
 from did_cli.training.objective import nelbo_terms, noise_batch
 
 ProgressFn = Callable[[int, int], None]

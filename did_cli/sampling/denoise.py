@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from did_cli.config import UnmaskingSettings
 from did_cli.kv_cache import KVCache
 from did_cli.model import BD3LM
 from did_cli.sampling.primitives import Snapshot, snapshot
 from did_cli.sampling.reuse import KeptKVReuse
 from did_cli.sampling.schedules import first_hitting_calls, fixed_step_calls, most_confident
+from did_cli.settings import UnmaskingSettings
 
 # on_call(tokens committed so far, tokens to commit in total); the CLI turns it into a progress bar.
 CallCallback = Callable[[int, int], None]

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from did_cli.config import DraftSettings
 from did_cli.errors import SamplingError, UsageError
 from did_cli.model import BD3LM
 from did_cli.sampling.denoise import CallCallback, DenoiseResult, denoise
 from did_cli.sampling.primitives import draw_uniforms, window_entropy
+from did_cli.settings import DraftSettings
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from did_cli.config import EditSettings
 from did_cli.model import BD3LM
 from did_cli.sampling.primitives import draw_uniforms, snapshot
+from did_cli.settings import EditSettings
 
 
 @dataclass

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from did_cli.config import RefineSettings, check_block_size
 from did_cli.model import BD3LM
 from did_cli.sampling.denoise import CallCallback, denoise
 from did_cli.sampling.primitives import draw_uniforms
 from did_cli.sampling.remask import SCORING_CALLS, STRATEGIES, RemaskInputs, select_lowest
+from did_cli.settings import RefineSettings, check_block_size
 
 
 @dataclass

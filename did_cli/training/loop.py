@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from did_cli.checkpoints import save_model
-from did_cli.config import FinetuneSettings
 from did_cli.errors import TrainingDivergedError
 from did_cli.files import write_text_atomically
 from did_cli.hub import write_card
@@ -36,6 +35,7 @@ from did_cli.locks import locked_folder
 from did_cli.noise import AUTO_CLIP, clip_for, is_unweighted
 from did_cli.processes import launch
 from did_cli.provenance import versions
+from did_cli.settings import FinetuneSettings
 from did_cli.training import checkpoint_io, run_folder
 from did_cli.training.clip_search import block_losses, clip_candidates, search_clip
 from did_cli.training.objective import noise_batch

@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from did_cli.config import FinetuneSettings
 from did_cli.errors import UsageError
 from did_cli.files import write_text_atomically
+from did_cli.settings import FinetuneSettings
 
 _CHECKPOINT = re.compile(r"^step_(\d+)$")
 RUN_FILES = ("metrics.jsonl", "settings.json", "summary.json")

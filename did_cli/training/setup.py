@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from did_cli.checkpoints import load_model, load_tokenizer
-from did_cli.config import FinetuneSettings, ModelConfig, default_micro_batch_size
+from did_cli.config import ModelConfig
 from did_cli.data import DataSpec, PackedRows, tokenize_corpus
 from did_cli.errors import DataError, UsageError
 from did_cli.execution import optimize
 from did_cli.model import BD3LM
 from did_cli.noise import AUTO_CLIP, BlockSizeMix, ClipSpec, parse_mix
 from did_cli.processes import accelerator as make_accelerator
+from did_cli.settings import FinetuneSettings, default_micro_batch_size
 from did_cli.training import run_folder, state
 from did_cli.training.clip_search import ClipState
 from did_cli.training.ema import EMA

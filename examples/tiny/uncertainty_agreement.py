@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 import did_cli as did
-from did_cli.config import EditSettings
 from did_cli.sampling.edit import edit
 from did_cli.sampling.primitives import draw_uniforms
 from did_cli.sampling.remask import STRATEGIES, RemaskInputs, select_lowest
+from did_cli.settings import EditSettings
 
 
 def _sets(model, records, gamma_values, passes, seed):

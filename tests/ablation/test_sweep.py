@@ -20,9 +20,9 @@ from did_cli.ablation.report import write_report
 from did_cli.ablation.results import read_results
 from did_cli.ablation.rows import pareto_front
 from did_cli.ablation.tables import render_report
-from did_cli.config import RefineSettings
 from did_cli.errors import ModelLoadError, UsageError
 from did_cli.evaluation import EvalSettings
+from did_cli.settings import RefineSettings
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ from did_cli.ablation.matched import matched_comparison
 from did_cli.ablation.results import read_results
 from did_cli.ablation.tables import render_report
 from did_cli.cli import app
-from did_cli.config import UnmaskingSettings
 from did_cli.errors import UsageError
 from did_cli.records import read_records
+from did_cli.settings import UnmaskingSettings
 from tests.ablation.test_sweep import tiny_settings
 
 PNG = b"\x89PNG\r\n\x1a\n"

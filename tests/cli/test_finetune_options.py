@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from did_cli.cli import app
-from did_cli.config import default_micro_batch_size
+from did_cli.settings import default_micro_batch_size
 from did_cli.training import loop
 
 runner = CliRunner()

@@ -78,7 +78,7 @@ def test_draft_streams_its_work_without_building_every_job(tiny_checkpoint):
 
     from did_cli import api
     from did_cli.checkpoints import load_model, load_tokenizer
-    from did_cli.config import DraftSettings
+    from did_cli.settings import DraftSettings
 
     model = load_model(str(tiny_checkpoint))
     tokenizer = load_tokenizer(model)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from did_cli.config import DraftSettings, UnmaskingSettings
 from did_cli.errors import UsageError
 from did_cli.sampling.draft import draft
+from did_cli.settings import DraftSettings, UnmaskingSettings
 from tests.conftest import make_tiny_model
 
 BOS = 67

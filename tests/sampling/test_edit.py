@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from did_cli.config import DraftSettings, EditSettings, UnmaskingSettings
 from did_cli.sampling.draft import draft
 from did_cli.sampling.edit import edit
+from did_cli.settings import DraftSettings, EditSettings, UnmaskingSettings
 from tests.conftest import make_tiny_model
 
 BOS = 67

@@ -5,13 +5,13 @@ import torch
 
 from did_cli.api import commit_stats
 from did_cli.cli._sampling import unmasking
-from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.errors import UsageError
 from did_cli.provenance import refine_stage_settings
 from did_cli.sampling.draft import draft
 from did_cli.sampling.primitives import draw_uniforms, sample_from_logits
 from did_cli.sampling.refine import refine
 from did_cli.sampling.reuse import KeptKVReuse
+from did_cli.settings import DraftSettings, RefineSettings, UnmaskingSettings
 
 BOS = 67
 IDS = (0, 1, 2, 3)

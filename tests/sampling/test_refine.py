@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from did_cli.config import DraftSettings, RefineSettings, UnmaskingSettings
 from did_cli.errors import UsageError
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
 from did_cli.sampling.remask import select_lowest
+from did_cli.settings import DraftSettings, RefineSettings, UnmaskingSettings
 
 BOS = 67
 

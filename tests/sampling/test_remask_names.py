@@ -4,9 +4,9 @@ import pytest
 from typer.testing import CliRunner
 
 from did_cli.cli import app
-from did_cli.config import REMASK_STRATEGIES, canonical_remask
 from did_cli.errors import UsageError
 from did_cli.sampling.remask import STRATEGIES
+from did_cli.settings import REMASK_STRATEGIES, canonical_remask
 
 runner = CliRunner()
 

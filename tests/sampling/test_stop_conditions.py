@@ -14,10 +14,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from did_cli.config import DraftSettings, UnmaskingSettings
 from did_cli.errors import SamplingError, UsageError
 from did_cli.sampling.draft import draft
 from did_cli.sampling.primitives import draw_uniforms, window_entropy
+from did_cli.settings import DraftSettings, UnmaskingSettings
 from tests.bd3lm_reference import bd3lm_var_length
 from tests.conftest import make_tiny_model
 

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from did_cli.config import DraftSettings, RefineSettings
 from did_cli.sampling.draft import draft
 from did_cli.sampling.refine import refine
 from did_cli.sampling.remask import (
@@ -17,6 +16,7 @@ from did_cli.sampling.remask import (
     noise_ensemble_scores,
     posthoc_scores,
 )
+from did_cli.settings import DraftSettings, RefineSettings
 from tests.conftest import make_tiny_model
 
 BOS = 67

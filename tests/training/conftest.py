@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from did_cli.config import FinetuneSettings
+from did_cli.settings import FinetuneSettings
 
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
 

@@ -2,7 +2,7 @@
 
 import json
 
-from did_cli.config import FinetuneSettings
+from did_cli.settings import FinetuneSettings
 from did_cli.training.loop import finetune
 
 
